@@ -1,0 +1,15 @@
+"""img2prompt: recover the text prompt behind an image.
+
+The library under the study's notebooks and CLI: datasets (``data``), the generated
+default data (``synth``), encoders (``image_encoders``, ``text_encoders``), embedding
+extraction and cache (``embeddings``), the mapper and its training (``mapper``,
+``training``), scoring (``evaluation``), the run steps (``study``) and prediction
+(``predict.Predictor``).
+"""
+
+__version__ = "0.1.0"
+
+from .config import StudyConfig  # noqa: E402
+from .errors import DataError, Img2PromptError, ModelUnavailableError, RunError  # noqa: E402
+
+__all__ = ["StudyConfig", "Img2PromptError", "DataError", "ModelUnavailableError", "RunError"]

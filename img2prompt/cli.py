@@ -1,0 +1,165 @@
+"""The command line: ``img2prompt data|embed|train|evaluate|predict`` (also ``python -m img2prompt``).
+
+Errors of the Img2PromptError family print as one message (what, where, how to fix) and
+exit with status 2; progress and logs go to stderr, results to stdout.
+"""
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+from .config import StudyConfig
+from .errors import Img2PromptError
+
+ENCODER_OPTIONS = ("image_encoder", "image_weights", "text_encoder", "text_model", "text_pooling",
+                   "cache_dir", "embed_batch_size", "num_workers")
+TRAINING_OPTIONS = ("seed", "val_fraction", "test_fraction", "hidden_size", "depth", "dropout",
+                    "learning_rate", "weight_decay", "batch_size", "max_epochs", "patience",
+                    "bank", "bootstrap")
+CONFIG_FIELDS = {f.name: f for f in fields(StudyConfig)}
+
+
+def log(message):
+    print(message, file=sys.stderr, flush=True)
+
+
+def add_config_options(parser, names):
+    """``--name`` options for StudyConfig fields; unset ones keep the dataclass default."""
+    for name in names:
+        spec = CONFIG_FIELDS[name]
+        kind = type(spec.default) if spec.default is not None else str
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, default=None,
+                            help=f"{spec.metadata['help']} (default: {spec.default})".replace("%", "%%"))
+
+
+def config_from_args(args, names, **values) -> StudyConfig:
+    chosen = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+    return StudyConfig(**chosen, **values)
+
+
+def cmd_validate(args):
+    from .data import validate_dataset
+    problems = validate_dataset(args.dir)
+    for problem in problems:
+        print(problem)
+    errors = sum(p.severity == "error" for p in problems)
+    warnings = len(problems) - errors
+    print(f"{args.dir}: {errors} error(s), {warnings} warning(s)")
+    return 1 if errors else 0
+
+
+def cmd_synth(args):
+    from .synth import SynthParams, generate_dataset
+    out = generate_dataset(args.out, SynthParams(args.n, args.size, args.seed), force=args.force)
+    print(f"{out}: {args.n} generated images with prompts.csv and attributes.csv")
+    return 0
+
+
+def cmd_embed(args):
+    from .study import prepare
+    config = config_from_args(args, ENCODER_OPTIONS, data_dir=args.data)
+    # the split is not needed to embed: keep it out of any run folder
+    import tempfile
+    with tempfile.TemporaryDirectory() as scratch:
+        config.run_dir = scratch
+        data = prepare(config, progress=not args.quiet, log=log)
+    print(f"image embeddings: {data.image_emb.shape}, prompt embeddings: {data.target_emb.shape} "
+          f"(cache: {config.cache_dir})")
+    return 0
+
+
+def cmd_train(args):
+    from .study import train
+    config = config_from_args(args, ENCODER_OPTIONS + TRAINING_OPTIONS, data_dir=args.data,
+                              run_dir=args.out)
+    summary = train(config, force=args.force, progress=not args.quiet, log=log)
+    print(json.dumps(summary) if args.json else
+          f"trained {summary['run_dir']}: validation cosine {summary['val_cosine']:.4f} "
+          f"(epoch {summary['best_epoch']} of {summary['epochs']})")
+    return 0
+
+
+def cmd_evaluate(args):
+    from .study import evaluate, format_metrics
+    metrics = evaluate(args.run, data_dir=args.data, bank=args.bank, progress=not args.quiet, log=log)
+    print(json.dumps(metrics, indent=2) if args.json else format_metrics(metrics))
+    log(f"wrote {Path(args.run) / 'test_results.csv'} and {Path(args.run) / 'metrics.json'}")
+    return 0
+
+
+def cmd_predict(args):
+    from .predict import Predictor
+    results = Predictor(args.run).predict(args.images, top_k=args.top_k, progress=not args.quiet)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        for result in results:
+            print(f"{result['image']}\t{result['prompt']}\t(similarity {result['similarity']:.3f})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="img2prompt", description=(
+        "Recover the text prompt behind an image: image encoder -> MLP mapper -> prompt "
+        "embedding, scored by all-MiniLM-L6-v2 cosine."))
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    data = commands.add_parser("data", help="validate or generate datasets").add_subparsers(
+        dest="data_command", required=True, metavar="DATA_COMMAND")
+    validate = data.add_parser("validate", help="report every problem of a dataset folder")
+    validate.add_argument("dir", help="dataset folder (images/ + prompts.csv)")
+    validate.set_defaults(handler=cmd_validate)
+    synth = data.add_parser("synth", help="generate the synthetic default dataset")
+    synth.add_argument("--out", required=True, help="folder to write the dataset to")
+    synth.add_argument("--n", type=int, default=2000, help="number of images (default: 2000)")
+    synth.add_argument("--size", type=int, default=256, help="image side in pixels (default: 256)")
+    synth.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    synth.add_argument("--force", action="store_true", help="replace a dataset made differently")
+    synth.set_defaults(handler=cmd_synth)
+
+    def command(name, help_text, handler):
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.add_argument("--quiet", action="store_true", help="no progress bars")
+        sub.set_defaults(handler=handler)
+        return sub
+
+    embed = command("embed", "extract (and cache) image and prompt embeddings of a dataset", cmd_embed)
+    embed.add_argument("--data", required=True, help="dataset folder")
+    add_config_options(embed, ENCODER_OPTIONS)
+
+    train = command("train", "train the mapper on a dataset into a run folder", cmd_train)
+    train.add_argument("--data", required=True, help="dataset folder")
+    train.add_argument("--out", required=True, help="run folder to create")
+    train.add_argument("--force", action="store_true", help="retrain a run folder that holds a model")
+    train.add_argument("--json", action="store_true", help="print the summary as JSON")
+    add_config_options(train, ENCODER_OPTIONS + TRAINING_OPTIONS)
+
+    evaluate = command("evaluate", "score all methods on the run's test split", cmd_evaluate)
+    evaluate.add_argument("--run", required=True, help="run folder made by train")
+    evaluate.add_argument("--data", help="dataset folder, when it moved since training")
+    evaluate.add_argument("--bank", choices=("train", "all"),
+                          help="prompt bank for retrieval (default: the run's, train)")
+    evaluate.add_argument("--json", action="store_true", help="print metrics.json")
+
+    predict = command("predict", "predict the prompt of any images with a trained run", cmd_predict)
+    predict.add_argument("--run", required=True, help="run folder made by train")
+    predict.add_argument("images", nargs="+", help="image files")
+    predict.add_argument("--top-k", type=int, default=1, help="candidates per image (default: 1)")
+    predict.add_argument("--json", action="store_true", help="print JSON")
+    return parser
+
+
+def main(argv=None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never hang on hub retries; set 0 to allow
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except Img2PromptError as error:
+        log(f"error: {error}")
+        return 2
+    except KeyboardInterrupt:
+        log("interrupted")
+        return 130

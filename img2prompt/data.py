@@ -1,0 +1,261 @@
+"""Datasets on disk: ``images/<imgId>.<ext>`` + ``prompts.csv`` (``imgId,prompt``).
+
+Loading checks the folder and refuses bad data with messages that name the file or CSV
+line and say how to fix it; ``validate_dataset`` also decodes every image. Splits are
+grouped by prompt text so that one prompt never lands in two splits.
+"""
+
+import csv
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from .errors import DataError
+from .files import write_csv
+from .images import IMAGE_EXTENSIONS, open_image
+
+PROMPTS_FILE = "prompts.csv"
+IMAGES_DIR = "images"
+REQUIRED_COLUMNS = ("imgId", "prompt")
+SPLITS = ("train", "val", "test")
+MAX_LISTED_PROBLEMS = 10
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a dataset: where it is, what is wrong, how to fix it."""
+
+    where: str
+    what: str
+    fix: str
+    severity: str = "error"  # "error" refuses the dataset, "warning" is only reported
+
+    def __str__(self):
+        return f"{self.severity}: {self.where}: {self.what} {self.fix}".rstrip()
+
+
+@dataclass
+class ImageDataset:
+    """A loaded, checked dataset: parallel lists of ids, prompts and image paths."""
+
+    root: Path
+    ids: list
+    prompts: list
+    paths: list
+
+    def __len__(self):
+        return len(self.ids)
+
+    def frame(self) -> pd.DataFrame:
+        return pd.DataFrame(
+            {"imgId": self.ids, "prompt": self.prompts, "image": [p.name for p in self.paths]}
+        )
+
+    def subset(self, mask) -> "ImageDataset":
+        keep = np.flatnonzero(mask)
+        return ImageDataset(
+            self.root,
+            [self.ids[i] for i in keep],
+            [self.prompts[i] for i in keep],
+            [self.paths[i] for i in keep],
+        )
+
+    def images_fingerprint(self) -> str:
+        """Hash of the ids and the bytes of every image: the image-embedding cache key."""
+        digest = hashlib.sha256()
+        for img_id, path in zip(self.ids, self.paths):
+            with open(path, "rb") as handle:
+                file_hash = hashlib.file_digest(handle, "sha256").hexdigest()
+            digest.update(f"{img_id}\0{file_hash}\n".encode())
+        return digest.hexdigest()
+
+
+def find_problems(root, decode_images=False) -> tuple:
+    """Check a dataset folder; return (rows, problems).
+
+    ``rows`` is a list of (imgId, prompt, path) for the rows without problems. With
+    ``decode_images`` every image is fully decoded, otherwise only its header is read.
+    """
+    root = Path(root)
+    problems = []
+    csv_path = root / PROMPTS_FILE
+    images_dir = root / IMAGES_DIR
+    if not root.is_dir():
+        raise DataError(f"{root}: dataset folder not found. Pass a folder that holds "
+                        f"{IMAGES_DIR}/ and {PROMPTS_FILE}.")
+    if not csv_path.is_file():
+        raise DataError(f"{csv_path}: file not found. A dataset folder needs {PROMPTS_FILE} "
+                        "with columns imgId,prompt.")
+    if not images_dir.is_dir():
+        raise DataError(f"{images_dir}: folder not found. Put the images in "
+                        f"{IMAGES_DIR}/<imgId>.png|jpg|jpeg|webp.")
+
+    image_files = {}
+    for path in sorted(images_dir.iterdir()):
+        if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file():
+            image_files.setdefault(path.stem, []).append(path)
+
+    rows, first_line_of = [], {}
+    for line, img_id, prompt in _read_prompts_csv(csv_path):
+        where = f"{csv_path} line {line}"
+        if not img_id:
+            problems.append(Problem(where, "empty imgId.", "Give every row an imgId."))
+            continue
+        if img_id in first_line_of:
+            problems.append(Problem(where, f"duplicate imgId '{img_id}' (first on line "
+                                    f"{first_line_of[img_id]}).", "Keep one row per image."))
+            continue
+        first_line_of[img_id] = line
+        if not prompt.strip():
+            problems.append(Problem(where, f"empty prompt for imgId '{img_id}'.",
+                                    "Write the prompt or remove the row."))
+            continue
+        candidates = image_files.get(img_id, [])
+        if not candidates:
+            problems.append(Problem(where, f"no image for imgId '{img_id}' in {images_dir}.",
+                                    f"Add {IMAGES_DIR}/{img_id}.png (or .jpg/.jpeg/.webp) "
+                                    "or remove the row."))
+            continue
+        if len(candidates) > 1:
+            names = ", ".join(p.name for p in candidates)
+            problems.append(Problem(where, f"several images for imgId '{img_id}': {names}.",
+                                    "Keep exactly one."))
+            continue
+        path = candidates[0]
+        problem = _check_image(path, decode_images)
+        if problem:
+            problems.append(problem)
+            continue
+        rows.append((img_id, prompt.strip(), path))
+
+    for stem, paths in image_files.items():
+        if stem not in first_line_of:
+            for path in paths:
+                problems.append(Problem(str(path), "image has no row in prompts.csv; it is "
+                                        "ignored.", "Add a row for it to use it.", "warning"))
+    return rows, problems
+
+
+def _read_prompts_csv(csv_path):
+    """Yield (line, imgId, prompt) from prompts.csv, refusing a file without the columns."""
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            columns = [c.strip() for c in (reader.fieldnames or [])]
+            missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+            if missing:
+                raise DataError(
+                    f"{csv_path}: missing column(s) {', '.join(missing)}; found "
+                    f"{', '.join(columns) or 'no header'}. The first line must be "
+                    "'imgId,prompt' (other columns may follow)."
+                )
+            reader.fieldnames = columns
+            for record in reader:
+                yield reader.line_num, (record["imgId"] or "").strip(), record["prompt"] or ""
+    except UnicodeDecodeError as error:
+        raise DataError(f"{csv_path}: not UTF-8 text ({error}). Save the file as UTF-8.") from None
+    except csv.Error as error:
+        raise DataError(f"{csv_path}: malformed CSV ({error}).") from None
+
+
+def _check_image(path, decode):
+    fix = "Replace it with a valid PNG/JPEG/WebP image or remove its row."
+    if decode:
+        try:
+            open_image(path)
+        except DataError as error:
+            return Problem(str(path), f"unreadable image ({error.__cause__ or error}).", fix)
+        return None
+    try:
+        with Image.open(path):
+            pass  # reads the header only; full decoding happens while embedding
+    except Exception as error:  # noqa: BLE001 - PIL raises many types for bad files
+        return Problem(str(path), f"not a readable image ({type(error).__name__}: {error}).", fix)
+    return None
+
+
+def load_dataset(root) -> ImageDataset:
+    """Load a dataset folder, or raise DataError listing what is wrong and how to fix it."""
+    root = Path(root)
+    rows, problems = find_problems(root)
+    errors = [p for p in problems if p.severity == "error"]
+    if errors:
+        listed = "\n  ".join(str(p) for p in errors[:MAX_LISTED_PROBLEMS])
+        more = len(errors) - MAX_LISTED_PROBLEMS
+        tail = f"\n  … and {more} more." if more > 0 else ""
+        raise DataError(f"{root}: {len(errors)} problem(s) in the dataset:\n  {listed}{tail}\n"
+                        f"Run 'img2prompt data validate {root}' for the full list.")
+    if not rows:
+        raise DataError(f"{root / PROMPTS_FILE}: no rows. Add imgId,prompt rows for the images.")
+    ids, prompts, paths = zip(*rows)
+    return ImageDataset(root, list(ids), list(prompts), list(paths))
+
+
+def validate_dataset(root) -> list:
+    """Every problem of a dataset folder, images fully decoded."""
+    try:
+        _, problems = find_problems(root, decode_images=True)
+    except DataError as error:
+        return [Problem(str(root), str(error), "", "error")]
+    return problems
+
+
+def normalize_prompt(prompt: str) -> str:
+    """The form under which two prompts count as the same text (case, spacing)."""
+    return " ".join(prompt.split()).casefold()
+
+
+def grouped_split(prompts, seed=0, val_fraction=0.15, test_fraction=0.15) -> np.ndarray:
+    """Assign each image to train/val/test so that identical prompts share a split.
+
+    Groups (distinct prompts) are shuffled with ``seed`` and dealt to test, then val, until
+    each holds its fraction of the images; the rest is train.
+    """
+    if not 0 <= val_fraction < 1 or not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
+        raise DataError(f"split fractions val={val_fraction}, test={test_fraction} must be in "
+                        "[0, 1) and sum to less than 1.")
+    keys = [normalize_prompt(p) for p in prompts]
+    groups = sorted(set(keys))
+    members = {}
+    for index, key in enumerate(keys):
+        members.setdefault(key, []).append(index)
+    order = np.random.default_rng(seed).permutation(len(groups))
+    n = len(prompts)
+    targets = {"test": _target_size(n, test_fraction), "val": _target_size(n, val_fraction)}
+    splits = np.full(n, "train", dtype=object)
+    filled = {"test": 0, "val": 0}
+    for group_index in order:
+        indices = members[groups[group_index]]
+        for name in ("test", "val"):
+            if filled[name] < targets[name]:
+                splits[indices] = name
+                filled[name] += len(indices)
+                break
+    return splits
+
+
+def _target_size(n, fraction):
+    return max(1, round(n * fraction)) if fraction > 0 and n >= 3 else 0
+
+
+def save_splits(path, dataset: ImageDataset, splits):
+    write_csv(path, pd.DataFrame({"imgId": dataset.ids, "split": splits}))
+
+
+def load_splits(path, dataset: ImageDataset) -> np.ndarray:
+    """Read splits.csv and check it covers exactly the dataset's images."""
+    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    if list(frame.columns) != ["imgId", "split"] or not frame["split"].isin(SPLITS).all():
+        raise DataError(f"{path}: expected columns imgId,split with split in {SPLITS}.")
+    by_id = dict(zip(frame["imgId"], frame["split"]))
+    if set(by_id) != set(dataset.ids):
+        missing = len(set(dataset.ids) - set(by_id))
+        extra = len(set(by_id) - set(dataset.ids))
+        raise DataError(f"{path}: the split does not match the dataset in {dataset.root} "
+                        f"({missing} image(s) not in the split, {extra} no longer in the "
+                        "dataset). Use a new run folder, or --force to start this one anew.")
+    return np.array([by_id[i] for i in dataset.ids], dtype=object)

@@ -1,0 +1,108 @@
+"""Scoring every method in one metric space (all-MiniLM-L6-v2 cosine), with baselines.
+
+Methods, each giving a per-test-image cosine to the true prompt's metric embedding:
+- ``mapper``: the predicted embedding itself (translated to the metric space by a ridge
+  map fitted on training prompts when the target encoder is not MiniLM);
+- ``retrieval``: the metric embedding of the bank prompt nearest to the prediction;
+- ``knn``: the prompt of the nearest training image (image-embedding cosine);
+- ``mean_prompt``: the constant mean training prompt embedding.
+"""
+
+import numpy as np
+import pandas as pd
+
+from .data import normalize_prompt
+
+METHODS = ("mapper", "retrieval", "knn", "mean_prompt")
+
+
+def unit_rows(a):
+    a = np.atleast_2d(np.asarray(a, dtype=np.float32))
+    return a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+
+
+def cosine_rows(a, b) -> np.ndarray:
+    """Cosine between row i of ``a`` and row i of ``b`` (``b`` may be one row)."""
+    return np.sum(unit_rows(a) * unit_rows(b), axis=1)
+
+
+def nearest(queries, bank, chunk=1024) -> np.ndarray:
+    """Index of the most cosine-similar row of ``bank`` for each query."""
+    bank = unit_rows(bank)
+    queries = unit_rows(queries)
+    return np.concatenate([np.argmax(queries[s:s + chunk] @ bank.T, axis=1)
+                           for s in range(0, len(queries), chunk)]) if len(queries) else np.zeros(0, int)
+
+
+def fit_linear_map(x, y, alpha=1.0):
+    """Ridge regression y ≈ [x, 1] W; returns a function applying it."""
+    x1 = np.hstack([x, np.ones((len(x), 1), dtype=x.dtype)]).astype(np.float64)
+    w = np.linalg.solve(x1.T @ x1 + alpha * np.eye(x1.shape[1]), x1.T @ y)
+    return lambda z: (np.hstack([z, np.ones((len(z), 1))]) @ w).astype(np.float32)
+
+
+def summarize(scores, n_boot=1000, seed=0) -> dict:
+    """Mean, median and bootstrap 95% interval of the mean."""
+    scores = np.asarray(scores, dtype=np.float64)
+    low, high = _bootstrap_interval(scores, n_boot, seed)
+    return {"mean_cosine": float(scores.mean()), "median_cosine": float(np.median(scores)),
+            "ci95": [low, high], "n": int(len(scores))}
+
+
+def paired_difference(a, b, n_boot=1000, seed=0) -> dict:
+    """Mean of a − b over the same images, with a paired bootstrap 95% interval."""
+    diff = np.asarray(a, np.float64) - np.asarray(b, np.float64)
+    low, high = _bootstrap_interval(diff, n_boot, seed)
+    return {"mean_difference": float(diff.mean()), "ci95": [low, high]}
+
+
+def _bootstrap_interval(values, n_boot, seed):
+    if len(values) == 0 or n_boot <= 0:
+        return [float("nan"), float("nan")]
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), size=(n_boot, len(values)))].mean(axis=1)
+    return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
+
+
+def evaluate_methods(test, train, bank, predicted, to_metric_space, n_boot=1000, seed=0):
+    """Score every method on the test images.
+
+    ``test`` and ``train`` are dicts with ``prompts``, ``image_emb`` and ``metric_emb`` (and
+    ``test`` also ``ids``, ``images``, ``target_emb``); ``bank`` has ``prompts``,
+    ``target_emb`` and ``metric_emb``; ``predicted`` are the mapper's target-space
+    predictions; ``to_metric_space`` maps them into the metric space (None: the target
+    space is the metric space). Returns (per-image DataFrame, metrics dict).
+    """
+    truth = test["metric_emb"]
+    predicted_metric = predicted if to_metric_space is None else to_metric_space(predicted)
+    retrieved = nearest(predicted, bank["target_emb"])
+    # kNN on image embeddings centred on the training mean: raw CNN features are all
+    # positive, so uncentred cosines crowd together
+    centre = train["image_emb"].mean(axis=0)
+    neighbour = nearest(test["image_emb"] - centre, train["image_emb"] - centre)
+    mean_prompt = train["metric_emb"].mean(axis=0)
+
+    scores = {
+        "mapper": cosine_rows(predicted_metric, truth),
+        "retrieval": cosine_rows(bank["metric_emb"][retrieved], truth),
+        "knn": cosine_rows(train["metric_emb"][neighbour], truth),
+        "mean_prompt": cosine_rows(mean_prompt, truth),
+    }
+    frame = pd.DataFrame({
+        "imgId": test["ids"], "image": test["images"], "prompt": test["prompts"],
+        "predicted_prompt": [bank["prompts"][i] for i in retrieved],
+        "knn_prompt": [train["prompts"][i] for i in neighbour],
+        **{f"cosine_{name}": scores[name] for name in METHODS},
+    })
+    methods = {name: summarize(scores[name], n_boot, seed) for name in METHODS}
+    if to_metric_space is not None:
+        native = cosine_rows(predicted, test["target_emb"])
+        frame["native_cosine_mapper"] = native
+        methods["mapper"]["native_mean_cosine"] = float(native.mean())
+    exact = [normalize_prompt(p) == normalize_prompt(t)
+             for p, t in zip(frame["predicted_prompt"], frame["prompt"])]
+    methods["retrieval"]["exact_prompt_rate"] = float(np.mean(exact)) if exact else float("nan")
+    methods["retrieval"]["bank_size"] = len(bank["prompts"])
+    comparisons = {f"{a}_minus_{b}": paired_difference(scores[a], scores[b], n_boot, seed)
+                   for a in ("mapper", "retrieval") for b in ("mean_prompt", "knn")}
+    return frame, {"methods": methods, "comparisons": comparisons}

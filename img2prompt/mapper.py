@@ -1,0 +1,61 @@
+"""The mapper: an MLP from image embeddings to prompt embeddings, saved as safetensors + JSON."""
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .errors import RunError
+from .files import atomic_path
+
+
+class Mapper(nn.Module):
+    """Standardise the image embedding, then ``depth`` hidden layers (GELU, dropout), then linear."""
+
+    def __init__(self, in_dim, out_dim, hidden_size=1024, depth=2, dropout=0.1):
+        super().__init__()
+        self.hparams = {"in_dim": in_dim, "out_dim": out_dim, "hidden_size": hidden_size,
+                        "depth": depth, "dropout": dropout}
+        # feature statistics of the training images, set by ``fit_input_scaling``
+        self.register_buffer("input_mean", torch.zeros(in_dim))
+        self.register_buffer("input_std", torch.ones(in_dim))
+        layers, width = [], in_dim
+        for _ in range(depth):
+            layers += [nn.Linear(width, hidden_size), nn.GELU(), nn.Dropout(dropout)]
+            width = hidden_size
+        layers.append(nn.Linear(width, out_dim))
+        self.net = nn.Sequential(*layers)
+
+    def fit_input_scaling(self, x: torch.Tensor):
+        self.input_mean.copy_(x.mean(dim=0))
+        self.input_std.copy_(x.std(dim=0).clamp(min=1e-6))
+
+    def forward(self, x):
+        return self.net((x - self.input_mean) / self.input_std)
+
+    def predict(self, x, batch_size=4096) -> torch.Tensor:
+        """Predicted embeddings for a float32 array or tensor, in eval mode."""
+        self.eval()
+        x = torch.as_tensor(x, dtype=torch.float32)
+        with torch.inference_mode():
+            return torch.cat([self(x[s:s + batch_size]) for s in range(0, len(x), batch_size)])
+
+
+def save_mapper(model: Mapper, path):
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata={"hparams": json.dumps(model.hparams)})
+
+
+def load_mapper(path) -> Mapper:
+    path = Path(path)
+    if not path.is_file():
+        raise RunError(f"{path}: no trained model. Run 'img2prompt train' for this run folder first.")
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as handle:
+        hparams = json.loads(handle.metadata()["hparams"])
+    model = Mapper(**hparams)
+    model.load_state_dict(load_file(str(path)))
+    return model.eval()

@@ -1,0 +1,190 @@
+"""The study's steps over a run folder: prepare data and embeddings, train, evaluate.
+
+Run folder layout: config.json, splits.csv, best_model.safetensors, prompt_bank.safetensors,
+history.csv, figures/loss_curve.png, test_results.csv, metrics.json.
+"""
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+from safetensors import safe_open
+
+from .config import StudyConfig
+from .data import ImageDataset, grouped_split, load_dataset, load_splits, save_splits
+from .embeddings import EmbeddingCache, image_embeddings, text_embeddings
+from .errors import RunError
+from .evaluation import evaluate_methods, fit_linear_map
+from .files import atomic_path, write_csv, write_json
+from .image_encoders import image_encoder
+from .mapper import load_mapper, save_mapper
+from .plots import plot_history
+from .text_encoders import METRIC_ENCODER, metric_encoder, text_encoder
+from .training import train_mapper
+
+MODEL_FILE = "best_model.safetensors"
+BANK_FILE = "prompt_bank.safetensors"
+RUN_OUTPUTS = ("config.json", "splits.csv", MODEL_FILE, BANK_FILE, "history.csv",
+               "test_results.csv", "metrics.json", "figures")
+
+
+def _quiet(*_args, **_kwargs):
+    pass
+
+
+@dataclass
+class StudyData:
+    """A dataset with its split and its embeddings (image, target text, metric text)."""
+
+    dataset: ImageDataset
+    splits: np.ndarray
+    image_emb: np.ndarray
+    target_emb: np.ndarray
+    metric_emb: np.ndarray
+
+    def part(self, split):
+        mask = self.splits == split
+        return {"ids": list(np.asarray(self.dataset.ids)[mask]),
+                "prompts": list(np.asarray(self.dataset.prompts, dtype=object)[mask]),
+                "images": [p.name for p, keep in zip(self.dataset.paths, mask) if keep],
+                "image_emb": self.image_emb[mask], "target_emb": self.target_emb[mask],
+                "metric_emb": self.metric_emb[mask]}
+
+
+def target_encoder(config: StudyConfig):
+    return text_encoder(config.text_encoder, config.text_model, config.text_pooling)
+
+
+def prepare(config: StudyConfig, progress=True, log=_quiet) -> StudyData:
+    """Load the dataset, its split (reused from the run dir when there) and embeddings."""
+    dataset = load_dataset(config.data_dir)
+    run_dir = Path(config.run_dir)
+    splits_path = run_dir / "splits.csv"
+    if splits_path.exists():
+        splits = load_splits(splits_path, dataset)
+    else:
+        splits = grouped_split(dataset.prompts, config.seed, config.val_fraction, config.test_fraction)
+        save_splits(splits_path, dataset, splits)
+    counts = {s: int((splits == s).sum()) for s in ("train", "val", "test")}
+    log(f"dataset {dataset.root}: {len(dataset)} images; split {counts} (grouped by prompt)")
+
+    cache = EmbeddingCache(config.cache_dir)
+    encoder = image_encoder(config.image_encoder, config.image_weights)
+    image_emb, info = image_embeddings(dataset, encoder, cache, config.embed_batch_size,
+                                       config.num_workers, progress)
+    if info["cached"]:
+        log(f"image embeddings ({encoder.name}): from cache {info['cache_file']}")
+    else:
+        log(f"image embeddings ({encoder.name}): {len(dataset)} images in {info['seconds']:.1f} s "
+            f"({info['images_per_s']:.1f} images/s), cached in {info['cache_file']}")
+    target = target_encoder(config)
+    target_emb = text_embeddings(dataset.prompts, target, cache, progress=progress)
+    metric_emb = (target_emb if config.text_encoder == METRIC_ENCODER
+                  else text_embeddings(dataset.prompts, metric_encoder(), cache, progress=progress))
+    return StudyData(dataset, splits, image_emb, target_emb, metric_emb)
+
+
+def unique_prompts(prompts):
+    """(distinct prompts in first-seen order, index of each one's first occurrence)."""
+    first = {}
+    for index, prompt in enumerate(prompts):
+        first.setdefault(prompt, index)
+    return list(first), list(first.values())
+
+
+def save_prompt_bank(path, prompts, target_emb):
+    with atomic_path(path) as tmp:
+        save_file({"target_emb": np.ascontiguousarray(target_emb, dtype=np.float32)}, str(tmp),
+                  metadata={"prompts": json.dumps(list(prompts))})
+
+
+def load_prompt_bank(path):
+    """(prompts, target-space embeddings) of a run's prompt bank."""
+    with safe_open(str(path), framework="numpy") as handle:
+        prompts = json.loads(handle.metadata()["prompts"])
+    return prompts, load_file(str(path))["target_emb"]
+
+
+def train(config: StudyConfig, force=False, progress=True, log=_quiet) -> dict:
+    """Train the mapper of ``config`` into ``config.run_dir``; return a short summary."""
+    run_dir = Path(config.run_dir)
+    if (run_dir / MODEL_FILE).exists():
+        if not force:
+            raise RunError(f"{run_dir}: already holds a trained model. Pass --force to train it anew "
+                           "(its split is made anew too), or choose another --out.")
+        for name in RUN_OUTPUTS:
+            target = run_dir / name
+            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config.save(run_dir)
+    data = prepare(config, progress, log)
+    train_part, val_part = data.part("train"), data.part("val")
+    log(f"training the mapper ({config.depth} hidden layer(s) of {config.hidden_size}) on "
+        f"{len(train_part['ids'])} images, validating on {len(val_part['ids'])}")
+    model, history = train_mapper(train_part["image_emb"], train_part["target_emb"],
+                                  val_part["image_emb"], val_part["target_emb"], config, progress)
+    save_mapper(model, run_dir / MODEL_FILE)
+    prompts, first = unique_prompts(train_part["prompts"])
+    save_prompt_bank(run_dir / BANK_FILE, prompts, train_part["target_emb"][first])
+    write_csv(run_dir / "history.csv", history)
+    plot_history(history, run_dir / "figures" / "loss_curve.png")
+    best = history[history["best"]].iloc[0]
+    summary = {"run_dir": str(run_dir), "best_epoch": int(best["epoch"]), "epochs": len(history),
+               "val_cosine": float(best["val_cosine"])}
+    log(f"best epoch {summary['best_epoch']} of {summary['epochs']}: validation cosine "
+        f"{summary['val_cosine']:.4f}; model in {run_dir / MODEL_FILE}")
+    return summary
+
+
+def evaluate(run_dir, data_dir=None, bank=None, progress=True, log=_quiet) -> dict:
+    """Score every method on the run's test split; write test_results.csv and metrics.json."""
+    run_dir = Path(run_dir)
+    config = StudyConfig.load(run_dir)
+    config.run_dir = str(run_dir)
+    config.data_dir = str(data_dir or config.data_dir)
+    config.bank = bank or config.bank
+    if config.bank not in ("train", "all"):
+        raise RunError(f"unknown prompt bank '{config.bank}': use train or all.")
+    model = load_mapper(run_dir / MODEL_FILE)
+    data = prepare(config, progress, log)
+    test, train_part = data.part("test"), data.part("train")
+    if not test["ids"]:
+        raise RunError(f"{run_dir}: the test split is empty; train with --test-fraction > 0.")
+    bank_mask = np.ones(len(data.splits), bool) if config.bank == "all" else data.splits == "train"
+    bank_prompts = list(np.asarray(data.dataset.prompts, dtype=object)[bank_mask])
+    prompts, keep = unique_prompts(bank_prompts)
+    bank_part = {"prompts": prompts,
+                 "target_emb": data.target_emb[bank_mask][keep],
+                 "metric_emb": data.metric_emb[bank_mask][keep]}
+    to_metric = (None if config.text_encoder == METRIC_ENCODER
+                 else fit_linear_map(train_part["target_emb"], train_part["metric_emb"]))
+    predicted = model.predict(test["image_emb"]).numpy()
+    frame, metrics = evaluate_methods(test, train_part, bank_part, predicted, to_metric,
+                                      config.bootstrap, config.seed)
+    metrics = {"run_dir": str(run_dir), "data_dir": config.data_dir, "n_test": len(test["ids"]),
+               "n_train": len(train_part["ids"]), "image_encoder": config.image_encoder,
+               "text_encoder": config.text_encoder, "metric_encoder": "all-MiniLM-L6-v2",
+               "bank": config.bank, **metrics}
+    write_csv(run_dir / "test_results.csv", frame)
+    write_json(run_dir / "metrics.json", metrics)
+    return metrics
+
+
+def format_metrics(metrics) -> str:
+    """The metrics as a small text table."""
+    lines = [f"test images: {metrics['n_test']}  (image encoder {metrics['image_encoder']}, "
+             f"target {metrics['text_encoder']}, scored with {metrics['metric_encoder']})",
+             f"{'method':<12} {'mean cos':>9} {'median':>8}   95% interval"]
+    for name, m in metrics["methods"].items():
+        lines.append(f"{name:<12} {m['mean_cosine']:>9.4f} {m['median_cosine']:>8.4f}   "
+                     f"[{m['ci95'][0]:.4f}, {m['ci95'][1]:.4f}]")
+    retrieval = metrics["methods"]["retrieval"]
+    lines.append(f"retrieval exact-prompt rate: {retrieval['exact_prompt_rate']:.3f} "
+                 f"(bank: {metrics['bank']}, {retrieval['bank_size']} prompts)")
+    for name, c in metrics["comparisons"].items():
+        lines.append(f"{name.replace('_minus_', ' − '):<26} {c['mean_difference']:+.4f}  "
+                     f"[{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}]")
+    return "\n".join(lines)

