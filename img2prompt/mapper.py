@@ -28,9 +28,16 @@ class Mapper(nn.Module):
         layers.append(nn.Linear(width, out_dim))
         self.net = nn.Sequential(*layers)
 
-    def fit_input_scaling(self, x: torch.Tensor):
+    def fit_to_data(self, x: torch.Tensor, y: torch.Tensor):
+        """Standardise inputs with the training statistics and start the output at the mean
+        training target: the untrained mapper is the mean-prompt baseline, and training
+        moves away from it only as far as the images tell it to."""
         self.input_mean.copy_(x.mean(dim=0))
         self.input_std.copy_(x.std(dim=0).clamp(min=1e-6))
+        last = self.net[-1]
+        with torch.no_grad():
+            last.weight.mul_(0.1)
+            last.bias.copy_(y.mean(dim=0))
 
     def forward(self, x):
         return self.net((x - self.input_mean) / self.input_std)

@@ -30,7 +30,7 @@ def train_mapper(x_train, y_train, x_val, y_val, config, progress=True):
     x_train, y_train, x_val, y_val = (torch.as_tensor(a, dtype=torch.float32)
                                       for a in (x_train, y_train, x_val, y_val))
     model = Mapper(x_train.shape[1], y_train.shape[1], config.hidden_size, config.depth, config.dropout)
-    model.fit_input_scaling(x_train)
+    model.fit_to_data(x_train, y_train)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate,
                                   weight_decay=config.weight_decay)
     shuffler = torch.Generator().manual_seed(config.seed)
