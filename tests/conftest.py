@@ -1,0 +1,43 @@
+"""Shared fixtures: small generated datasets, a trained run, tiny random models."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # nothing may reach a hub from the tests
+
+from img2prompt.cli import main  # noqa: E402
+from img2prompt.synth import SynthParams, generate_dataset  # noqa: E402
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def small_dataset(tmp_path_factory):
+    """24 generated images: enough for data, cache and encoder tests."""
+    return generate_dataset(tmp_path_factory.mktemp("small") / "data", SynthParams(n=24, size=96, seed=3))
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, cache_dir):
+    """The CLI's full path on 200 generated images: synth, train, evaluate."""
+    root = tmp_path_factory.mktemp("e2e")
+    data, run = root / "data", root / "run"
+    assert main(["data", "synth", "--out", str(data), "--n", "200", "--seed", "0"]) == 0
+    assert main(["train", "--data", str(data), "--out", str(run), "--cache-dir", str(cache_dir),
+                 "--quiet"]) == 0
+    assert main(["evaluate", "--run", str(run), "--quiet"]) == 0
+    return {"data": data, "run": run}
+
+
+def shared_set(name) -> Path:
+    path = SHARED_DATA / name
+    if not path.is_dir():
+        pytest.skip(f"real sample data {path} is absent (it sits beside the project in CI only)")
+    return path

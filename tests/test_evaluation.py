@@ -1,0 +1,68 @@
+import numpy as np
+
+from img2prompt.evaluation import (cosine_rows, evaluate_methods, fit_linear_map, nearest,
+                                   paired_difference, summarize)
+
+
+def test_cosines_and_nearest():
+    a = np.array([[1, 0], [0, 2]], dtype=np.float32)
+    assert np.allclose(cosine_rows(a, [[1, 0], [0, -1]]), [1, -1])
+    assert np.allclose(cosine_rows(a, [3, 0]), [1, 0])  # one row against many
+    bank = np.array([[0, 1], [1, 0.1], [-1, 0]])
+    assert list(nearest(np.array([[5, 0], [0, 3], [-2, 0.1]]), bank)) == [1, 0, 2]
+
+
+def test_summary_interval_contains_the_mean_and_is_seeded():
+    scores = np.random.default_rng(0).uniform(0.4, 0.9, size=200)
+    summary = summarize(scores, n_boot=500, seed=3)
+    low, high = summary["ci95"]
+    assert low < summary["mean_cosine"] < high and high - low < 0.1
+    assert summary == summarize(scores, n_boot=500, seed=3)
+    difference = paired_difference(scores + 0.1, scores, n_boot=100)
+    assert np.isclose(difference["mean_difference"], 0.1) and np.allclose(difference["ci95"], 0.1)
+
+
+def test_linear_map_recovers_a_linear_relation():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(500, 6))
+    w = rng.normal(size=(6, 4))
+    apply = fit_linear_map(x, x @ w + 2.0, alpha=1e-6)
+    z = rng.normal(size=(10, 6))
+    assert np.allclose(apply(z), z @ w + 2.0, atol=1e-3)
+
+
+def constructed_case():
+    """Three distinct prompts: one-hot metric embeddings make every cosine easy to predict."""
+    eye = np.eye(3, dtype=np.float32)
+    train = {"prompts": ["p0", "p1", "p2"], "image_emb": eye * 5 + 1, "metric_emb": eye}
+    test = {"ids": ["t0", "t1"], "images": ["t0.png", "t1.png"], "prompts": ["p1", "P2"],
+            "image_emb": np.array([[1, 6, 1], [6, 1, 1]], dtype=np.float32),  # nearest: train 1, train 0
+            "metric_emb": eye[[1, 2]], "target_emb": eye[[1, 2]]}
+    bank = {"prompts": train["prompts"], "target_emb": eye, "metric_emb": eye}
+    return test, train, bank
+
+
+def test_every_method_scored_on_a_constructed_case():
+    test, train, bank = constructed_case()
+    predicted = np.array([[0.1, 1, 0], [0, 0.2, 1]], dtype=np.float32)
+    frame, metrics = evaluate_methods(test, train, bank, predicted, None, n_boot=50)
+    assert list(frame["predicted_prompt"]) == ["p1", "p2"]
+    assert list(frame["knn_prompt"]) == ["p1", "p0"]
+    assert np.allclose(frame["cosine_retrieval"], 1.0)
+    assert np.allclose(frame["cosine_knn"], [1.0, 0.0])
+    assert np.allclose(frame["cosine_mean_prompt"], 1 / np.sqrt(3))
+    assert np.allclose(frame["cosine_mapper"], cosine_rows(predicted, test["metric_emb"]))
+    methods = metrics["methods"]
+    assert set(methods) == {"mapper", "retrieval", "knn", "mean_prompt"}
+    assert methods["retrieval"]["exact_prompt_rate"] == 1.0  # case and spacing do not count
+    assert methods["retrieval"]["bank_size"] == 3
+    assert np.isclose(metrics["comparisons"]["retrieval_minus_knn"]["mean_difference"], 0.5)
+
+
+def test_other_target_space_is_mapped_into_the_metric_space():
+    test, train, bank = constructed_case()
+    double = lambda z: np.asarray(z) * 2  # noqa: E731 - stands for a fitted map
+    predicted = np.array([[0, 1, 0], [0, 0, 1]], dtype=np.float32)
+    frame, metrics = evaluate_methods(test, train, bank, predicted, double, n_boot=10)
+    assert np.allclose(frame["native_cosine_mapper"], 1.0)
+    assert np.isclose(metrics["methods"]["mapper"]["native_mean_cosine"], 1.0)
