@@ -1,0 +1,119 @@
+"""Embedding extraction benchmark: throughput, cache, memory. Prints ratios measured in one run.
+
+    .venv/bin/python benchmarks/bench_embedding.py [--small 2000] [--large 8000]
+
+1. end-to-end extraction images/s (decode in DataLoader workers + forward) on the small
+   set, against the encoder's forward pass alone on pre-decoded tensors, measured right
+   after in the same process (target: ratio >= 0.8);
+2. a cached rerun of the embedding step against the first run (target: <= 0.05);
+3. peak memory (RSS) while embedding the small and the large set, each in a fresh process:
+   it must not grow by more than the embedding array itself (images stream).
+"""
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from img2prompt.data import load_dataset
+from img2prompt.embeddings import EmbeddingCache, image_embeddings, text_embeddings
+from img2prompt.image_encoders import image_encoder
+from img2prompt.synth import SynthParams, generate_dataset
+from img2prompt.text_encoders import metric_encoder
+
+
+def embedding_step(data_dir, cache_dir, encoder_name, batch_size, workers):
+    """What `img2prompt embed` does: load and fingerprint the data, image and prompt embeddings."""
+    start = time.perf_counter()
+    dataset = load_dataset(data_dir)
+    cache = EmbeddingCache(cache_dir)
+    images, info = image_embeddings(dataset, image_encoder(encoder_name), cache, batch_size, workers,
+                                    progress=False)
+    text_embeddings(dataset.prompts, metric_encoder(), cache, progress=False)
+    return time.perf_counter() - start, info, images.nbytes
+
+
+def child(args):
+    """Run in a fresh process: first run (cold cache), then a cached rerun; report peak memory."""
+    with tempfile.TemporaryDirectory() as cache_dir:
+        first, info, array_bytes = embedding_step(args.child, cache_dir, args.encoder, args.batch_size, args.workers)
+        rerun, rerun_info, _ = embedding_step(args.child, cache_dir, args.encoder, args.batch_size, args.workers)
+    assert rerun_info["cached"] and not info["cached"]
+    forward = forward_only(args.child, args.encoder, args.batch_size, args.forward_images)
+    print(json.dumps({
+        "forward_images_per_s": forward,
+        "first_s": first, "rerun_s": rerun, "images_per_s": info["images_per_s"], "array_bytes": array_bytes,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "worker_peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+    }))
+
+
+def forward_only(data_dir, encoder_name, batch_size, n_images):
+    """Images/s of the encoder's forward pass alone, on tensors decoded beforehand."""
+    encoder = image_encoder(encoder_name)
+    from img2prompt.images import open_image
+    paths = load_dataset(data_dir).paths[:n_images]
+    tensors = torch.stack([encoder.preprocess(open_image(p)) for p in paths])
+    encoder.forward(tensors[:batch_size])  # warm-up
+    start = time.perf_counter()
+    for begin in range(0, len(tensors), batch_size):
+        encoder.forward(tensors[begin:begin + batch_size])
+    return len(tensors) / (time.perf_counter() - start)
+
+
+def measure_in_child(data_dir, args):
+    command = [sys.executable, __file__, "--child", str(data_dir), "--encoder", args.encoder,
+               "--forward-images", str(args.forward_images),
+               "--batch-size", str(args.batch_size), "--workers", str(args.workers)]
+    result = subprocess.run(command, capture_output=True, text=True, check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--small", type=int, default=2000, help="images in the small set")
+    parser.add_argument("--large", type=int, default=8000, help="images in the large set")
+    parser.add_argument("--forward-images", type=int, default=512, help="images for forward-only timing")
+    parser.add_argument("--encoder", default="efficientnet-lite0")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--workdir", default=".cache/benchmark", help="where the generated sets are kept")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return child(args)
+
+    work = Path(args.workdir)
+    sets = {n: generate_dataset(work / f"synth-{n}", SynthParams(n=n, seed=1)) for n in (args.small, args.large)}
+    print(f"encoder {args.encoder}, batch {args.batch_size}, {args.workers} decode worker(s), "
+          f"{torch.get_num_threads()} torch threads")
+    small = measure_in_child(sets[args.small], args)
+    large = measure_in_child(sets[args.large], args)
+
+    print(f"\n1. throughput on {args.small} images")
+    forward = small["forward_images_per_s"]
+    print(f"   forward only (pre-decoded tensors): {forward:7.1f} images/s")
+    print(f"   end-to-end extraction:              {small['images_per_s']:7.1f} images/s "
+          "(model loading and first batch included)")
+    print(f"   ratio end-to-end / forward-only:    {small['images_per_s'] / forward:7.3f}   (target >= 0.8)")
+    print(f"\n2. cache on {args.small} images (data check + image and prompt embeddings, in-process)")
+    print(f"   first run {small['first_s']:.2f} s, cached rerun {small['rerun_s']:.2f} s, "
+          f"ratio {small['rerun_s'] / small['first_s']:.4f}   (target <= 0.05)")
+    growth = large["peak_rss_mb"] - small["peak_rss_mb"]
+    array_growth = (large["array_bytes"] - small["array_bytes"]) / 2**20
+    print("\n3. peak memory while embedding (fresh process each)")
+    for n, result in ((args.small, small), (args.large, large)):
+        print(f"   {n:>6} images: main process {result['peak_rss_mb']:7.1f} MB, decode worker "
+              f"{result['worker_peak_rss_mb']:7.1f} MB, embedding array {result['array_bytes'] / 2**20:6.1f} MB")
+    print(f"   growth {args.small} -> {args.large}: {growth:+.1f} MB for {array_growth:.1f} MB more embeddings; "
+          f"ratio large/small {large['peak_rss_mb'] / small['peak_rss_mb']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
