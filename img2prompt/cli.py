@@ -59,14 +59,13 @@ def cmd_synth(args):
 
 
 def cmd_embed(args):
-    from .study import prepare
+    from .data import load_dataset
+    from .study import compute_embeddings
     config = config_from_args(args, ENCODER_OPTIONS, data_dir=args.data)
-    # the split is not needed to embed: keep it out of any run folder
-    import tempfile
-    with tempfile.TemporaryDirectory() as scratch:
-        config.run_dir = scratch
-        data = prepare(config, progress=not args.quiet, log=log)
-    print(f"image embeddings: {data.image_emb.shape}, prompt embeddings: {data.target_emb.shape} "
+    dataset = load_dataset(config.data_dir)
+    log(f"dataset {dataset.root}: {len(dataset)} images")
+    image_emb, target_emb, _ = compute_embeddings(config, dataset, progress=not args.quiet, log=log)
+    print(f"image embeddings: {image_emb.shape}, prompt embeddings: {target_emb.shape} "
           f"(cache: {config.cache_dir})")
     return 0
 

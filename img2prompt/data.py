@@ -50,11 +50,6 @@ class ImageDataset:
     def __len__(self):
         return len(self.ids)
 
-    def frame(self) -> pd.DataFrame:
-        return pd.DataFrame(
-            {"imgId": self.ids, "prompt": self.prompts, "image": [p.name for p in self.paths]}
-        )
-
     def subset(self, mask) -> "ImageDataset":
         keep = np.flatnonzero(mask)
         return ImageDataset(

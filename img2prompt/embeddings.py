@@ -76,7 +76,7 @@ def _collate(items):
 def extract_image_embeddings(paths, encoder, batch_size=32, num_workers=1, progress=True) -> np.ndarray:
     """Features of the images at ``paths`` (float32, one row per path)."""
     paths = list(paths)
-    encoder.model  # load weights before workers fork, and before the bar starts  # noqa: B018
+    _ = encoder.model  # load the weights before the workers fork and the bar starts
     out = np.zeros((len(paths), encoder.dim), dtype=np.float32)
     workers = num_workers if len(paths) > batch_size else 0
     loader = torch.utils.data.DataLoader(

@@ -58,19 +58,8 @@ def target_encoder(config: StudyConfig):
     return text_encoder(config.text_encoder, config.text_model, config.text_pooling)
 
 
-def prepare(config: StudyConfig, progress=True, log=_quiet) -> StudyData:
-    """Load the dataset, its split (reused from the run dir when there) and embeddings."""
-    dataset = load_dataset(config.data_dir)
-    run_dir = Path(config.run_dir)
-    splits_path = run_dir / "splits.csv"
-    if splits_path.exists():
-        splits = load_splits(splits_path, dataset)
-    else:
-        splits = grouped_split(dataset.prompts, config.seed, config.val_fraction, config.test_fraction)
-        save_splits(splits_path, dataset, splits)
-    counts = {s: int((splits == s).sum()) for s in ("train", "val", "test")}
-    log(f"dataset {dataset.root}: {len(dataset)} images; split {counts} (grouped by prompt)")
-
+def compute_embeddings(config: StudyConfig, dataset: ImageDataset, progress=True, log=_quiet):
+    """(image, target-space prompt, metric-space prompt) embeddings, through the cache."""
     cache = EmbeddingCache(config.cache_dir)
     encoder = image_encoder(config.image_encoder, config.image_weights)
     image_emb, info = image_embeddings(dataset, encoder, cache, config.embed_batch_size,
@@ -80,11 +69,24 @@ def prepare(config: StudyConfig, progress=True, log=_quiet) -> StudyData:
     else:
         log(f"image embeddings ({encoder.name}): {len(dataset)} images in {info['seconds']:.1f} s "
             f"({info['images_per_s']:.1f} images/s), cached in {info['cache_file']}")
-    target = target_encoder(config)
-    target_emb = text_embeddings(dataset.prompts, target, cache, progress=progress)
+    target_emb = text_embeddings(dataset.prompts, target_encoder(config), cache, progress=progress)
     metric_emb = (target_emb if config.text_encoder == METRIC_ENCODER
                   else text_embeddings(dataset.prompts, metric_encoder(), cache, progress=progress))
-    return StudyData(dataset, splits, image_emb, target_emb, metric_emb)
+    return image_emb, target_emb, metric_emb
+
+
+def prepare(config: StudyConfig, progress=True, log=_quiet) -> StudyData:
+    """Load the dataset, its split (reused from the run dir when there) and embeddings."""
+    dataset = load_dataset(config.data_dir)
+    splits_path = Path(config.run_dir) / "splits.csv"
+    if splits_path.exists():
+        splits = load_splits(splits_path, dataset)
+    else:
+        splits = grouped_split(dataset.prompts, config.seed, config.val_fraction, config.test_fraction)
+        save_splits(splits_path, dataset, splits)
+    counts = {s: int((splits == s).sum()) for s in ("train", "val", "test")}
+    log(f"dataset {dataset.root}: {len(dataset)} images; split {counts} (grouped by prompt)")
+    return StudyData(dataset, splits, *compute_embeddings(config, dataset, progress, log))
 
 
 def unique_prompts(prompts):
@@ -149,6 +151,9 @@ def evaluate(run_dir, data_dir=None, bank=None, progress=True, log=_quiet) -> di
     if config.bank not in ("train", "all"):
         raise RunError(f"unknown prompt bank '{config.bank}': use train or all.")
     model = load_mapper(run_dir / MODEL_FILE)
+    if not (run_dir / "splits.csv").is_file():  # a new split would leak training images into test
+        raise RunError(f"{run_dir / 'splits.csv'}: not found; the run's split is lost. Train the run "
+                       "again with --force.")
     data = prepare(config, progress, log)
     test, train_part = data.part("test"), data.part("train")
     if not test["ids"]:

@@ -90,13 +90,9 @@ def _article(count, next_word):
     return "an" if next_word[0] in "aeiou" else "a"
 
 
-def _color_distance(a, b):
-    return math.dist(a, b)
-
-
 def sample_spec(rng: np.random.Generator) -> SceneSpec:
     background = _choice(rng, list(BACKGROUNDS))
-    visible = [c for c in COLORS if _color_distance(COLORS[c], BACKGROUNDS[background]) >= MIN_CONTRAST]
+    visible = [c for c in COLORS if math.dist(COLORS[c], BACKGROUNDS[background]) >= MIN_CONTRAST]
     color = _choice(rng, visible)
     spec = dict(
         count=_choice(rng, list(COUNTS)), size=_choice(rng, list(SIZES)), color=color,

@@ -41,3 +41,20 @@ def shared_set(name) -> Path:
     if not path.is_dir():
         pytest.skip(f"real sample data {path} is absent (it sits beside the project in CI only)")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory):
+    """A BERT with random weights and 32-d output, saved like a downloaded model."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from img2prompt.text_encoders import minilm_path
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128)
+    BertModel(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(str(minilm_path())).save_pretrained(folder)
+    return folder

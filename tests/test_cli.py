@@ -125,3 +125,28 @@ def test_console_script_is_installed():
     script = Path(sys.executable).parent / "img2prompt"
     result = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "predict" in result.stdout
+
+
+def test_bert_target_is_scored_in_the_metric_space(small_dataset, tiny_bert, cache_dir, tmp_path, capsys):
+    run = tmp_path / "bert-run"
+    assert main(["train", "--data", str(small_dataset), "--out", str(run), "--cache-dir", str(cache_dir),
+                 "--text-encoder", "bert", "--text-model", str(tiny_bert), "--text-pooling", "mean",
+                 "--max-epochs", "5", "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", "--run", str(run), "--quiet", "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    mapper = metrics["methods"]["mapper"]
+    assert metrics["text_encoder"] == "bert"
+    assert -1 <= mapper["mean_cosine"] <= 1 and -1 <= mapper["native_mean_cosine"] <= 1
+    assert "native_cosine_mapper" in pd.read_csv(run / "test_results.csv").columns
+    assert main(["predict", "--run", str(run), str(sorted((small_dataset / "images").iterdir())[0]),
+                 "--quiet"]) == 0
+
+
+def test_evaluate_refuses_a_run_without_its_split(trained_run, tmp_path, capsys):
+    import shutil
+    copy = tmp_path / "run"
+    shutil.copytree(trained_run["run"], copy)
+    (copy / "splits.csv").unlink()
+    assert main(["evaluate", "--run", str(copy), "--quiet"]) == 2
+    assert "split is lost" in capsys.readouterr().err

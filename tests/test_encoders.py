@@ -54,19 +54,6 @@ def test_minilm_refuses_other_pooling():
         text_encoder("minilm", pooling="cls")
 
 
-@pytest.fixture(scope="module")
-def tiny_bert(tmp_path_factory):
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    folder = tmp_path_factory.mktemp("tiny-bert")
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=128)
-    BertModel(config).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(str(minilm_path())).save_pretrained(folder)
-    return folder
-
-
 def test_bert_from_local_folder_with_each_pooling(tiny_bert):
     results = {}
     for pooling in ("cls", "mean", "max", "pooler"):
