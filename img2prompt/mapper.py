@@ -12,7 +12,7 @@ from .files import atomic_path
 
 
 class Mapper(nn.Module):
-    """Standardise the image embedding, then ``depth`` hidden layers (GELU, dropout), then linear."""
+    """Centre and scale the image embedding, then ``depth`` hidden layers (GELU, dropout), then linear."""
 
     def __init__(self, in_dim, out_dim, hidden_size=1024, depth=2, dropout=0.1):
         super().__init__()
@@ -20,7 +20,7 @@ class Mapper(nn.Module):
                         "depth": depth, "dropout": dropout}
         # feature statistics of the training images, set by ``fit_input_scaling``
         self.register_buffer("input_mean", torch.zeros(in_dim))
-        self.register_buffer("input_std", torch.ones(in_dim))
+        self.register_buffer("input_scale", torch.ones(()))
         layers, width = [], in_dim
         for _ in range(depth):
             layers += [nn.Linear(width, hidden_size), nn.GELU(), nn.Dropout(dropout)]
@@ -29,18 +29,22 @@ class Mapper(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def fit_to_data(self, x: torch.Tensor, y: torch.Tensor):
-        """Standardise inputs with the training statistics and start the output at the mean
-        training target: the untrained mapper is the mean-prompt baseline, and training
-        moves away from it only as far as the images tell it to."""
+        """Centre inputs on the training mean and start the output at the mean training target:
+        the untrained mapper is the mean-prompt baseline, and training moves away from it
+        only as far as the images tell it to.
+
+        All features share one scale (their mean std): dividing each by its own std would
+        blow up features that are nearly constant in training (dead CNN channels) whenever
+        they fire on a new image."""
         self.input_mean.copy_(x.mean(dim=0))
-        self.input_std.copy_(x.std(dim=0).clamp(min=1e-6))
+        self.input_scale.fill_(x.std(dim=0).mean().clamp(min=1e-6).item())
         last = self.net[-1]
         with torch.no_grad():
             last.weight.mul_(0.1)
             last.bias.copy_(y.mean(dim=0))
 
     def forward(self, x):
-        return self.net((x - self.input_mean) / self.input_std)
+        return self.net((x - self.input_mean) / self.input_scale)
 
     def predict(self, x, batch_size=4096) -> torch.Tensor:
         """Predicted embeddings for a float32 array or tensor, in eval mode."""

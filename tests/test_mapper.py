@@ -75,3 +75,14 @@ def test_save_and_load_round_trip(tmp_path):
     assert torch.equal(loaded.predict(x), model.predict(x))
     with pytest.raises(RunError, match="img2prompt train"):
         load_mapper(tmp_path / "missing.safetensors")
+
+
+def test_feature_constant_in_training_does_not_blow_up_predictions():
+    x, y = toy_problem()
+    x[:, 0] = 0.0  # a dead channel in every training image ...
+    model = Mapper(20, 8, hidden_size=16, depth=1)
+    model.fit_to_data(torch.as_tensor(x), torch.as_tensor(y))
+    firing = x[:5].copy()
+    firing[:, 0] = 3.0  # ... that fires on new images
+    change = (model.predict(firing) - model.predict(x[:5])).norm(dim=1)
+    assert change.max() < 0.5 * model.predict(x[:5]).norm(dim=1).min()
