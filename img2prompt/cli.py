@@ -1,7 +1,8 @@
 """The command line: ``img2prompt data|embed|train|evaluate|predict`` (also ``python -m img2prompt``).
 
-Errors of the Img2PromptError family print as one message (what, where, how to fix) and
-exit with status 2; progress and logs go to stderr, results to stdout.
+Errors of the Img2PromptError family, and operating-system errors such as an unwritable
+folder, print as one message (what, where, how to fix) and exit with status 2; progress and
+logs go to stderr, results to stdout.
 """
 
 import argparse
@@ -157,6 +158,9 @@ def main(argv=None) -> int:
     try:
         return args.handler(args)
     except Img2PromptError as error:
+        log(f"error: {error}")
+        return 2
+    except OSError as error:  # unwritable folder, full disk, …: the message names the path
         log(f"error: {error}")
         return 2
     except KeyboardInterrupt:

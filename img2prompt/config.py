@@ -45,7 +45,8 @@ class StudyConfig:
     max_epochs: int = _option(300, "most training epochs")
     patience: int = _option(25, "epochs without validation improvement before stopping")
     embed_batch_size: int = _option(32, "images per batch when extracting embeddings")
-    num_workers: int = _option(1, "DataLoader workers that decode images")
+    num_workers: int = _option(-1, "DataLoader workers that decode images (-1: one per core beyond "
+                               "two, at most 4; 0: decode in the main process)")
     bank: str = _option("train", "prompt bank for retrieval: train (training prompts) or all")
     bootstrap: int = _option(1000, "bootstrap resamples for the 95% intervals")
 

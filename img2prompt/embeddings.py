@@ -1,13 +1,14 @@
 """Embedding extraction in batches, with an on-disk cache.
 
 Images are decoded and preprocessed in DataLoader workers so that decoding overlaps the
-model's forward pass, and they stream: only one batch per worker is held decoded; the
-result is written into a preallocated array. Results are cached in one safetensors file per
+model's forward pass (on machines with cores to spare; see ``decode_workers``), and they
+stream: only a few batches are held decoded; the result goes into a preallocated array. Results are cached in one safetensors file per
 key (dataset content + encoder + preprocessing), written atomically, outside the dataset.
 """
 
 import hashlib
 import json
+import os
 import time
 from pathlib import Path
 
@@ -73,12 +74,21 @@ def _collate(items):
     return indices, (torch.stack(tensors) if not errors else None), errors
 
 
-def extract_image_embeddings(paths, encoder, batch_size=32, num_workers=1, progress=True) -> np.ndarray:
+def decode_workers(requested=-1) -> int:
+    """DataLoader workers to decode images: ``requested``, or for -1 one per core beyond two
+    (at most 4). With two cores the forward pass already keeps both busy, and a decoding
+    process only competes with it: measured here, 0 workers ran ~20% faster than 1."""
+    if requested >= 0:
+        return requested
+    return min(4, max(0, len(os.sched_getaffinity(0)) - 2))
+
+
+def extract_image_embeddings(paths, encoder, batch_size=32, num_workers=-1, progress=True) -> np.ndarray:
     """Features of the images at ``paths`` (float32, one row per path)."""
     paths = list(paths)
     _ = encoder.model  # load the weights before the workers fork and the bar starts
     out = np.zeros((len(paths), encoder.dim), dtype=np.float32)
-    workers = num_workers if len(paths) > batch_size else 0
+    workers = decode_workers(num_workers) if len(paths) > batch_size else 0
     loader = torch.utils.data.DataLoader(
         _ImageFiles(paths, encoder.preprocess), batch_size=batch_size, num_workers=workers,
         collate_fn=_collate, prefetch_factor=2 if workers else None,
@@ -93,7 +103,7 @@ def extract_image_embeddings(paths, encoder, batch_size=32, num_workers=1, progr
     return out
 
 
-def image_embeddings(dataset, encoder, cache: EmbeddingCache = None, batch_size=32, num_workers=1,
+def image_embeddings(dataset, encoder, cache: EmbeddingCache = None, batch_size=32, num_workers=-1,
                      progress=True):
     """Image embeddings of a dataset, from the cache when the same data and encoder ran before.
 

@@ -16,7 +16,7 @@ from .study import BANK_FILE, MODEL_FILE, load_prompt_bank
 class Predictor:
     """A trained run's image encoder, mapper and prompt bank, ready to caption images."""
 
-    def __init__(self, run_dir, num_workers=1, batch_size=32):
+    def __init__(self, run_dir, num_workers=-1, batch_size=32):
         self.run_dir = Path(run_dir)
         self.config = StudyConfig.load(self.run_dir)
         self.mapper = load_mapper(self.run_dir / MODEL_FILE)

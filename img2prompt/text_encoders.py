@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .allocator import keep_freed_memory
 from .errors import ModelUnavailableError
 from .progress import progress_bar
 
@@ -39,6 +40,7 @@ class TextEncoder:
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.disable_progress_bar()  # its weight-loading bar is noise here
+        keep_freed_memory()
         try:
             self._tokenizer = AutoTokenizer.from_pretrained(self.path, local_files_only=self._local_only())
             self._model = AutoModel.from_pretrained(self.path, local_files_only=self._local_only()).eval()
@@ -102,7 +104,8 @@ class TextEncoder:
             return hidden[:, 0]
         if self.pooling == "pooler":
             if getattr(output, "pooler_output", None) is None:
-                raise ModelUnavailableError(f"text encoder '{self.name}' has no pooler; use --text-pooling mean or cls.")
+                raise ModelUnavailableError(
+                    f"text encoder '{self.name}' has no pooler; use --text-pooling mean or cls.")
             return output.pooler_output
         weights = mask.unsqueeze(-1).to(hidden.dtype)
         if self.pooling == "max":

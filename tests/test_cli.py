@@ -66,7 +66,6 @@ def test_split_is_reused_and_a_finished_run_is_kept(trained_run, cache_dir, caps
 
 
 def test_predict_any_image(trained_run, tmp_path, capsys):
-    from PIL import Image
     from img2prompt.synth import SceneSpec, render
 
     spec = SceneSpec("three", "large", "yellow", "circle", "at the top", "black", "flat vector art")
@@ -105,9 +104,12 @@ def test_validate_command(small_dataset, tmp_path, capsys):
     (["train", "--data", "{tmp}/no-data", "--out", "{tmp}/run"], "dataset folder not found"),
     (["train", "--data", "{small}", "--out", "{tmp}/run", "--image-encoder", "vgg99"], "unknown image encoder"),
     (["predict", "--run", "{run}", "{tmp}/missing.png"], "missing.png: image file not found"),
+    (["train", "--data", "{small}", "--out", "{tmp}/a-file/run"], "a-file"),
+    (["data", "synth", "--out", "{tmp}/d", "--n", "0"], "need n >= 1"),
 ])
 def test_errors_are_messages_not_tracebacks(args, message, tmp_path, small_dataset, trained_run):
     values = {"tmp": tmp_path, "small": small_dataset, "run": trained_run["run"]}
+    (tmp_path / "a-file").write_text("a file where a folder is expected")
     result = run_cli(*[a.format(**values) for a in args])
     assert result.returncode == 2
     assert message in result.stderr

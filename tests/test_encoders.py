@@ -26,15 +26,17 @@ def test_packaged_efficientnet(name, dim):
     assert not np.allclose(features[0], features[1])
     expected_size = {"efficientnet-lite0": 224, "efficientnet-lite2": 260}[name]
     tensor = encoder.preprocess(pictures()[0])
-    assert tensor.shape == (3, expected_size, expected_size)
-    assert -1.01 <= tensor.min() and tensor.max() <= 1.01  # Lite inputs live in [-1, 1]
+    assert tensor.shape == (3, expected_size, expected_size) and tensor.dtype == torch.uint8
+    scaled = encoder.normalize(tensor[None])
+    assert -1.0 <= scaled.min() and scaled.max() <= 1.0  # Lite inputs live in [-1, 1]
 
 
 def test_channels_last_matches_plain_layout():
     encoder = image_encoder("efficientnet-lite0")
     batch = torch.stack([encoder.preprocess(p) for p in pictures()])
     with torch.inference_mode():
-        plain = encoder._features(encoder.model.to(memory_format=torch.contiguous_format), batch)
+        plain = encoder._features(encoder.model.to(memory_format=torch.contiguous_format),
+                                  encoder.normalize(batch))
     fast = encoder.forward(batch)
     assert torch.allclose(plain, fast, atol=1e-4)
 
