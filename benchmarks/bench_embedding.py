@@ -118,7 +118,7 @@ def main():
     array_growth = (large["array_bytes"] - small["array_bytes"]) / 2**20
     print("\n3. peak memory while embedding (fresh process each)")
     for n, result in ((args.small, small), (args.large, large)):
-        print(f"   {n:>6} images: main process {result['peak_rss_mb']:7.1f} MB, decode worker "
+        print(f"   {n:>6} images: main process {result['peak_rss_mb']:7.1f} MB, child processes "
               f"{result['worker_peak_rss_mb']:7.1f} MB, embedding array {result['array_bytes'] / 2**20:6.1f} MB")
     print(f"   growth {args.small} -> {args.large}: {growth:+.1f} MB for {array_growth:.1f} MB more embeddings; "
           f"ratio large/small {large['peak_rss_mb'] / small['peak_rss_mb']:.3f}")
