@@ -25,7 +25,7 @@ def open_image(path) -> Image.Image:
             return to_rgb(image)
     except FileNotFoundError:
         raise DataError(f"{path}: image file not found.") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as error:
         raise DataError(
             f"{path}: not a readable image ({error}). Replace the file with a valid "
             "PNG/JPEG/WebP image or remove its row from prompts.csv."

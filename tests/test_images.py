@@ -70,3 +70,10 @@ def test_unreadable_files_name_the_file(tmp_path, content):
 def test_missing_file(tmp_path):
     with pytest.raises(DataError, match="not found"):
         open_image(tmp_path / "nope.png")
+
+
+def test_decompression_bomb_is_a_data_error(tmp_path, monkeypatch):
+    path = save(tmp_path, Image.new("RGB", (100, 100)), "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # PIL refuses over twice this
+    with pytest.raises(DataError, match="big.png"):
+        open_image(path)
