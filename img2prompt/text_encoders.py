@@ -76,11 +76,6 @@ class TextEncoder:
         return {"name": self.name, "weights": weights, "pooling": self.pooling,
                 "normalize": self.normalize, "max_length": self.max_length}
 
-    def count_truncated(self, texts) -> int:
-        """How many texts are longer than ``max_length`` tokens (their tail is cut)."""
-        lengths = self.tokenizer(list(texts), add_special_tokens=True)["input_ids"]
-        return sum(len(ids) > self.max_length for ids in lengths)
-
     def encode(self, texts, batch_size=64, progress=False) -> np.ndarray:
         texts = list(texts)
         model = self.model  # load before the progress bar starts
