@@ -26,6 +26,7 @@ from img2prompt.data import load_dataset
 from img2prompt.embeddings import (EmbeddingCache, decode_workers, extract_image_embeddings,
                                    image_embeddings, text_embeddings)
 from img2prompt.image_encoders import image_encoder
+from img2prompt.images import open_image
 from img2prompt.synth import SynthParams, generate_dataset
 from img2prompt.text_encoders import metric_encoder
 
@@ -64,7 +65,6 @@ def child(args):
 def forward_only(data_dir, encoder_name, batch_size, n_images):
     """Images/s of the encoder's forward pass alone, on tensors decoded beforehand."""
     encoder = image_encoder(encoder_name)
-    from img2prompt.images import open_image
     paths = load_dataset(data_dir).paths[:n_images]
     tensors = torch.stack([encoder.preprocess(open_image(p)) for p in paths])
     encoder.forward(tensors[:batch_size])  # warm-up

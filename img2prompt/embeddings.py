@@ -2,8 +2,9 @@
 
 Images are decoded and preprocessed in DataLoader workers so that decoding overlaps the
 model's forward pass (on machines with cores to spare; see ``decode_workers``), and they
-stream: only a few batches are held decoded; the result goes into a preallocated array. Results are cached in one safetensors file per
-key (dataset content + encoder + preprocessing), written atomically, outside the dataset.
+stream: only a few batches are held decoded; the result goes into a preallocated array.
+Results are cached in one safetensors file per key (dataset content + encoder +
+preprocessing), written atomically, outside the dataset.
 """
 
 import hashlib

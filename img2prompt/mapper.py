@@ -18,7 +18,7 @@ class Mapper(nn.Module):
         super().__init__()
         self.hparams = {"in_dim": in_dim, "out_dim": out_dim, "hidden_size": hidden_size,
                         "depth": depth, "dropout": dropout}
-        # feature statistics of the training images, set by ``fit_input_scaling``
+        # statistics of the training images, set by ``fit_to_data``
         self.register_buffer("input_mean", torch.zeros(in_dim))
         self.register_buffer("input_scale", torch.ones(()))
         layers, width = [], in_dim
