@@ -1,4 +1,4 @@
-"""The command line: ``img2prompt data|embed|train|evaluate|predict`` (also ``python -m img2prompt``).
+"""The command line: ``img2prompt data|embed|train|evaluate|predict|report`` (also ``python -m img2prompt``).
 
 Errors of the Img2PromptError family, and operating-system errors such as an unwritable
 folder, print as one message (what, where, how to fix) and exit with status 2; progress and
@@ -101,6 +101,18 @@ def cmd_predict(args):
     return 0
 
 
+def cmd_report(args):
+    from .reports import metrics_rows, run_notebooks
+    given = dict(args.parameters or [])
+    outcome = run_notebooks(args.notebooks, args.reports, given, cwd=Path.cwd(), log=log)
+    if outcome["metrics"]:
+        print(f"{'method':<12} {'mean cos':>9} {'median':>8}   95% interval")
+        for row in metrics_rows(outcome["metrics"]):
+            print(f"{row[0]:<12} {row[1]:>9} {row[2]:>8}   {row[3]}")
+    print(f"reports: {outcome['index']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="img2prompt", description=(
         "Recover the text prompt behind an image: image encoder -> MLP mapper -> prompt "
@@ -149,6 +161,16 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("images", nargs="+", help="image files")
     predict.add_argument("--top-k", type=int, default=1, help="candidates per image (default: 1)")
     predict.add_argument("--json", action="store_true", help="print JSON")
+
+    report = commands.add_parser(
+        "report", help="run the numbered notebooks with papermill and write HTML reports",
+        description="Run notebooks/NN_*.ipynb in order with papermill (stopping at the first "
+                    "failure), export each to HTML and write reports/index.html.")
+    report.add_argument("-p", "--parameter", dest="parameters", nargs=2, action="append",
+                        metavar=("NAME", "VALUE"), help="a notebook parameter (repeatable)")
+    report.add_argument("--notebooks", default="notebooks", help="notebook folder (default: notebooks)")
+    report.add_argument("--reports", default="reports", help="output folder (default: reports)")
+    report.set_defaults(handler=cmd_report)
     return parser
 
 

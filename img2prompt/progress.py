@@ -2,7 +2,7 @@
 
 import sys
 
-from tqdm.auto import tqdm
+from tqdm import tqdm  # tqdm.auto warns in kernels without ipywidgets; bars are tty-only anyway
 
 
 def progress_bar(total, unit, enabled=True, description=None):

@@ -21,7 +21,7 @@ from .evaluation import evaluate_methods, fit_linear_map
 from .files import atomic_path, write_csv, write_json
 from .image_encoders import image_encoder
 from .mapper import load_mapper, save_mapper
-from .plots import plot_history
+from .plots import plot_history, save_figure
 from .text_encoders import METRIC_ENCODER, metric_encoder, text_encoder
 from .training import train_mapper
 
@@ -75,9 +75,8 @@ def compute_embeddings(config: StudyConfig, dataset: ImageDataset, progress=True
     return image_emb, target_emb, metric_emb
 
 
-def prepare(config: StudyConfig, progress=True, log=_quiet) -> StudyData:
-    """Load the dataset, its split (reused from the run dir when there) and embeddings."""
-    dataset = load_dataset(config.data_dir)
+def split_dataset(config: StudyConfig, dataset: ImageDataset, log=_quiet) -> np.ndarray:
+    """The run's split: reused from its splits.csv when there, else made and saved."""
     splits_path = Path(config.run_dir) / "splits.csv"
     if splits_path.exists():
         splits = load_splits(splits_path, dataset)
@@ -86,6 +85,13 @@ def prepare(config: StudyConfig, progress=True, log=_quiet) -> StudyData:
         save_splits(splits_path, dataset, splits)
     counts = {s: int((splits == s).sum()) for s in ("train", "val", "test")}
     log(f"dataset {dataset.root}: {len(dataset)} images; split {counts} (grouped by prompt)")
+    return splits
+
+
+def prepare(config: StudyConfig, progress=True, log=_quiet) -> StudyData:
+    """Load the dataset, its split and its embeddings."""
+    dataset = load_dataset(config.data_dir)
+    splits = split_dataset(config, dataset, log)
     return StudyData(dataset, splits, *compute_embeddings(config, dataset, progress, log))
 
 
@@ -110,19 +116,24 @@ def load_prompt_bank(path):
     return prompts, load_file(str(path))["target_emb"]
 
 
-def train(config: StudyConfig, force=False, progress=True, log=_quiet) -> dict:
-    """Train the mapper of ``config`` into ``config.run_dir``; return a short summary."""
+def start_run(config: StudyConfig, force=False):
+    """Make ``config.run_dir`` ready for a new run and save the config there.
+
+    A trained run is only cleared (its split too) with ``force``."""
     run_dir = Path(config.run_dir)
-    if (run_dir / MODEL_FILE).exists():
-        if not force:
-            raise RunError(f"{run_dir}: already holds a trained model. Pass --force to train it anew "
-                           "(its split is made anew too), or choose another --out.")
-        for name in RUN_OUTPUTS:
-            target = run_dir / name
-            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+    if (run_dir / MODEL_FILE).exists() and not force:
+        raise RunError(f"{run_dir}: already holds a trained model. Pass --force to train it anew "
+                       "(its split is made anew too), or choose another --out.")
+    for name in RUN_OUTPUTS:
+        target = run_dir / name
+        shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     config.save(run_dir)
-    data = prepare(config, progress, log)
+
+
+def fit(config: StudyConfig, data: StudyData, progress=True, log=_quiet) -> dict:
+    """Train the mapper on the prepared data; save it, the prompt bank and the history."""
+    run_dir = Path(config.run_dir)
     train_part, val_part = data.part("train"), data.part("val")
     log(f"training the mapper ({config.depth} hidden layer(s) of {config.hidden_size}) on "
         f"{len(train_part['ids'])} images, validating on {len(val_part['ids'])}")
@@ -132,13 +143,19 @@ def train(config: StudyConfig, force=False, progress=True, log=_quiet) -> dict:
     prompts, first = unique_prompts(train_part["prompts"])
     save_prompt_bank(run_dir / BANK_FILE, prompts, train_part["target_emb"][first])
     write_csv(run_dir / "history.csv", history)
-    plot_history(history, run_dir / "figures" / "loss_curve.png")
+    save_figure(plot_history(history), run_dir / "figures" / "loss_curve.png")
     best = history[history["best"]].iloc[0]
     summary = {"run_dir": str(run_dir), "best_epoch": int(best["epoch"]), "epochs": len(history),
                "val_cosine": float(best["val_cosine"])}
     log(f"best epoch {summary['best_epoch']} of {summary['epochs']}: validation cosine "
         f"{summary['val_cosine']:.4f}; model in {run_dir / MODEL_FILE}")
     return summary
+
+
+def train(config: StudyConfig, force=False, progress=True, log=_quiet) -> dict:
+    """Train the mapper of ``config`` into ``config.run_dir``; return a short summary."""
+    start_run(config, force)
+    return fit(config, prepare(config, progress, log), progress, log)
 
 
 def evaluate(run_dir, data_dir=None, bank=None, progress=True, log=_quiet) -> dict:

@@ -10,6 +10,7 @@ The same seed gives byte-identical files.
 
 import json
 import math
+import re
 import multiprocessing
 import os
 from dataclasses import dataclass, asdict
@@ -108,6 +109,38 @@ def sample_spec(rng: np.random.Generator) -> SceneSpec:
 
 def _choice(rng, options):
     return options[int(rng.integers(len(options)))]
+
+
+def _alternatives(words):
+    return "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True))
+
+
+_OBJECT = re.compile(rf"\b(a|an|two|three) ({_alternatives(SIZES)}) ({_alternatives(COLORS)}) "
+                     rf"({_alternatives(list(SHAPES) + list(SHAPES.values()))})\b")
+_BACKGROUND = re.compile(rf"\b({_alternatives(BACKGROUNDS)}) background\b")
+_SINGULAR = {plural: singular for singular, plural in SHAPES.items()}
+
+
+def parse_prompt(text: str) -> dict:
+    """The attribute families a prompt states (None where it states none): the inverse of
+    ``SceneSpec.prompt``, tolerant of free text so that generated prompts can be scored."""
+    text = " ".join(str(text).lower().split())
+    found = dict.fromkeys(FAMILIES)
+    objects = list(_OBJECT.finditer(text))
+    if objects:
+        count, size, color, shape = objects[0].groups()
+        found.update(count="a" if count == "an" else count, size=size, color=color,
+                     shape=_SINGULAR.get(shape, shape))
+        if len(objects) > 1:
+            size, color, shape = objects[1].groups()[1:]
+            found["second_object"] = f"{size} {color} {_SINGULAR.get(shape, shape)}"
+        else:
+            found["second_object"] = "none"
+    found["position"] = next((p for p in POSITIONS if p in text), None)
+    background = _BACKGROUND.search(text)
+    found["background"] = background.group(1) if background else None
+    found["style"] = next((s for s in STYLES if s in text), None)
+    return found
 
 
 # --- rendering -------------------------------------------------------------------------

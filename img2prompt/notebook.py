@@ -1,0 +1,13 @@
+"""Helpers for the notebooks in ``notebooks/``."""
+
+import os
+from pathlib import Path
+
+
+def use_project_root():
+    """Run from the project root, as ``./run_all.sh`` does, so that relative paths in the
+    parameters (``runs/default``, ``data/…``) mean the same in JupyterLab, which starts
+    a notebook in its own folder."""
+    here = Path.cwd()
+    if here.name == "notebooks" and (here.parent / "run_all.sh").is_file():
+        os.chdir(here.parent)

@@ -1,0 +1,194 @@
+"""Run the numbered notebooks with papermill and turn them into HTML reports.
+
+``reports/`` receives each executed notebook, its HTML (figures embedded as data URIs,
+no script needed to read it) and ``index.html`` with the headline metrics, the run's
+parameters and links to every report.
+"""
+
+import ast
+import html
+import json
+import time
+from pathlib import Path
+
+from .errors import RunError
+from .files import write_text
+
+NOTEBOOK_PATTERN = "[0-9][0-9]_*.ipynb"
+INDEX_FILE = "index.html"
+
+
+def find_notebooks(notebook_dir) -> list:
+    notebooks = sorted(Path(notebook_dir).glob(NOTEBOOK_PATTERN))
+    if not notebooks:
+        raise RunError(f"{notebook_dir}: no numbered notebooks (NN_name.ipynb) found.")
+    return notebooks
+
+
+def declared_parameters(notebook) -> dict:
+    """``{name: default value}`` of the notebook's cell tagged ``parameters``."""
+    import papermill
+
+    declared = papermill.inspect_notebook(str(notebook))
+    if not declared:
+        raise RunError(f"{notebook}: has no code cell tagged 'parameters'.")
+    return {name: ast.literal_eval(spec["default"]) for name, spec in declared.items()}
+
+
+def convert_value(name, text, default, notebook):
+    """A command-line string as the type of the notebook's default for ``name``."""
+    if not isinstance(text, str) or default is None or isinstance(default, str):
+        return text
+    try:
+        if isinstance(default, bool):
+            lowered = text.lower()
+            if lowered not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(text)
+            return lowered in ("true", "1", "yes")
+        return type(default)(text)
+    except ValueError:
+        raise RunError(f"parameter {name}: '{text}' is not a {type(default).__name__} "
+                       f"({notebook.name} declares {name} = {default!r}).") from None
+
+
+def plan_parameters(notebooks, given: dict) -> list:
+    """For each notebook, the given parameters it declares, converted to its types.
+
+    A name that no notebook declares is refused, so a typo never passes unnoticed."""
+    declared = {notebook: declared_parameters(notebook) for notebook in notebooks}
+    known = sorted({name for names in declared.values() for name in names})
+    unknown = sorted(set(given) - set(known))
+    if unknown:
+        raise RunError(f"unknown parameter(s) {', '.join(unknown)}. The notebooks declare: "
+                       f"{', '.join(known)}.")
+    return [(notebook, {name: convert_value(name, given[name], default, notebook)
+                        for name, default in defaults.items() if name in given},
+             defaults) for notebook, defaults in declared.items()]
+
+
+# JupyterLab's look without its <script> tags (require.js, MathJax, Mermaid from a CDN):
+# a report reads the same offline, and the notebooks use neither LaTeX nor diagrams.
+OFFLINE_TEMPLATE = """{%- extends 'lab/index.html.j2' -%}
+{%- block html_head_js -%}{%- endblock html_head_js -%}
+{%- block html_head_js_mathjax -%}{%- endblock html_head_js_mathjax -%}
+{%- block html_head_js_mermaidjs -%}{%- endblock html_head_js_mermaidjs -%}
+"""
+
+
+def export_html(notebook_path, html_path):
+    """The executed notebook as one self-contained HTML file (figures as data URIs)."""
+    from jinja2 import DictLoader
+    from nbconvert import HTMLExporter
+
+    exporter = HTMLExporter(extra_loaders=[DictLoader({"offline.html.j2": OFFLINE_TEMPLATE})],
+                            template_file="offline.html.j2")
+    body, _ = exporter.from_filename(str(notebook_path))
+    write_text(html_path, body)
+
+
+def _failure_message(notebook, error, executed, html_path):
+    source = (error.source or "").strip().splitlines()
+    first_line = source[0] if source else ""
+    return (f"notebook {notebook.name} failed in cell {error.cell_index} "
+            f"(execution count {error.exec_count}: {first_line!r}): {error.ename}: {error.evalue}. "
+            f"The executed notebook with the error is {executed}; its report {html_path}.")
+
+
+def run_notebooks(notebook_dir, reports_dir, given: dict, cwd=".", log=print) -> dict:
+    """Execute the notebooks in order with ``given`` parameters, stopping at the first that
+    fails; export HTML for each and write the index. Returns a summary for the caller."""
+    from papermill.exceptions import PapermillExecutionError
+    import papermill
+
+    notebooks = find_notebooks(notebook_dir)
+    plan = plan_parameters(notebooks, given)
+    reports_dir = Path(reports_dir)
+    reports_dir.mkdir(parents=True, exist_ok=True)
+    for stale in [*reports_dir.glob("[0-9][0-9]_*.*"), reports_dir / INDEX_FILE]:
+        stale.unlink(missing_ok=True)  # a report from an earlier run must not pass for this one's
+    effective, reports = {}, []
+    for notebook, parameters, defaults in plan:
+        executed = reports_dir / notebook.name
+        html_path = executed.with_suffix(".html")
+        log(f"running {notebook.name} ...")
+        started = time.perf_counter()
+        try:
+            papermill.execute_notebook(str(notebook), str(executed), parameters=parameters,
+                                       cwd=str(cwd), progress_bar=False, kernel_name="python3",
+                                       # the kernel's start-up warnings are noise for readers
+                                       extra_arguments=["--IPKernelApp.log_level=ERROR"])
+        except PapermillExecutionError as error:
+            export_html(executed, html_path)
+            raise RunError(_failure_message(notebook, error, executed, html_path)) from None
+        export_html(executed, html_path)
+        seconds = time.perf_counter() - started
+        log(f"  {html_path} ({seconds:.1f} s)")
+        effective.update({**defaults, **parameters})
+        reports.append({"notebook": notebook.name, "html": html_path.name,
+                        "executed": executed.name, "seconds": seconds})
+    run_dir = Path(cwd) / str(effective.get("run_dir", ""))
+    metrics = _read_json(run_dir / "metrics.json")
+    config = (_read_json(run_dir / "config.json") or {}).get("config", {})
+    write_text(reports_dir / INDEX_FILE,
+               index_html(reports, effective, metrics, run_dir, config.get("data_dir")))
+    return {"reports": reports, "parameters": effective, "metrics": metrics,
+            "index": reports_dir / INDEX_FILE}
+
+
+def _read_json(path):
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _table(header, rows):
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>"
+                   for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def metrics_rows(metrics) -> list:
+    return [(name, f"{m['mean_cosine']:.4f}", f"{m['median_cosine']:.4f}",
+             f"[{m['ci95'][0]:.4f}, {m['ci95'][1]:.4f}]")
+            for name, m in metrics["methods"].items()]
+
+
+def index_html(reports, parameters, metrics, run_dir, data_dir=None) -> str:
+    """The landing page: headline metrics, the run's parameters, links to every report."""
+    if metrics:
+        headline = (f"<p>{metrics['n_test']} test images; image encoder "
+                    f"<code>{html.escape(metrics['image_encoder'])}</code>, target "
+                    f"<code>{html.escape(metrics['text_encoder'])}</code>, scored by cosine in "
+                    f"{html.escape(metrics['metric_encoder'])} space.</p>"
+                    + _table(("method", "mean cosine", "median", "95% interval"),
+                             metrics_rows(metrics)))
+    else:
+        headline = f"<p>No metrics.json in {html.escape(str(run_dir))}.</p>"
+    links = "".join(
+        f'<li><a href="{html.escape(r["html"])}">{html.escape(r["notebook"][:-6])}</a> '
+        f'(<a href="{html.escape(r["executed"])}">notebook</a>, {r["seconds"]:.0f} s)</li>'
+        for r in reports)
+    params = _table(("parameter", "value"), sorted((k, repr(v)) for k, v in parameters.items()))
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>img2prompt reports</title>
+<style>
+body {{ font-family: system-ui, sans-serif; max-width: 60rem; margin: 2rem auto; padding: 0 1rem; }}
+table {{ border-collapse: collapse; margin: 1rem 0; }}
+th, td {{ border: 1px solid #ccc; padding: 0.3rem 0.7rem; text-align: left; }}
+th {{ background: #f3f3f3; }}
+</style></head>
+<body>
+<h1>img2prompt study</h1>
+<h2>Headline metrics</h2>
+{headline}
+<h2>Reports</h2>
+<ol>{links}</ol>
+<h2>Parameters</h2>
+<p>Dataset: <code>{html.escape(str(data_dir))}</code>. Run folder:
+<code>{html.escape(str(run_dir))}</code> (its <code>config.json</code> holds every setting with
+package versions and the git commit).</p>
+{params}
+</body></html>
+"""
