@@ -1,4 +1,4 @@
-"""The command line: ``img2prompt data|embed|train|evaluate|predict|report`` (also ``python -m img2prompt``).
+"""The command line: ``img2prompt data|embed|train|train-decoder|evaluate|predict|generate|report`` (also ``python -m img2prompt``).
 
 Errors of the Img2PromptError family, and operating-system errors such as an unwritable
 folder, print as one message (what, where, how to fix) and exit with status 2; progress and
@@ -6,6 +6,7 @@ logs go to stderr, results to stdout.
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -20,6 +21,11 @@ ENCODER_OPTIONS = ("image_encoder", "image_weights", "text_encoder", "text_model
 TRAINING_OPTIONS = ("seed", "val_fraction", "test_fraction", "hidden_size", "depth", "dropout",
                     "learning_rate", "weight_decay", "batch_size", "max_epochs", "patience",
                     "bank", "bootstrap")
+DECODER_OPTIONS = ("decoder", "decoder_tune", "prefix_length", "decoder_width", "decoder_layers",
+                   "decoder_heads", "decoder_dropout", "decoder_learning_rate",
+                   "decoder_batch_size", "decoder_epochs", "decoder_patience")
+DECODING_OPTIONS = ("decode_strategy", "beam_width", "top_p", "temperature", "max_length",
+                    "no_repeat_ngram")
 CONFIG_FIELDS = {f.name: f for f in fields(StudyConfig)}
 
 
@@ -36,9 +42,12 @@ def add_config_options(parser, names):
                             help=f"{spec.metadata['help']} (default: {spec.default})".replace("%", "%%"))
 
 
+def chosen_options(args, names) -> dict:
+    return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+
+
 def config_from_args(args, names, **values) -> StudyConfig:
-    chosen = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
-    return StudyConfig(**chosen, **values)
+    return StudyConfig(**chosen_options(args, names), **values)
 
 
 def cmd_validate(args):
@@ -90,14 +99,28 @@ def cmd_evaluate(args):
     return 0
 
 
+def cmd_train_decoder(args):
+    from .study import train_decoder_run
+    summary = train_decoder_run(args.run, force=args.force, progress=not args.quiet, log=log,
+                                **chosen_options(args, DECODER_OPTIONS + DECODING_OPTIONS))
+    print(json.dumps(summary) if args.json else
+          f"trained the {summary['decoder']} decoder of {args.run}: validation loss "
+          f"{summary['val_loss']:.4f} (epoch {summary['best_epoch']} of {summary['epochs']}, "
+          f"{summary['train_samples_per_s']:.0f} samples/s)")
+    return 0
+
+
 def cmd_predict(args):
     from .predict import Predictor
-    results = Predictor(args.run).predict(args.images, top_k=args.top_k, progress=not args.quiet)
+    decoding = dataclasses.replace(StudyConfig.load(args.run), **chosen_options(args, DECODING_OPTIONS))
+    predictor = Predictor(args.run, method=args.method, decode_options=decoding.decode_options())
+    results = predictor.predict(args.images, top_k=getattr(args, "top_k", 1), progress=not args.quiet)
     if args.json:
         print(json.dumps(results, indent=2))
     else:
         for result in results:
-            print(f"{result['image']}\t{result['prompt']}\t(similarity {result['similarity']:.3f})")
+            similarity = f"\t(similarity {result['similarity']:.3f})" if "similarity" in result else ""
+            print(f"{result['image']}\t{result['prompt']}{similarity}")
     return 0
 
 
@@ -156,11 +179,25 @@ def build_parser() -> argparse.ArgumentParser:
                           help="prompt bank for retrieval (default: the run's, train)")
     evaluate.add_argument("--json", action="store_true", help="print metrics.json")
 
+    train_decoder = command("train-decoder", "train the prompt decoder of a run (its data, split "
+                            "and cached embeddings)", cmd_train_decoder)
+    train_decoder.add_argument("--run", required=True, help="run folder made by train (or notebook 01)")
+    train_decoder.add_argument("--force", action="store_true", help="retrain an existing decoder")
+    train_decoder.add_argument("--json", action="store_true", help="print the summary as JSON")
+    add_config_options(train_decoder, DECODER_OPTIONS + DECODING_OPTIONS)
+
     predict = command("predict", "predict the prompt of any images with a trained run", cmd_predict)
-    predict.add_argument("--run", required=True, help="run folder made by train")
-    predict.add_argument("images", nargs="+", help="image files")
-    predict.add_argument("--top-k", type=int, default=1, help="candidates per image (default: 1)")
-    predict.add_argument("--json", action="store_true", help="print JSON")
+    predict.add_argument("--method", choices=("retrieval", "decoder"), default="retrieval",
+                         help="nearest prompt of the bank (default) or text written by the decoder")
+    predict.add_argument("--top-k", type=int, default=1, help="retrieval: candidates per image (default: 1)")
+    generate = command("generate", "write prompts for any images with the run's decoder "
+                       "(predict --method decoder)", cmd_predict)
+    generate.set_defaults(method="decoder")
+    for sub in (predict, generate):
+        sub.add_argument("--run", required=True, help="run folder made by train")
+        sub.add_argument("images", nargs="+", help="image files")
+        sub.add_argument("--json", action="store_true", help="print JSON")
+        add_config_options(sub, DECODING_OPTIONS)
 
     report = commands.add_parser(
         "report", help="run the numbered notebooks with papermill and write HTML reports",

@@ -49,6 +49,43 @@ class StudyConfig:
                                "two, at most 4; 0: decode in the main process)")
     bank: str = _option("train", "prompt bank for retrieval: train (training prompts) or all")
     bootstrap: int = _option(1000, "bootstrap resamples for the 95% intervals")
+    decoder: str = _option("tiny", "prompt decoder: tiny (trained from scratch) | gpt2 | smollm2 | "
+                           "causal LM hub id or folder")
+    decoder_tune: str = _option("prefix", "pretrained decoders: prefix (LM frozen) or all (LM tuned too)")
+    prefix_length: int = _option(8, "vectors the image embedding becomes at the decoder's input")
+    decoder_width: int = _option(256, "tiny decoder: embedding width")
+    decoder_layers: int = _option(3, "tiny decoder: transformer layers")
+    decoder_heads: int = _option(4, "tiny decoder: attention heads")
+    decoder_dropout: float = _option(0.1, "tiny decoder: dropout")
+    decoder_learning_rate: float = _option(1e-3, "decoder AdamW learning rate")
+    decoder_batch_size: int = _option(64, "decoder training batch size")
+    decoder_epochs: int = _option(60, "most decoder training epochs")
+    decoder_patience: int = _option(6, "epochs without validation improvement before the decoder stops")
+    decode_strategy: str = _option("beam", "greedy | beam | sample")
+    beam_width: int = _option(4, "beams per image (beam search)")
+    top_p: float = _option(0.9, "nucleus sampling: probability mass kept")
+    temperature: float = _option(1.0, "sampling temperature")
+    max_length: int = _option(40, "most tokens per generated prompt (training prompts are cut there)")
+    no_repeat_ngram: int = _option(3, "never repeat an n-gram of this size in a prompt (0: off)")
+
+    def decode_options(self):
+        """The decoding settings, checked (a bad value is named with its option)."""
+        from .generation import STRATEGIES, DecodeOptions
+        problems = [message for bad, message in (
+            (self.decode_strategy not in STRATEGIES, f"--decode-strategy must be one of "
+             f"{', '.join(STRATEGIES)} (got '{self.decode_strategy}')"),
+            (self.beam_width < 1, "--beam-width must be at least 1"),
+            (not 0 < self.top_p <= 1, "--top-p must be in (0, 1]"),
+            (self.temperature <= 0, "--temperature must be positive"),
+            (self.max_length < 1, "--max-length must be at least 1"),
+            (self.no_repeat_ngram < 0, "--no-repeat-ngram must be 0 (off) or more"),
+        ) if bad]
+        if problems:
+            raise RunError("; ".join(problems) + ".")
+        return DecodeOptions(strategy=self.decode_strategy, beam_width=self.beam_width,
+                             top_p=self.top_p, temperature=self.temperature,
+                             max_length=self.max_length, no_repeat_ngram=self.no_repeat_ngram,
+                             seed=self.seed)
 
     def save(self, run_dir):
         """Write config.json with package versions and the git commit, for reproduction."""

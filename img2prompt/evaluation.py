@@ -64,14 +64,33 @@ def _bootstrap_interval(values, n_boot, seed):
     return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
 
 
-def evaluate_methods(test, train, bank, predicted, to_metric_space, n_boot=1000, seed=0):
+def exact_prompt_rate(texts, prompts) -> float:
+    exact = [normalize_prompt(t) == normalize_prompt(p) for t, p in zip(texts, prompts)]
+    return float(np.mean(exact)) if exact else float("nan")
+
+
+def distinct_ngrams(texts) -> dict:
+    """Diversity of a set of generated texts: distinct n-grams over all n-grams (n = 1, 2),
+    and distinct texts over texts. A model that writes one prompt for everything scores low."""
+    result = {}
+    for n in (1, 2):
+        grams = [tuple(words[i:i + n]) for words in (normalize_prompt(t).split() for t in texts)
+                 for i in range(len(words) - n + 1)]
+        result[f"distinct_{n}"] = len(set(grams)) / len(grams) if grams else 0.0
+    result["distinct_prompts"] = len({normalize_prompt(t) for t in texts}) / len(texts) if texts else 0.0
+    return result
+
+
+def evaluate_methods(test, train, bank, predicted, to_metric_space, n_boot=1000, seed=0,
+                     generated=None):
     """Score every method on the test images.
 
     ``test`` and ``train`` are dicts with ``prompts``, ``image_emb`` and ``metric_emb`` (and
     ``test`` also ``ids``, ``images``, ``target_emb``); ``bank`` has ``prompts``,
     ``target_emb`` and ``metric_emb``; ``predicted`` are the mapper's target-space
     predictions; ``to_metric_space`` maps them into the metric space (None: the target
-    space is the metric space). Returns (per-image DataFrame, metrics dict).
+    space is the metric space); ``generated`` maps further method names (the decoder) to
+    (texts, their metric-space embeddings). Returns (per-image DataFrame, metrics dict).
     """
     truth = test["metric_emb"]
     predicted_metric = predicted if to_metric_space is None else to_metric_space(predicted)
@@ -99,10 +118,17 @@ def evaluate_methods(test, train, bank, predicted, to_metric_space, n_boot=1000,
         native = cosine_rows(predicted, test["target_emb"])
         frame["native_cosine_mapper"] = native
         methods["mapper"]["native_mean_cosine"] = float(native.mean())
-    exact = [normalize_prompt(p) == normalize_prompt(t)
-             for p, t in zip(frame["predicted_prompt"], frame["prompt"])]
-    methods["retrieval"]["exact_prompt_rate"] = float(np.mean(exact)) if exact else float("nan")
+    methods["retrieval"]["exact_prompt_rate"] = exact_prompt_rate(frame["predicted_prompt"], test["prompts"])
     methods["retrieval"]["bank_size"] = len(bank["prompts"])
+    for name, (texts, embeddings) in (generated or {}).items():
+        scores[name] = cosine_rows(embeddings, truth)
+        frame[f"{name}_prompt"] = texts
+        frame[f"cosine_{name}"] = scores[name]
+        methods[name] = {**summarize(scores[name], n_boot, seed),
+                         "exact_prompt_rate": exact_prompt_rate(texts, test["prompts"]),
+                         **distinct_ngrams(texts)}
+    pairs = [(a, b) for a in ("mapper", "retrieval", *(generated or {})) for b in ("mean_prompt", "knn")]
+    pairs += [(name, "retrieval") for name in (generated or {})]
     comparisons = {f"{a}_minus_{b}": paired_difference(scores[a], scores[b], n_boot, seed)
-                   for a in ("mapper", "retrieval") for b in ("mean_prompt", "knn")}
+                   for a, b in pairs}
     return frame, {"methods": methods, "comparisons": comparisons}

@@ -45,6 +45,20 @@ def plot_history(history) -> Figure:
     return fig
 
 
+def plot_decoder_history(history) -> Figure:
+    """The decoder's train/val cross-entropy per epoch, the kept epoch marked."""
+    fig = Figure(figsize=(6, 3.6), layout="constrained")
+    ax = fig.subplots()
+    ax.plot(history["epoch"], history["train_loss"], label="train")
+    ax.plot(history["epoch"], history["val_loss"], label="validation")
+    best = history[history["best"]]
+    ax.scatter(best["epoch"], best["val_loss"], color="black", zorder=3,
+               label=f"kept: epoch {int(best['epoch'].iloc[0])}")
+    ax.set(xlabel="epoch", ylabel="cross-entropy per token", title="Decoder loss", yscale="log")
+    ax.legend()
+    return fig
+
+
 def bar_panels(counts: dict, columns=4, horizontal=False) -> Figure:
     """One bar chart per ``{title: pandas Series of counts}``."""
     fig, axes = _panels(len(counts), columns, height=3.2 if horizontal else 2.8)

@@ -1,4 +1,8 @@
-"""Predicting the prompt of any image with a trained run: ``Predictor(run_dir).predict(paths)``."""
+"""Predicting the prompt of any image with a trained run: ``Predictor(run_dir).predict(paths)``.
+
+Two methods: ``retrieval`` (the mapper's predicted embedding, answered with the nearest
+prompts of the run's bank) and ``decoder`` (prompt text written by the run's decoder).
+"""
 
 from pathlib import Path
 
@@ -9,41 +13,58 @@ from .embeddings import extract_image_embeddings
 from .errors import RunError
 from .evaluation import unit_rows
 from .image_encoders import image_encoder
+from .decoder import load_decoder
 from .mapper import load_mapper
-from .study import BANK_FILE, MODEL_FILE, load_prompt_bank
+from .study import BANK_FILE, DECODER_FILE, MODEL_FILE, load_prompt_bank
+
+METHODS = ("retrieval", "decoder")
 
 
 class Predictor:
-    """A trained run's image encoder, mapper and prompt bank, ready to caption images."""
+    """A trained run's image encoder with its mapper and prompt bank (``retrieval``) or its
+    decoder (``decoder``), ready to caption images."""
 
-    def __init__(self, run_dir, num_workers=-1, batch_size=32):
-        self.run_dir = Path(run_dir)
+    def __init__(self, run_dir, method="retrieval", decode_options=None, num_workers=-1, batch_size=32):
+        if method not in METHODS:
+            raise RunError(f"unknown method '{method}'; use {' or '.join(METHODS)}.")
+        self.run_dir, self.method = Path(run_dir), method
         self.config = StudyConfig.load(self.run_dir)
-        self.mapper = load_mapper(self.run_dir / MODEL_FILE)
-        if not (self.run_dir / BANK_FILE).is_file():
-            raise RunError(f"{self.run_dir / BANK_FILE}: not found; train the run again.")
-        self.bank_prompts, bank_emb = load_prompt_bank(self.run_dir / BANK_FILE)
-        self.bank_emb = unit_rows(bank_emb)
+        if method == "decoder":
+            self.decoder = load_decoder(self.run_dir / DECODER_FILE)
+            self.decode_options = decode_options or self.config.decode_options()
+            self.in_dim = self.decoder.spec["image_dim"]
+        else:
+            self.mapper = load_mapper(self.run_dir / MODEL_FILE)
+            if not (self.run_dir / BANK_FILE).is_file():
+                raise RunError(f"{self.run_dir / BANK_FILE}: not found; train the run again.")
+            self.bank_prompts, bank_emb = load_prompt_bank(self.run_dir / BANK_FILE)
+            self.bank_emb = unit_rows(bank_emb)
+            self.in_dim = self.mapper.hparams["in_dim"]
         self.encoder = image_encoder(self.config.image_encoder, self.config.image_weights)
         self.num_workers, self.batch_size = num_workers, batch_size
 
     def predict(self, images, top_k=1, progress=False) -> list:
-        """For each image path: the nearest bank prompts to its predicted prompt embedding.
+        """One dict per image path: ``image``, ``method`` and ``prompt``.
 
-        Returns one dict per image: ``image``, ``prompt`` (the best), ``similarity`` (cosine
-        in the target space) and ``candidates`` (the ``top_k`` best, with similarities).
+        ``retrieval`` adds ``similarity`` (cosine of the best bank prompt to the predicted
+        embedding, in the target space) and ``candidates`` (the ``top_k`` best prompts with
+        their similarities); ``decoder`` writes the prompt with the run's decoding options.
         """
         paths = [Path(p) for p in images]
         features = extract_image_embeddings(paths, self.encoder, self.batch_size,
                                             self.num_workers, progress)
-        if features.shape[1] != self.mapper.hparams["in_dim"]:
-            raise RunError(f"{self.run_dir}: the mapper expects {self.mapper.hparams['in_dim']}-d "
+        if features.shape[1] != self.in_dim:
+            raise RunError(f"{self.run_dir}: the {self.method} model expects {self.in_dim}-d "
                            f"image features but {self.encoder.name} gives {features.shape[1]}-d.")
+        if self.method == "decoder":
+            texts = self.decoder.generate(features, self.decode_options)
+            return [{"image": str(path), "method": "decoder", "prompt": text}
+                    for path, text in zip(paths, texts)]
         similarities = unit_rows(self.mapper.predict(features).numpy()) @ self.bank_emb.T
         results = []
         for path, row in zip(paths, similarities):
             best = np.argsort(-row, kind="stable")[:top_k]
             candidates = [{"prompt": self.bank_prompts[i], "similarity": float(row[i])} for i in best]
-            results.append({"image": str(path), "prompt": candidates[0]["prompt"],
+            results.append({"image": str(path), "method": "retrieval", "prompt": candidates[0]["prompt"],
                             "similarity": candidates[0]["similarity"], "candidates": candidates})
         return results

