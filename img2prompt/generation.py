@@ -116,10 +116,15 @@ def _beam_search(scorer, n_inputs, bos, eos, options):
                               if value > -float("inf")]
         for i in range(n_inputs):
             beams[i] = []
-            for score, seq in sorted(candidates[i], key=lambda c: -c[0]):
+            # as in the usual beam search, a sequence ends only if its EOS ranks among the
+            # ``width`` best candidates; live beams are the best non-ending ones
+            for rank, (score, seq) in enumerate(sorted(candidates[i], key=lambda c: -c[0])):
+                if len(beams[i]) == width:
+                    break
                 if seq[-1] == eos or step == options.max_length:
-                    finished[i].append((final_score(score, step), seq))
-                elif len(beams[i]) < width:
+                    if rank < width:
+                        finished[i].append((final_score(score, step), seq))
+                else:
                     beams[i].append((score, seq))
             if _done(finished[i], beams[i], width, options.length_penalty):
                 beams[i] = []

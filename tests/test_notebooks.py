@@ -43,7 +43,7 @@ def read_json(path):
 
 
 def test_notebooks_are_numbered_and_committed_without_outputs():
-    assert [nb.name[:3] for nb in NOTEBOOKS] == ["01_", "02_", "03_", "04_", "05_"]
+    assert [nb.name[:3] for nb in NOTEBOOKS] == ["01_", "02_", "03_", "04_", "05_", "06_"]
     for path in NOTEBOOKS:
         notebook = nbformat.read(path, as_version=4)
         assert notebook.metadata.kernelspec.name == "python3", path.name
@@ -127,6 +127,20 @@ def test_05_analyses_attributes_and_unseen_combinations(executed):
     assert sum(group["count"] for group in summary["cosine_by_unseen_pairs"].values()) == len(results)
     assert summary["best"][0]["cosine_mapper"] == pytest.approx(results["cosine_mapper"].max())
     assert summary["best"][0]["cosine_mapper"] >= summary["worst"][-1]["cosine_mapper"]
+
+
+def test_06_trains_the_decoder_and_adds_it_to_the_evaluation(executed):
+    run = executed["run"]
+    summary = read_json(run / "generation_summary.json")
+    metrics = read_json(run / "metrics.json")
+    assert summary["decoder"]["epochs"] <= 3 and (run / "decoder.safetensors").is_file()
+    decoder = metrics["methods"]["decoder"]
+    assert 0 < decoder["mean_cosine"] < 1 and 0 < decoder["distinct_prompts"] <= 1
+    assert set(summary["strategies"]) == {"greedy", "beam", "sample"}
+    assert all(s["prompts/s"] > 0 for s in summary["strategies"].values())
+    results = pd.read_csv(run / "test_results.csv", keep_default_na=False)
+    assert results["cosine_decoder"].mean() == pytest.approx(decoder["mean_cosine"])
+    assert "<td>decoder</td>" in (executed["reports"] / "index.html").read_text()
 
 
 def test_reports_are_self_contained_and_linked(executed):

@@ -1,0 +1,61 @@
+"""Prompt-decoder benchmark: training samples/s and generation prompts/s, measured in one run.
+
+    .venv/bin/python benchmarks/bench_decoder.py [--data data/synth-2000-256-seed0]
+
+On the default generated dataset (made when missing) and its grouped split, with the
+default study settings (StudyConfig): trains the default decoder as the study does (early
+stopping included) and reports the wall time and the median training samples/s, then
+generates prompts for the test images with greedy decoding, beam search and nucleus
+sampling and reports prompts/s for each and their ratios to greedy.
+"""
+
+import argparse
+import dataclasses
+import tempfile
+import time
+
+from img2prompt.config import StudyConfig
+from img2prompt.decoder import build_decoder
+from img2prompt.study import prepare
+from img2prompt.synth import SynthParams, generate_dataset
+from img2prompt.training import train_decoder
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default="data/synth-2000-256-seed0",
+                        help="dataset (generated with the default parameters when missing)")
+    args = parser.parse_args()
+    generate_dataset(args.data, SynthParams())
+    with tempfile.TemporaryDirectory() as run_dir:
+        config = StudyConfig(data_dir=args.data, run_dir=run_dir)
+        data = prepare(config, progress=False)  # split + cached embeddings
+    train, val, test = data.part("train"), data.part("val"), data.part("test")
+
+    decoder = build_decoder(config.decoder, data.image_emb.shape[1], train["prompts"],
+                            config.prefix_length, config.decoder_width, config.decoder_layers,
+                            config.decoder_heads, config.decoder_dropout)
+    started = time.perf_counter()
+    history, _ = train_decoder(decoder, train["image_emb"], train["prompts"], val["image_emb"],
+                               val["prompts"], config, progress=False)
+    training_s = time.perf_counter() - started
+    print(f"decoder '{config.decoder}' ({sum(p.numel() for p in decoder.trainable_parameters()):,} "
+          f"parameters) on {len(train['ids'])} training prompts:")
+    print(f"  training: {len(history)} epochs in {training_s:.0f} s; "
+          f"{history['samples_per_s'].median():.0f} samples/s (median epoch)")
+
+    speeds = {}
+    for strategy in ("greedy", "beam", "sample"):
+        options = dataclasses.replace(config, decode_strategy=strategy).decode_options()
+        started = time.perf_counter()
+        texts = decoder.generate(test["image_emb"], options)
+        speeds[strategy] = len(texts) / (time.perf_counter() - started)
+    print(f"  generation on {len(test['ids'])} test images (max {config.max_length} tokens):")
+    for strategy, speed in speeds.items():
+        width = f", width {config.beam_width}" if strategy == "beam" else ""
+        print(f"    {strategy:<7}{width:<10} {speed:7.1f} prompts/s   "
+              f"ratio to greedy {speed / speeds['greedy']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
