@@ -131,4 +131,17 @@ def evaluate_methods(test, train, bank, predicted, to_metric_space, n_boot=1000,
     pairs += [(name, "retrieval") for name in (generated or {})]
     comparisons = {f"{a}_minus_{b}": paired_difference(scores[a], scores[b], n_boot, seed)
                    for a, b in pairs}
-    return frame, {"methods": methods, "comparisons": comparisons}
+    result = {"methods": methods, "comparisons": comparisons}
+    if generated:  # the diversity a generator should reach: that of the true prompts
+        result["true_prompt_diversity"] = distinct_ngrams(test["prompts"])
+    return frame, result
+
+
+def comparison_verdict(name, comparison) -> str:
+    """A paired difference in words: "`a` beats `b` by +0.1234 (95% interval [...])"; a method
+    beats another only when the whole interval is above zero."""
+    low, high = comparison["ci95"]
+    word = "beats" if low > 0 else ("loses to" if high < 0 else "does not clearly differ from")
+    a, b = name.split("_minus_")
+    return (f"`{a}` {word} `{b}` by {comparison['mean_difference']:+.4f} "
+            f"(95% interval [{low:+.4f}, {high:+.4f}])")

@@ -228,6 +228,7 @@ def test_evaluation_scores_the_decoder_like_every_method(decoder_run):
     assert results["cosine_decoder"].mean() == pytest.approx(decoder["mean_cosine"])
     assert 0 < decoder["mean_cosine"] < 1 and 0 <= decoder["exact_prompt_rate"] <= 1
     assert 0 < decoder["distinct_1"] <= 1 and 0 < decoder["distinct_prompts"] <= 1
+    assert 0 < metrics["true_prompt_diversity"]["distinct_prompts"] <= 1
     assert set(decoder["attribute_accuracy"]) == {"count", "size", "color", "shape", "position",
                                                   "second_object", "background", "style"}
     assert {"decoder_minus_mean_prompt", "decoder_minus_knn", "decoder_minus_retrieval"} <= set(metrics["comparisons"])
