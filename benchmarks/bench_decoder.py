@@ -34,7 +34,7 @@ def main():
 
     decoder = build_decoder(config.decoder, data.image_emb.shape[1], train["prompts"],
                             config.prefix_length, config.decoder_width, config.decoder_layers,
-                            config.decoder_heads, config.decoder_dropout)
+                            config.decoder_heads, config.decoder_dropout, seed=config.seed)
     started = time.perf_counter()
     history, _ = train_decoder(decoder, train["image_emb"], train["prompts"], val["image_emb"],
                                val["prompts"], config, progress=False)

@@ -234,10 +234,12 @@ class PromptDecoder:
 
 
 def build_decoder(name, image_dim, prompts=(), prefix_length=8, width=256, layers=3, heads=4,
-                  dropout=0.1, tune="prefix") -> PromptDecoder:
-    """A new decoder; ``prompts`` (the training prompts) choose the tiny model's vocabulary."""
+                  dropout=0.1, tune="prefix", seed=0) -> PromptDecoder:
+    """A new decoder, initialised from ``seed``; ``prompts`` (the training prompts) choose the
+    tiny model's vocabulary."""
     if tune not in TUNE_CHOICES:
         raise RunError(f"unknown --decoder-tune '{tune}'; use {' or '.join(TUNE_CHOICES)}.")
+    torch.manual_seed(seed)
     spec = {"decoder": name, "image_dim": int(image_dim), "prefix_length": prefix_length,
             "prefix_hidden": 512, "tune": tune}
     if name == TINY:

@@ -172,7 +172,8 @@ def fit_decoder(config: StudyConfig, data: StudyData, progress=True, log=_quiet)
     train_part, val_part = data.part("train"), data.part("val")
     decoder = build_decoder(config.decoder, data.image_emb.shape[1], train_part["prompts"],
                             config.prefix_length, config.decoder_width, config.decoder_layers,
-                            config.decoder_heads, config.decoder_dropout, config.decoder_tune)
+                            config.decoder_heads, config.decoder_dropout, config.decoder_tune,
+                            config.seed)
     trainable = sum(p.numel() for p in decoder.trainable_parameters())
     log(f"training the {config.decoder} decoder ({trainable:,} trainable parameters) on "
         f"{len(train_part['ids'])} images, validating on {len(val_part['ids'])}")

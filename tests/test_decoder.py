@@ -144,6 +144,18 @@ def test_a_few_steps_lower_the_loss_and_the_decoder_learns_the_prompts():
     assert np.mean([t == p for t, p in zip(texts, prompts)]) > 0.8
 
 
+def test_training_is_reproducible():
+    """Same seed, same data: the same initialisation and the same losses, whatever ran before."""
+    x, prompts = toy_data()
+    histories = []
+    for _ in range(2):
+        torch.rand(7)  # disturb the global random state between the two runs
+        decoder = build_decoder("tiny", x.shape[1], prompts, 2, 32, 1, 2, 0.1, seed=5)
+        history, _ = train_decoder(decoder, x, prompts, x, prompts, tiny_config(decoder_epochs=2), progress=False)
+        histories.append(history[["train_loss", "val_loss"]])
+    pd.testing.assert_frame_equal(*histories)
+
+
 def test_tiny_checkpoint_round_trip(tmp_path):
     x, prompts = toy_data()
     config = tiny_config(decoder_epochs=3)
