@@ -3,22 +3,23 @@
     .venv/bin/python benchmarks/bench_decoder.py [--data data/synth-2000-256-seed0]
 
 On the default generated dataset (made when missing) and its grouped split, with the
-default study settings (StudyConfig): trains the default decoder as the study does (early
-stopping included) and reports the wall time and the median training samples/s, then
-generates prompts for the test images with greedy decoding, beam search and nucleus
-sampling and reports prompts/s for each and their ratios to greedy.
+default study settings (StudyConfig): trains the default decoder exactly as the study does
+(per-epoch validation by generated-prompt cosine and early stopping included) and reports
+the wall time and the median training samples/s, then generates prompts for the test
+images with greedy decoding, beam search and nucleus sampling and reports prompts/s for
+each and their ratios to greedy.
 """
 
 import argparse
 import dataclasses
 import tempfile
 import time
+from pathlib import Path
 
 from img2prompt.config import StudyConfig
-from img2prompt.decoder import build_decoder
-from img2prompt.study import prepare
+from img2prompt.decoder import load_decoder
+from img2prompt.study import DECODER_FILE, fit_decoder, prepare
 from img2prompt.synth import SynthParams, generate_dataset
-from img2prompt.training import train_decoder
 
 
 def main():
@@ -30,19 +31,13 @@ def main():
     with tempfile.TemporaryDirectory() as run_dir:
         config = StudyConfig(data_dir=args.data, run_dir=run_dir)
         data = prepare(config, progress=False)  # split + cached embeddings
-    train, val, test = data.part("train"), data.part("val"), data.part("test")
-
-    decoder = build_decoder(config.decoder, data.image_emb.shape[1], train["prompts"],
-                            config.prefix_length, config.decoder_width, config.decoder_layers,
-                            config.decoder_heads, config.decoder_dropout, seed=config.seed)
-    started = time.perf_counter()
-    history, _ = train_decoder(decoder, train["image_emb"], train["prompts"], val["image_emb"],
-                               val["prompts"], config, progress=False)
-    training_s = time.perf_counter() - started
-    print(f"decoder '{config.decoder}' ({sum(p.numel() for p in decoder.trainable_parameters()):,} "
-          f"parameters) on {len(train['ids'])} training prompts:")
-    print(f"  training: {len(history)} epochs in {training_s:.0f} s; "
-          f"{history['samples_per_s'].median():.0f} samples/s (median epoch)")
+        summary = fit_decoder(config, data, progress=False)
+        decoder = load_decoder(Path(run_dir) / DECODER_FILE)
+    test = data.part("test")
+    print(f"decoder '{config.decoder}' ({summary['trainable_parameters']:,} parameters) on "
+          f"{len(data.part('train')['ids'])} training prompts:")
+    print(f"  training: {summary['epochs']} epochs in {summary['seconds']:.0f} s (validation "
+          f"included); {summary['train_samples_per_s']:.0f} samples/s (median epoch)")
 
     speeds = {}
     for strategy in ("greedy", "beam", "sample"):

@@ -46,16 +46,22 @@ def plot_history(history) -> Figure:
 
 
 def plot_decoder_history(history) -> Figure:
-    """The decoder's train/val cross-entropy per epoch, the kept epoch marked."""
-    fig = Figure(figsize=(6, 3.6), layout="constrained")
-    ax = fig.subplots()
-    ax.plot(history["epoch"], history["train_loss"], label="train")
-    ax.plot(history["epoch"], history["val_loss"], label="validation")
+    """The decoder's train/val cross-entropy per epoch and, when recorded, the validation
+    cosine of its generated prompts; the kept epoch marked."""
+    with_cosine = "val_cosine" in history
+    fig, axes = _panels(2 if with_cosine else 1, 2, width=5, height=3.6)
     best = history[history["best"]]
-    ax.scatter(best["epoch"], best["val_loss"], color="black", zorder=3,
-               label=f"kept: epoch {int(best['epoch'].iloc[0])}")
-    ax.set(xlabel="epoch", ylabel="cross-entropy per token", title="Decoder loss", yscale="log")
-    ax.legend()
+    label = f"kept: epoch {int(best['epoch'].iloc[0])}"
+    axes[0].plot(history["epoch"], history["train_loss"], label="train")
+    axes[0].plot(history["epoch"], history["val_loss"], label="validation")
+    axes[0].scatter(best["epoch"], best["val_loss"], color="black", zorder=3, label=label)
+    axes[0].set(xlabel="epoch", ylabel="cross-entropy per token", title="Decoder loss", yscale="log")
+    axes[0].legend()
+    if with_cosine:
+        axes[1].plot(history["epoch"], history["val_cosine"], color="tab:green")
+        axes[1].scatter(best["epoch"], best["val_cosine"], color="black", zorder=3, label=label)
+        axes[1].set(xlabel="epoch", ylabel="cosine", title="Validation cosine of generated prompts")
+        axes[1].legend()
     return fig
 
 

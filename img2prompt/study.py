@@ -20,7 +20,7 @@ from .analysis import attribute_matches, load_attributes
 from .data import ImageDataset, grouped_split, load_dataset, load_splits, save_splits
 from .embeddings import EmbeddingCache, image_embeddings, text_embeddings
 from .errors import RunError
-from .evaluation import evaluate_methods, fit_linear_map
+from .evaluation import cosine_rows, evaluate_methods, fit_linear_map
 from .files import atomic_path, write_csv, write_json
 from .image_encoders import image_encoder
 from .decoder import build_decoder, load_decoder, save_decoder
@@ -177,22 +177,32 @@ def fit_decoder(config: StudyConfig, data: StudyData, progress=True, log=_quiet)
     trainable = sum(p.numel() for p in decoder.trainable_parameters())
     log(f"training the {config.decoder} decoder ({trainable:,} trainable parameters) on "
         f"{len(train_part['ids'])} images, validating on {len(val_part['ids'])}")
+    metric, greedy = metric_encoder(), dataclasses.replace(config, decode_strategy="greedy").decode_options()
+
+    def val_cosine(model):  # what the evaluation measures, on the validation images
+        texts = model.generate(val_part["image_emb"], greedy)
+        return float(cosine_rows(text_embeddings(texts, metric, progress=False),
+                                 val_part["metric_emb"]).mean())
+
     started = time.perf_counter()
     history, cut = train_decoder(decoder, train_part["image_emb"], train_part["prompts"],
-                                 val_part["image_emb"], val_part["prompts"], config, progress)
+                                 val_part["image_emb"], val_part["prompts"], config, progress,
+                                 val_score=val_cosine)
     save_decoder(decoder, run_dir / DECODER_FILE)
     write_csv(run_dir / "decoder_history.csv", history)
     save_figure(plot_decoder_history(history), run_dir / "figures" / "decoder_loss.png")
     best = history[history["best"]].iloc[0]
     summary = {"decoder": config.decoder, "trainable_parameters": trainable,
                "best_epoch": int(best["epoch"]), "epochs": len(history),
-               "val_loss": float(best["val_loss"]), "train_loss": float(best["train_loss"]),
+               "val_cosine": float(best["val_cosine"]), "val_loss": float(best["val_loss"]),
+               "train_loss": float(best["train_loss"]),
                "train_samples_per_s": float(history["samples_per_s"].median()),
                "seconds": time.perf_counter() - started, "prompts_cut_to_max_length": cut,
                "vocabulary": decoder.tokens.size}
     write_json(run_dir / "decoder_summary.json", summary)
-    log(f"best epoch {summary['best_epoch']} of {summary['epochs']}: validation loss "
-        f"{summary['val_loss']:.4f}; {summary['seconds']:.0f} s; decoder in {run_dir / DECODER_FILE}")
+    log(f"best epoch {summary['best_epoch']} of {summary['epochs']}: validation cosine "
+        f"{summary['val_cosine']:.4f} (greedy); {summary['seconds']:.0f} s; decoder in "
+        f"{run_dir / DECODER_FILE}")
     return summary
 
 

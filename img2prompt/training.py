@@ -65,11 +65,15 @@ def train_mapper(x_train, y_train, x_val, y_val, config, progress=True):
     return model.eval(), history
 
 
-def train_decoder(decoder, x_train, prompts_train, x_val, prompts_val, config, progress=True):
-    """Train a PromptDecoder with teacher forcing and cross-entropy, keeping the epoch with
-    the lowest validation loss; return (history DataFrame, prompts cut to max_length).
+def train_decoder(decoder, x_train, prompts_train, x_val, prompts_val, config, progress=True,
+                  val_score=None):
+    """Train a PromptDecoder with teacher forcing and cross-entropy; return (history
+    DataFrame, how many training prompts were cut to max_length).
 
-    ``history`` has one row per epoch: train_loss, val_loss, seconds, samples_per_s, best.
+    The kept epoch is the one with the highest ``val_score(decoder)`` when given (the study
+    passes the validation cosine of generated prompts: the validation loss bottoms out long
+    before the generated text stops improving), else the lowest validation loss. ``history``
+    has one row per epoch: train_loss, val_loss, [val_cosine,] seconds, samples_per_s, best.
     """
     if len(x_train) == 0 or len(x_val) == 0:
         raise DataError(f"the decoder needs images in both the train and val splits (got "
@@ -84,7 +88,7 @@ def train_decoder(decoder, x_train, prompts_train, x_val, prompts_val, config, p
     frozen_lm = not any(p.requires_grad for p in decoder.model.lm.parameters())
     shuffler = torch.Generator().manual_seed(config.seed)
     batch = config.decoder_batch_size
-    best_state, best_loss, best_epoch, rows = None, np.inf, 0, []
+    best_state, best_value, best_epoch, rows = None, -np.inf, 0, []
     with progress_bar(config.decoder_epochs, "epoch", enabled=progress, description="decoder") as bar:
         for epoch in range(1, config.decoder_epochs + 1):
             start = time.perf_counter()
@@ -102,16 +106,19 @@ def train_decoder(decoder, x_train, prompts_train, x_val, prompts_val, config, p
                 optimizer.step()
                 total += loss.item() * len(index)
             train_seconds = time.perf_counter() - start
-            val_loss = _decoder_loss(decoder, x_val, val_tokens, batch)
-            rows.append({"epoch": epoch, "train_loss": total / len(x_train), "val_loss": val_loss,
-                         "seconds": time.perf_counter() - start,
+            row = {"epoch": epoch, "train_loss": total / len(x_train),
+                   "val_loss": _decoder_loss(decoder, x_val, val_tokens, batch)}
+            if val_score is not None:
+                row["val_cosine"] = val_score(decoder)
+            value = row["val_cosine"] if val_score is not None else -row["val_loss"]
+            rows.append({**row, "seconds": time.perf_counter() - start,
                          "samples_per_s": len(x_train) / train_seconds})
-            if val_loss < best_loss:
-                best_loss, best_epoch = val_loss, epoch
+            if value > best_value:
+                best_value, best_epoch = value, epoch
                 best_state = {k: v.clone() for k, v in decoder.model.state_dict().items()
                               if not frozen_lm or not k.startswith("lm.")}
             bar.update(1)
-            bar.set_postfix(val_loss=f"{val_loss:.4f}", best=best_epoch)
+            bar.set_postfix(val_loss=f"{row['val_loss']:.4f}", best=best_epoch)
             if epoch - best_epoch >= config.decoder_patience:
                 break
     decoder.model.load_state_dict(best_state, strict=not frozen_lm)

@@ -225,6 +225,9 @@ def test_train_decoder_writes_checkpoint_history_and_summary(decoder_run, capsys
     history = pd.read_csv(run / "decoder_history.csv")
     assert summary["epochs"] == len(history) and summary["train_samples_per_s"] > 0
     assert history["train_loss"].iloc[-1] < history["train_loss"].iloc[0]
+    # the kept epoch is the one whose generated prompts score best on the validation images
+    assert history.loc[history["best"], "epoch"].item() == history.loc[history["val_cosine"].idxmax(), "epoch"]
+    assert summary["val_cosine"] == pytest.approx(history["val_cosine"].max())
     assert (run / "figures" / "decoder_loss.png").is_file()
     config = json.loads((run / "config.json").read_text())["config"]
     assert config["decoder_epochs"] == 8 and config["decoder_width"] == 64
