@@ -14,8 +14,10 @@ from dataclasses import fields
 from pathlib import Path
 
 from .config import StudyConfig
+from .data import REJECTS_FILE
 from .errors import Img2PromptError
 
+DATA_OPTIONS = ("on_error", "max_pixels")
 ENCODER_OPTIONS = ("image_encoder", "image_weights", "text_encoder", "text_model", "text_pooling",
                    "cache_dir", "embed_batch_size", "num_workers")
 TRAINING_OPTIONS = ("seed", "val_fraction", "test_fraction", "hidden_size", "depth", "dropout",
@@ -52,6 +54,8 @@ def config_from_args(args, names, **values) -> StudyConfig:
 
 def cmd_validate(args):
     from .data import validate_dataset
+    from .images import set_max_pixels
+    set_max_pixels(args.max_pixels)
     problems = validate_dataset(args.dir)
     for problem in problems:
         print(problem)
@@ -69,10 +73,9 @@ def cmd_synth(args):
 
 
 def cmd_embed(args):
-    from .data import load_dataset
-    from .study import compute_embeddings
-    config = config_from_args(args, ENCODER_OPTIONS, data_dir=args.data)
-    dataset = load_dataset(config.data_dir)
+    from .study import compute_embeddings, load_study_dataset
+    config = config_from_args(args, DATA_OPTIONS + ENCODER_OPTIONS, data_dir=args.data)
+    dataset = load_study_dataset(config, log, rejects_path=args.rejects)
     log(f"dataset {dataset.root}: {len(dataset)} images")
     image_emb, target_emb, _ = compute_embeddings(config, dataset, progress=not args.quiet, log=log)
     print(f"image embeddings: {image_emb.shape}, prompt embeddings: {target_emb.shape} "
@@ -82,7 +85,7 @@ def cmd_embed(args):
 
 def cmd_train(args):
     from .study import train
-    config = config_from_args(args, ENCODER_OPTIONS + TRAINING_OPTIONS, data_dir=args.data,
+    config = config_from_args(args, DATA_OPTIONS + ENCODER_OPTIONS + TRAINING_OPTIONS, data_dir=args.data,
                               run_dir=args.out)
     summary = train(config, force=args.force, progress=not args.quiet, log=log)
     print(json.dumps(summary) if args.json else
@@ -146,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
         dest="data_command", required=True, metavar="DATA_COMMAND")
     validate = data.add_parser("validate", help="report every problem of a dataset folder")
     validate.add_argument("dir", help="dataset folder (images/ + prompts.csv)")
+    validate.add_argument("--max-pixels", type=int, default=CONFIG_FIELDS["max_pixels"].default,
+                          help="largest width x height of an image (default: %(default)s)")
     validate.set_defaults(handler=cmd_validate)
     synth = data.add_parser("synth", help="generate the synthetic default dataset")
     synth.add_argument("--out", required=True, help="folder to write the dataset to")
@@ -163,14 +168,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     embed = command("embed", "extract (and cache) image and prompt embeddings of a dataset", cmd_embed)
     embed.add_argument("--data", required=True, help="dataset folder")
-    add_config_options(embed, ENCODER_OPTIONS)
+    embed.add_argument("--rejects", default=REJECTS_FILE,
+                       help="with --on-error skip: where the skipped rows are listed (default: %(default)s)")
+    add_config_options(embed, DATA_OPTIONS + ENCODER_OPTIONS)
 
     train = command("train", "train the mapper on a dataset into a run folder", cmd_train)
     train.add_argument("--data", required=True, help="dataset folder")
     train.add_argument("--out", required=True, help="run folder to create")
     train.add_argument("--force", action="store_true", help="retrain a run folder that holds a model")
     train.add_argument("--json", action="store_true", help="print the summary as JSON")
-    add_config_options(train, ENCODER_OPTIONS + TRAINING_OPTIONS)
+    add_config_options(train, DATA_OPTIONS + ENCODER_OPTIONS + TRAINING_OPTIONS)
 
     evaluate = command("evaluate", "score all methods on the run's test split", cmd_evaluate)
     evaluate.add_argument("--run", required=True, help="run folder made by train")

@@ -33,6 +33,10 @@ class StudyConfig:
     text_model: str = _option(None, "hub id or local folder for --text-encoder bert "
                               "(default bert-base-uncased)")
     text_pooling: str = _option(None, "mean | cls | max | pooler (bert default: cls)")
+    on_error: str = _option("fail", "bad rows or images: fail (stop, say what is wrong) or skip "
+                            "(leave them out, listed in rejects.csv)")
+    max_pixels: int = _option(64_000_000, "largest width x height of an image, checked before "
+                              "decoding (decompression-bomb guard)")
     seed: int = _option(0, "seed of the split, initialisation and shuffling")
     val_fraction: float = _option(0.15, "fraction of images in the validation split")
     test_fraction: float = _option(0.15, "fraction of images in the test split")

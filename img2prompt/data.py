@@ -7,7 +7,7 @@ grouped by prompt text so that one prompt never lands in two splits.
 
 import csv
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -16,13 +16,15 @@ from PIL import Image
 
 from .errors import DataError
 from .files import write_csv
-from .images import IMAGE_EXTENSIONS, open_image
+from .images import IMAGE_EXTENSIONS, check_pixel_count, open_image
 
 PROMPTS_FILE = "prompts.csv"
 IMAGES_DIR = "images"
 REQUIRED_COLUMNS = ("imgId", "prompt")
 SPLITS = ("train", "val", "test")
 MAX_LISTED_PROBLEMS = 10
+ON_ERROR = ("fail", "skip")
+REJECTS_FILE = "rejects.csv"
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,7 @@ class ImageDataset:
     ids: list
     prompts: list
     paths: list
+    rejects: list = field(default_factory=list)  # Problems of the rows skipped (on_error="skip")
 
     def __len__(self):
         return len(self.ids)
@@ -105,6 +108,11 @@ def find_problems(root, decode_images=False) -> tuple:
                                     f"{first_line_of[img_id]}).", "Keep one row per image."))
             continue
         first_line_of[img_id] = line
+        if not is_safe_id(img_id):
+            problems.append(Problem(where, f"imgId '{img_id}' contains a path separator or '..'; "
+                                    f"refused: images are only read from {images_dir}.",
+                                    "Use a plain file name (no '/', '\\' or '..') as imgId."))
+            continue
         if not prompt.strip():
             problems.append(Problem(where, f"empty prompt for imgId '{img_id}'.",
                                     "Write the prompt or remove the row."))
@@ -133,6 +141,11 @@ def find_problems(root, decode_images=False) -> tuple:
                 problems.append(Problem(str(path), "image has no row in prompts.csv; it is "
                                         "ignored.", "Add a row for it to use it.", "warning"))
     return rows, problems
+
+
+def is_safe_id(img_id: str) -> bool:
+    """An imgId that names a file inside images/ and nothing else."""
+    return not any(bad in img_id for bad in ("/", "\\", "..", "\0")) and img_id.strip() == img_id
 
 
 def _read_prompts_csv(csv_path):
@@ -166,28 +179,45 @@ def _check_image(path, decode):
             return Problem(str(path), f"unreadable image ({error.__cause__ or error}).", fix)
         return None
     try:
-        with Image.open(path):
-            pass  # reads the header only; full decoding happens while embedding
+        with Image.open(path) as image:
+            check_pixel_count(image, path)  # the header only; decoding happens while embedding
+    except DataError as error:
+        return Problem(str(path), f"{str(error).split(': ', 1)[1]}", "")
     except Exception as error:  # noqa: BLE001 - PIL raises many types for bad files
         return Problem(str(path), f"not a readable image ({type(error).__name__}: {error}).", fix)
     return None
 
 
-def load_dataset(root) -> ImageDataset:
-    """Load a dataset folder, or raise DataError listing what is wrong and how to fix it."""
+def load_dataset(root, on_error="fail") -> ImageDataset:
+    """Load a dataset folder.
+
+    ``on_error="fail"``: raise DataError listing what is wrong and how to fix it.
+    ``on_error="skip"``: keep the good rows (images fully decoded, so nothing fails later)
+    and record every skipped one in ``dataset.rejects``.
+    """
+    if on_error not in ON_ERROR:
+        raise DataError(f"--on-error must be fail or skip (got '{on_error}').")
     root = Path(root)
-    rows, problems = find_problems(root)
+    rows, problems = find_problems(root, decode_images=on_error == "skip")
     errors = [p for p in problems if p.severity == "error"]
-    if errors:
+    if errors and on_error == "fail":
         listed = "\n  ".join(str(p) for p in errors[:MAX_LISTED_PROBLEMS])
         more = len(errors) - MAX_LISTED_PROBLEMS
         tail = f"\n  … and {more} more." if more > 0 else ""
         raise DataError(f"{root}: {len(errors)} problem(s) in the dataset:\n  {listed}{tail}\n"
-                        f"Run 'img2prompt data validate {root}' for the full list.")
+                        f"Run 'img2prompt data validate {root}' for the full list, or pass "
+                        "--on-error skip to leave those rows out (listed in rejects.csv).")
     if not rows:
-        raise DataError(f"{root / PROMPTS_FILE}: no rows. Add imgId,prompt rows for the images.")
+        raise DataError(f"{root / PROMPTS_FILE}: no usable rows ({len(errors)} rejected). Add "
+                        "imgId,prompt rows for the images.")
     ids, prompts, paths = zip(*rows)
-    return ImageDataset(root, list(ids), list(prompts), list(paths))
+    return ImageDataset(root, list(ids), list(prompts), list(paths), errors)
+
+
+def write_rejects(path, rejects):
+    """``rejects.csv``: one line per skipped item with the reason and the fix."""
+    write_csv(path, pd.DataFrame([{"item": p.where, "problem": p.what, "fix": p.fix} for p in rejects],
+                                 columns=["item", "problem", "fix"]))
 
 
 def validate_dataset(root) -> list:

@@ -7,7 +7,26 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import DataError
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+DEFAULT_MAX_PIXELS = 64_000_000  # 8000 x 8000: far above any generated image
+_limit = {"max_pixels": DEFAULT_MAX_PIXELS}
+
+
+def set_max_pixels(max_pixels: int):
+    """The largest width x height any image may have; larger ones are refused from their
+    header, before a byte is decoded (a decompression bomb never reaches memory)."""
+    if max_pixels < 1:
+        raise DataError(f"--max-pixels must be positive (got {max_pixels}).")
+    _limit["max_pixels"] = int(max_pixels)
+    Image.MAX_IMAGE_PIXELS = None  # PIL's own guard would fire first with a vaguer message
+
+
+def check_pixel_count(image: Image.Image, path):
+    pixels = image.width * image.height
+    if pixels > _limit["max_pixels"]:
+        raise DataError(f"{path}: image of {image.width}x{image.height} = {pixels:,} pixels is "
+                        f"over the limit of {_limit['max_pixels']:,}. Resize it, or raise the "
+                        "limit with --max-pixels if the file is trusted.")
 
 
 def open_image(path) -> Image.Image:
@@ -15,11 +34,14 @@ def open_image(path) -> Image.Image:
 
     Every PIL mode is handled: alpha is composited over white, 16-bit and float greys are
     rescaled (PIL's own ``convert`` would clip them to white), palette and CMYK images are
-    converted. Raises DataError naming the file when it cannot be read.
+    converted; an animated GIF/WebP gives its first frame. The pixel count is checked
+    against the limit (``set_max_pixels``) before decoding. Raises DataError naming the
+    file when it cannot be read.
     """
     path = Path(path)
     try:
         with Image.open(path) as image:
+            check_pixel_count(image, path)
             image.load()
             image = ImageOps.exif_transpose(image)
             return to_rgb(image)

@@ -17,12 +17,14 @@ from safetensors import safe_open
 
 from .config import StudyConfig
 from .analysis import attribute_matches, load_attributes
-from .data import ImageDataset, grouped_split, load_dataset, load_splits, save_splits
+from .data import (REJECTS_FILE, ImageDataset, grouped_split, load_dataset, load_splits,
+                   save_splits, write_rejects)
 from .embeddings import EmbeddingCache, image_embeddings, text_embeddings
 from .errors import RunError
 from .evaluation import cosine_rows, evaluate_methods, fit_linear_map
 from .files import atomic_path, write_csv, write_json
 from .image_encoders import image_encoder
+from .images import set_max_pixels
 from .decoder import build_decoder, load_decoder, save_decoder
 from .mapper import load_mapper, save_mapper
 from .plots import plot_decoder_history, plot_history, save_figure
@@ -36,7 +38,7 @@ DECODER_OUTPUTS = (DECODER_FILE, "decoder_history.csv", "decoder_summary.json")
 RUN_OUTPUTS = ("config.json", "splits.csv", MODEL_FILE, BANK_FILE, "history.csv",
                "test_results.csv", "metrics.json", "figures", *DECODER_OUTPUTS,
                "data_summary.json", "embedding_summary.json", "training_summary.json",
-               "error_analysis.json")
+               "error_analysis.json", REJECTS_FILE)
 
 
 def _quiet(*_args, **_kwargs):
@@ -77,7 +79,12 @@ def compute_embeddings(config: StudyConfig, dataset: ImageDataset, progress=True
     else:
         log(f"image embeddings ({encoder.name}): {len(dataset)} images in {info['seconds']:.1f} s "
             f"({info['images_per_s']:.1f} images/s), cached in {info['cache_file']}")
-    target_emb = text_embeddings(dataset.prompts, target_encoder(config), cache, progress=progress)
+    target = target_encoder(config)
+    truncated = target.count_truncated(dataset.prompts)
+    if truncated:
+        log(f"{truncated} prompt(s) are longer than {target.name} reads ({target.max_length} tokens): "
+            "their embeddings see the beginning only")
+    target_emb = text_embeddings(dataset.prompts, target, cache, progress=progress)
     metric_emb = (target_emb if config.text_encoder == METRIC_ENCODER
                   else text_embeddings(dataset.prompts, metric_encoder(), cache, progress=progress))
     return image_emb, target_emb, metric_emb
@@ -96,9 +103,22 @@ def split_dataset(config: StudyConfig, dataset: ImageDataset, log=_quiet) -> np.
     return splits
 
 
+def load_study_dataset(config: StudyConfig, log=_quiet, rejects_path=None) -> ImageDataset:
+    """The dataset with the config's error policy and pixel limit; skipped rows are written
+    to ``rejects_path`` (default: the run folder's rejects.csv)."""
+    set_max_pixels(config.max_pixels)
+    dataset = load_dataset(config.data_dir, config.on_error)
+    if dataset.rejects:
+        rejects_path = Path(rejects_path or Path(config.run_dir) / REJECTS_FILE)
+        write_rejects(rejects_path, dataset.rejects)
+        log(f"dataset {dataset.root}: kept {len(dataset)} images, skipped {len(dataset.rejects)} "
+            f"(each with its reason in {rejects_path})")
+    return dataset
+
+
 def prepare(config: StudyConfig, progress=True, log=_quiet) -> StudyData:
     """Load the dataset, its split and its embeddings."""
-    dataset = load_dataset(config.data_dir)
+    dataset = load_study_dataset(config, log)
     splits = split_dataset(config, dataset, log)
     return StudyData(dataset, splits, *compute_embeddings(config, dataset, progress, log))
 

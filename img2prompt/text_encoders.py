@@ -93,6 +93,12 @@ class TextEncoder:
             out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
         return out
 
+    def count_truncated(self, texts) -> int:
+        """How many ``texts`` are longer than the encoder reads (``max_length`` tokens, the
+        special tokens included): they are truncated when encoded."""
+        lengths = self.tokenizer(list(texts), truncation=False)["input_ids"]
+        return sum(len(ids) > self.max_length for ids in lengths)
+
     def _pool(self, output, mask):
         hidden = output.last_hidden_state
         if self.pooling == "cls":
