@@ -65,6 +65,17 @@ def cmd_validate(args):
     return 1 if errors else 0
 
 
+def cmd_import(args):
+    from .importers import import_dataset
+    csv_options = {k: v for k, v in (("id_col", args.id_col), ("prompt_col", args.prompt_col),
+                                     ("path_col", args.path_col), ("images_dir", args.images)) if v}
+    summary = import_dataset(args.src, args.out, args.on_error, args.force, **csv_options)
+    skipped = (f", skipped {summary['skipped']} (each with its reason in {summary['rejects']})"
+               if summary["skipped"] else "")
+    print(f"{summary['out']}: kept {summary['kept']} images{skipped}")
+    return 0
+
+
 def cmd_synth(args):
     from .synth import SynthParams, generate_dataset
     out = generate_dataset(args.out, SynthParams(args.n, args.size, args.seed), force=args.force)
@@ -145,13 +156,29 @@ def build_parser() -> argparse.ArgumentParser:
         "embedding, scored by all-MiniLM-L6-v2 cosine."))
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    data = commands.add_parser("data", help="validate or generate datasets").add_subparsers(
+    data = commands.add_parser("data", help="validate, import or generate datasets").add_subparsers(
         dest="data_command", required=True, metavar="DATA_COMMAND")
     validate = data.add_parser("validate", help="report every problem of a dataset folder")
     validate.add_argument("dir", help="dataset folder (images/ + prompts.csv)")
     validate.add_argument("--max-pixels", type=int, default=CONFIG_FIELDS["max_pixels"].default,
                           help="largest width x height of an image (default: %(default)s)")
     validate.set_defaults(handler=cmd_validate)
+    imports = data.add_parser(
+        "import", help="turn images with prompts from another layout into a dataset folder",
+        description="SRC: a folder of images with the prompt in their PNG text chunks "
+                    "(DiffusionDB 'prompt', AUTOMATIC1111 'parameters'); DiffusionDB part "
+                    "archives (a part-NNNNNN.zip or a folder of them); or a CSV file.")
+    imports.add_argument("src", help="image folder, DiffusionDB archive(s) or CSV file")
+    imports.add_argument("--out", required=True, help="dataset folder to write")
+    imports.add_argument("--id-col", help="CSV: column of image ids (default: imgId)")
+    imports.add_argument("--prompt-col", help="CSV: column of prompts (default: prompt)")
+    imports.add_argument("--path-col", help="CSV: column of image paths, relative to the CSV")
+    imports.add_argument("--images", help="CSV: folder of images named by id (default: images/ "
+                         "beside the CSV)")
+    imports.add_argument("--on-error", choices=("fail", "skip"), default="fail",
+                         help="bad items: stop (default) or leave out, listed in OUT/rejects.csv")
+    imports.add_argument("--force", action="store_true", help="import into an existing dataset folder anew")
+    imports.set_defaults(handler=cmd_import)
     synth = data.add_parser("synth", help="generate the synthetic default dataset")
     synth.add_argument("--out", required=True, help="folder to write the dataset to")
     synth.add_argument("--n", type=int, default=2000, help="number of images (default: 2000)")
