@@ -76,6 +76,17 @@ def cmd_import(args):
     return 0
 
 
+def cmd_download(args):
+    from .download import DIFFUSIONDB_URL, download_diffusiondb
+    summary = download_diffusiondb(args.out, args.parts, args.base_url or DIFFUSIONDB_URL, args.drop_nsfw,
+                                   args.on_error, args.force, progress=not args.quiet, log=log)
+    extra = [f"skipped {summary['skipped']} (reasons in {summary['rejects']})"] if summary["skipped"] else []
+    if args.drop_nsfw is not None:
+        extra.append(f"dropped {summary['dropped_nsfw']} flagged NSFW (score >= {args.drop_nsfw})")
+    print(f"{summary['out']}: kept {summary['kept']} images" + "".join(f", {e}" for e in extra))
+    return 0
+
+
 def cmd_synth(args):
     from .synth import SynthParams, generate_dataset
     out = generate_dataset(args.out, SynthParams(args.n, args.size, args.seed), force=args.force)
@@ -179,6 +190,20 @@ def build_parser() -> argparse.ArgumentParser:
                          help="bad items: stop (default) or leave out, listed in OUT/rejects.csv")
     imports.add_argument("--force", action="store_true", help="import into an existing dataset folder anew")
     imports.set_defaults(handler=cmd_import)
+    download = data.add_parser("download", help="download DiffusionDB parts into a dataset folder")
+    download.add_argument("source", choices=("diffusiondb",), help="what to download")
+    download.add_argument("--out", required=True, help="dataset folder to write")
+    download.add_argument("--parts", default="1", help="part numbers, e.g. 1-5 or 1,3 (default: 1)")
+    download.add_argument("--base-url", default=None, help="a mirror of DiffusionDB's files "
+                          "(default: its Hugging Face hosting)")
+    download.add_argument("--drop-nsfw", type=float, nargs="?", const=0.5, default=None,
+                          metavar="SCORE", help="drop images whose image or prompt NSFW score in "
+                          "the metadata is at least SCORE (default when given: 0.5)")
+    download.add_argument("--on-error", choices=("fail", "skip"), default="fail",
+                          help="bad items in the archives: stop, or leave out (rejects.csv)")
+    download.add_argument("--force", action="store_true", help="write into an existing dataset folder")
+    download.add_argument("--quiet", action="store_true", help="no progress bars")
+    download.set_defaults(handler=cmd_download)
     synth = data.add_parser("synth", help="generate the synthetic default dataset")
     synth.add_argument("--out", required=True, help="folder to write the dataset to")
     synth.add_argument("--n", type=int, default=2000, help="number of images (default: 2000)")
