@@ -99,7 +99,8 @@ def cmd_embed(args):
     config = config_from_args(args, DATA_OPTIONS + ENCODER_OPTIONS, data_dir=args.data)
     dataset = load_study_dataset(config, log, rejects_path=args.rejects)
     log(f"dataset {dataset.root}: {len(dataset)} images")
-    image_emb, target_emb, _ = compute_embeddings(config, dataset, progress=not args.quiet, log=log)
+    image_emb, target_emb, _ = compute_embeddings(config, dataset, progress=not args.quiet, log=log,
+                                                  resume=args.resume)
     print(f"image embeddings: {image_emb.shape}, prompt embeddings: {target_emb.shape} "
           f"(cache: {config.cache_dir})")
     return 0
@@ -109,7 +110,7 @@ def cmd_train(args):
     from .study import train
     config = config_from_args(args, DATA_OPTIONS + ENCODER_OPTIONS + TRAINING_OPTIONS, data_dir=args.data,
                               run_dir=args.out)
-    summary = train(config, force=args.force, progress=not args.quiet, log=log)
+    summary = train(config, force=args.force, progress=not args.quiet, log=log, resume=args.resume)
     print(json.dumps(summary) if args.json else
           f"trained {summary['run_dir']}: validation cosine {summary['val_cosine']:.4f} "
           f"(epoch {summary['best_epoch']} of {summary['epochs']})")
@@ -222,12 +223,16 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--data", required=True, help="dataset folder")
     embed.add_argument("--rejects", default=REJECTS_FILE,
                        help="with --on-error skip: where the skipped rows are listed (default: %(default)s)")
+    embed.add_argument("--resume", action="store_true",
+                       help="continue an interrupted extraction instead of starting over")
     add_config_options(embed, DATA_OPTIONS + ENCODER_OPTIONS)
 
     train = command("train", "train the mapper on a dataset into a run folder", cmd_train)
     train.add_argument("--data", required=True, help="dataset folder")
     train.add_argument("--out", required=True, help="run folder to create")
     train.add_argument("--force", action="store_true", help="retrain a run folder that holds a model")
+    train.add_argument("--resume", action="store_true", help="continue an interrupted run of this "
+                       "--out with its saved settings (embedding extraction and training)")
     train.add_argument("--json", action="store_true", help="print the summary as JSON")
     add_config_options(train, DATA_OPTIONS + ENCODER_OPTIONS + TRAINING_OPTIONS)
 

@@ -24,6 +24,9 @@ from .images import open_image
 from .progress import progress_bar
 
 
+RESUME_CHUNK = 512  # images between two saves of an unfinished extraction
+
+
 class EmbeddingCache:
     """Arrays stored under ``root/embeddings/<kind>-<sha256 of key>.safetensors``."""
 
@@ -37,8 +40,12 @@ class EmbeddingCache:
     def path(self, kind, key) -> Path:
         return self.root / f"{kind}-{self.digest(key)[:32]}.safetensors"
 
-    def load(self, kind, key):
-        path = self.path(kind, key)
+    def partial_path(self, kind, key) -> Path:
+        """Where an unfinished extraction keeps the rows done so far."""
+        return self.path(kind, key).with_suffix(".partial.safetensors")
+
+    def load(self, kind, key, partial=False):
+        path = self.partial_path(kind, key) if partial else self.path(kind, key)
         if not path.is_file():
             return None
         try:
@@ -46,8 +53,8 @@ class EmbeddingCache:
         except (SafetensorError, KeyError, OSError):
             return None  # unreadable entry: recompute and overwrite it
 
-    def save(self, kind, key, array):
-        with atomic_path(self.path(kind, key)) as tmp:
+    def save(self, kind, key, array, partial=False):
+        with atomic_path(self.partial_path(kind, key) if partial else self.path(kind, key)) as tmp:
             save_file({"embeddings": np.ascontiguousarray(array, dtype=np.float32)}, str(tmp),
                       metadata={"key": json.dumps(key, sort_keys=True, default=str)})
 
@@ -105,11 +112,13 @@ def extract_image_embeddings(paths, encoder, batch_size=32, num_workers=-1, prog
 
 
 def image_embeddings(dataset, encoder, cache: EmbeddingCache = None, batch_size=32, num_workers=-1,
-                     progress=True):
+                     progress=True, resume=False):
     """Image embeddings of a dataset, from the cache when the same data and encoder ran before.
 
-    Returns (array, info) where info says whether the cache was used, the cache file, and
-    the extraction throughput.
+    With a cache, the rows done so far are saved every ``RESUME_CHUNK`` images; ``resume``
+    continues an interrupted extraction from there instead of starting over. Returns
+    (array, info) where info says whether the cache was used, the cache file, the rows
+    resumed and the extraction throughput.
     """
     key = {"kind": "image", "images": dataset.images_fingerprint(), "encoder": encoder.fingerprint()}
     info = {"cache_file": str(cache.path("image", key)) if cache else None}
@@ -117,12 +126,22 @@ def image_embeddings(dataset, encoder, cache: EmbeddingCache = None, batch_size=
         cached = cache.load("image", key)
         if cached is not None and cached.shape[0] == len(dataset):
             return cached, {**info, "cached": True}
+    done = cache.load("image", key, partial=True) if cache is not None and resume else None
+    parts = [done] if done is not None and len(done) <= len(dataset) else []
+    resumed = len(parts[0]) if parts else 0
     start = time.perf_counter()
-    array = extract_image_embeddings(dataset.paths, encoder, batch_size, num_workers, progress)
+    for begin in range(resumed, len(dataset), RESUME_CHUNK):
+        chunk = dataset.paths[begin:begin + RESUME_CHUNK]
+        parts.append(extract_image_embeddings(chunk, encoder, batch_size, num_workers, progress))
+        if cache is not None and begin + RESUME_CHUNK < len(dataset):
+            cache.save("image", key, np.concatenate(parts), partial=True)
     seconds = time.perf_counter() - start
+    array = np.concatenate(parts)
     if cache is not None:
         cache.save("image", key, array)
-    return array, {**info, "cached": False, "seconds": seconds, "images_per_s": len(dataset) / seconds}
+        cache.partial_path("image", key).unlink(missing_ok=True)
+    return array, {**info, "cached": False, "resumed_rows": resumed, "seconds": seconds,
+                   "images_per_s": (len(dataset) - resumed) / max(seconds, 1e-9)}
 
 
 def text_embeddings(texts, encoder, cache: EmbeddingCache = None, batch_size=64, progress=True):

@@ -34,11 +34,12 @@ from .training import train_decoder, train_mapper
 MODEL_FILE = "best_model.safetensors"
 BANK_FILE = "prompt_bank.safetensors"
 DECODER_FILE = "decoder.safetensors"
+TRAINING_STATE_FILE = "training_state.pt"  # an unfinished training, for --resume
 DECODER_OUTPUTS = (DECODER_FILE, "decoder_history.csv", "decoder_summary.json")
 RUN_OUTPUTS = ("config.json", "splits.csv", MODEL_FILE, BANK_FILE, "history.csv",
                "test_results.csv", "metrics.json", "figures", *DECODER_OUTPUTS,
                "data_summary.json", "embedding_summary.json", "training_summary.json",
-               "error_analysis.json", REJECTS_FILE)
+               "error_analysis.json", REJECTS_FILE, TRAINING_STATE_FILE)
 
 
 def _quiet(*_args, **_kwargs):
@@ -68,12 +69,16 @@ def target_encoder(config: StudyConfig):
     return text_encoder(config.text_encoder, config.text_model, config.text_pooling)
 
 
-def compute_embeddings(config: StudyConfig, dataset: ImageDataset, progress=True, log=_quiet):
-    """(image, target-space prompt, metric-space prompt) embeddings, through the cache."""
+def compute_embeddings(config: StudyConfig, dataset: ImageDataset, progress=True, log=_quiet,
+                       resume=False):
+    """(image, target-space prompt, metric-space prompt) embeddings, through the cache;
+    ``resume`` continues an interrupted image extraction."""
     cache = EmbeddingCache(config.cache_dir)
     encoder = image_encoder(config.image_encoder, config.image_weights)
     image_emb, info = image_embeddings(dataset, encoder, cache, config.embed_batch_size,
-                                       config.num_workers, progress)
+                                       config.num_workers, progress, resume)
+    if info.get("resumed_rows"):
+        log(f"image embeddings: resumed after {info['resumed_rows']} images done by an earlier run")
     if info["cached"]:
         log(f"image embeddings ({encoder.name}): from cache {info['cache_file']}")
     else:
@@ -116,11 +121,11 @@ def load_study_dataset(config: StudyConfig, log=_quiet, rejects_path=None) -> Im
     return dataset
 
 
-def prepare(config: StudyConfig, progress=True, log=_quiet) -> StudyData:
+def prepare(config: StudyConfig, progress=True, log=_quiet, resume=False) -> StudyData:
     """Load the dataset, its split and its embeddings."""
     dataset = load_study_dataset(config, log)
     splits = split_dataset(config, dataset, log)
-    return StudyData(dataset, splits, *compute_embeddings(config, dataset, progress, log))
+    return StudyData(dataset, splits, *compute_embeddings(config, dataset, progress, log, resume))
 
 
 def unique_prompts(prompts):
@@ -159,14 +164,17 @@ def start_run(config: StudyConfig, force=False):
     config.save(run_dir)
 
 
-def fit(config: StudyConfig, data: StudyData, progress=True, log=_quiet) -> dict:
-    """Train the mapper on the prepared data; save it, the prompt bank and the history."""
+def fit(config: StudyConfig, data: StudyData, progress=True, log=_quiet, resume=False) -> dict:
+    """Train the mapper on the prepared data; save it, the prompt bank and the history.
+    The training state is saved as it goes (``TRAINING_STATE_FILE``); ``resume`` continues
+    from it."""
     run_dir = Path(config.run_dir)
     train_part, val_part = data.part("train"), data.part("val")
     log(f"training the mapper ({config.depth} hidden layer(s) of {config.hidden_size}) on "
         f"{len(train_part['ids'])} images, validating on {len(val_part['ids'])}")
     model, history = train_mapper(train_part["image_emb"], train_part["target_emb"],
-                                  val_part["image_emb"], val_part["target_emb"], config, progress)
+                                  val_part["image_emb"], val_part["target_emb"], config, progress,
+                                  state_path=run_dir / TRAINING_STATE_FILE, resume=resume)
     save_mapper(model, run_dir / MODEL_FILE)
     prompts, first = unique_prompts(train_part["prompts"])
     save_prompt_bank(run_dir / BANK_FILE, prompts, train_part["target_emb"][first])
@@ -180,8 +188,20 @@ def fit(config: StudyConfig, data: StudyData, progress=True, log=_quiet) -> dict
     return summary
 
 
-def train(config: StudyConfig, force=False, progress=True, log=_quiet) -> dict:
-    """Train the mapper of ``config`` into ``config.run_dir``; return a short summary."""
+def train(config: StudyConfig, force=False, progress=True, log=_quiet, resume=False) -> dict:
+    """Train the mapper of ``config`` into ``config.run_dir``; return a short summary.
+
+    ``resume`` continues an interrupted run with the settings saved in its config.json
+    (its split, the cached or partly extracted embeddings, and the training state)."""
+    if resume:
+        run_dir = Path(config.run_dir)
+        if (run_dir / MODEL_FILE).exists():
+            raise RunError(f"{run_dir}: this run finished; nothing to resume (--force trains it anew).")
+        config = dataclasses.replace(StudyConfig.load(run_dir), run_dir=str(run_dir))
+        data = prepare(config, progress, log, resume=True)
+        state_saved = (run_dir / TRAINING_STATE_FILE).is_file()
+        log("resuming the training" if state_saved else "no training state saved yet: training from the start")
+        return fit(config, data, progress, log, resume=state_saved)
     start_run(config, force)
     return fit(config, prepare(config, progress, log), progress, log)
 

@@ -3,13 +3,15 @@ the prompt decoder (cross-entropy with teacher forcing, early stopping on valida
 
 import copy
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from .errors import DataError
+from .errors import DataError, RunError
+from .files import atomic_path
 from .mapper import Mapper
 from .progress import progress_bar
 
@@ -18,11 +20,18 @@ def cosine_loss(predicted, target):
     return 1.0 - F.cosine_similarity(predicted, target, dim=1).mean()
 
 
-def train_mapper(x_train, y_train, x_val, y_val, config, progress=True):
+CHECKPOINT_SECONDS = 20  # least time between two saves of the training state
+
+
+def train_mapper(x_train, y_train, x_val, y_val, config, progress=True, state_path=None, resume=False):
     """Train a Mapper; return (best model, history DataFrame).
 
     Seeded from ``config.seed``: the same inputs and config give the same model.
     ``history`` has one row per epoch: train_loss, val_loss, val_cosine, seconds.
+    With ``state_path``, the whole training state (model, optimiser, best epoch so far,
+    history, random generators) is saved there every ``CHECKPOINT_SECONDS``; ``resume``
+    continues from it, giving the same result as an uninterrupted run. The file is removed
+    when training ends.
     """
     if len(x_train) == 0 or len(x_val) == 0:
         raise DataError(f"training needs images in both the train and val splits (got "
@@ -35,9 +44,19 @@ def train_mapper(x_train, y_train, x_val, y_val, config, progress=True):
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate,
                                   weight_decay=config.weight_decay)
     shuffler = torch.Generator().manual_seed(config.seed)
-    best_state, best_cosine, best_epoch, rows = None, -np.inf, 0, []
+    best_state, best_cosine, best_epoch, rows, first_epoch = None, -np.inf, 0, [], 1
+    if resume:
+        state = _load_training_state(state_path)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        shuffler.set_state(state["shuffler"])
+        torch.set_rng_state(state["dropout_rng"])
+        best_state, best_cosine, best_epoch = state["best_state"], state["best_cosine"], state["best_epoch"]
+        rows, first_epoch = state["history"], state["epoch"] + 1
+    last_save = time.perf_counter()
     with progress_bar(config.max_epochs, "epoch", enabled=progress, description="train") as bar:
-        for epoch in range(1, config.max_epochs + 1):
+        bar.update(first_epoch - 1)
+        for epoch in range(first_epoch, config.max_epochs + 1):
             start = time.perf_counter()
             model.train()
             order = torch.randperm(len(x_train), generator=shuffler)
@@ -59,10 +78,34 @@ def train_mapper(x_train, y_train, x_val, y_val, config, progress=True):
             bar.set_postfix(val_cos=f"{1.0 - val_loss:.4f}", best=best_epoch)
             if epoch - best_epoch >= config.patience:
                 break
+            if state_path and time.perf_counter() - last_save >= CHECKPOINT_SECONDS:
+                _save_training_state(state_path, {
+                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "shuffler": shuffler.get_state(), "dropout_rng": torch.get_rng_state(),
+                    "best_state": best_state,
+                    "best_cosine": best_cosine, "best_epoch": best_epoch, "history": rows,
+                    "epoch": epoch})
+                last_save = time.perf_counter()
     model.load_state_dict(best_state)
+    if state_path:
+        Path(state_path).unlink(missing_ok=True)
     history = pd.DataFrame(rows)
     history["best"] = history["epoch"] == best_epoch
     return model.eval(), history
+
+
+def _save_training_state(path, state):
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def _load_training_state(path):
+    if not path or not Path(path).is_file():
+        raise RunError(f"{path}: no interrupted training to resume. Train without --resume.")
+    try:
+        return torch.load(path, weights_only=True)  # tensors and plain values only, no pickled code
+    except Exception as error:  # noqa: BLE001 - torch raises many types for a bad file
+        raise RunError(f"{path}: unreadable training state ({error}). Train without --resume.") from None
 
 
 def train_decoder(decoder, x_train, prompts_train, x_val, prompts_val, config, progress=True,

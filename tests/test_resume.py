@@ -1,0 +1,77 @@
+"""Interrupted work resumes where it stopped: embedding extraction and mapper training."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from img2prompt import embeddings, training
+from img2prompt.cli import main
+from img2prompt.config import StudyConfig
+from img2prompt.data import load_dataset
+from img2prompt.embeddings import EmbeddingCache, image_embeddings
+from img2prompt.image_encoders import image_encoder
+from img2prompt.mapper import Mapper
+
+
+def test_an_interrupted_extraction_resumes_from_the_saved_rows(small_dataset, tmp_path, monkeypatch):
+    dataset = load_dataset(small_dataset)
+    encoder = image_encoder("efficientnet-lite0")
+    expected, _ = image_embeddings(dataset, encoder, progress=False)  # no cache: one pass
+    monkeypatch.setattr(embeddings, "RESUME_CHUNK", 8)
+    real_extract, seen = embeddings.extract_image_embeddings, []
+
+    def interrupted_on_second_chunk(paths, *args, **kwargs):
+        if len(seen) == 8:
+            raise KeyboardInterrupt
+        seen.extend(paths)
+        return real_extract(paths, *args, **kwargs)
+
+    cache = EmbeddingCache(tmp_path / "cache")
+    monkeypatch.setattr(embeddings, "extract_image_embeddings", interrupted_on_second_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        image_embeddings(dataset, encoder, cache, progress=False)
+    assert len(list((tmp_path / "cache" / "embeddings").glob("*.partial.safetensors"))) == 1
+
+    seen.clear()
+    monkeypatch.setattr(embeddings, "extract_image_embeddings",
+                        lambda paths, *a, **k: seen.extend(paths) or real_extract(paths, *a, **k))
+    array, info = image_embeddings(dataset, encoder, cache, progress=False, resume=True)
+    assert info["resumed_rows"] == 8 and seen == dataset.paths[8:]  # only the rest was extracted
+    np.testing.assert_allclose(array, expected, atol=1e-5)
+    assert not list((tmp_path / "cache" / "embeddings").glob("*.partial.safetensors"))
+
+
+def test_an_interrupted_training_resumes_to_the_same_result(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    x, w = rng.normal(size=(80, 16)).astype(np.float32), rng.normal(size=(16, 8)).astype(np.float32)
+    y = np.tanh(x @ w)
+    config = StudyConfig(hidden_size=32, depth=1, max_epochs=8, patience=50, batch_size=16)
+    state = tmp_path / "training_state.pt"
+    monkeypatch.setattr(training, "CHECKPOINT_SECONDS", 0)
+    _, uninterrupted = training.train_mapper(x[:60], y[:60], x[60:], y[60:], config, progress=False)
+
+    real_predict, calls = Mapper.predict, []
+
+    def stop_in_epoch_5(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real_predict(self, *args, **kwargs)
+
+    monkeypatch.setattr(Mapper, "predict", stop_in_epoch_5)
+    with pytest.raises(KeyboardInterrupt):
+        training.train_mapper(x[:60], y[:60], x[60:], y[60:], config, progress=False, state_path=state)
+    assert state.is_file()
+    monkeypatch.setattr(Mapper, "predict", real_predict)
+    model, resumed = training.train_mapper(x[:60], y[:60], x[60:], y[60:], config, progress=False,
+                                           state_path=state, resume=True)
+    columns = ["epoch", "train_loss", "val_loss", "best"]
+    pd.testing.assert_frame_equal(resumed[columns], uninterrupted[columns])
+    assert not state.exists()
+
+
+def test_resume_refuses_a_finished_run(trained_run, capsys):
+    args = ["train", "--data", str(trained_run["data"]), "--out", str(trained_run["run"]), "--resume",
+            "--quiet"]
+    assert main(args) == 2
+    assert "this run finished; nothing to resume" in capsys.readouterr().err
