@@ -47,9 +47,8 @@ def main():
         speeds[strategy] = len(texts) / (time.perf_counter() - started)
     print(f"  generation on {len(test['ids'])} test images (max {config.max_length} tokens):")
     for strategy, speed in speeds.items():
-        width = f", width {config.beam_width}" if strategy == "beam" else ""
-        print(f"    {strategy:<7}{width:<10} {speed:7.1f} prompts/s   "
-              f"ratio to greedy {speed / speeds['greedy']:.2f}")
+        label = f"beam (width {config.beam_width})" if strategy == "beam" else strategy
+        print(f"    {label:<16} {speed:7.1f} prompts/s   ratio to greedy {speed / speeds['greedy']:.2f}")
 
 
 if __name__ == "__main__":
