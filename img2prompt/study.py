@@ -1,7 +1,9 @@
 """The study's steps over a run folder: prepare data and embeddings, train, evaluate.
 
 Run folder layout: config.json, splits.csv, best_model.safetensors, prompt_bank.safetensors,
-history.csv, figures/loss_curve.png, test_results.csv, metrics.json.
+history.csv, figures/, test_results.csv, metrics.json; with the decoder decoder.safetensors,
+decoder_history.csv, decoder_summary.json; rejects.csv when rows were skipped;
+training_state.pt while a training is unfinished; the notebooks' *_summary.json.
 """
 
 import dataclasses
@@ -17,6 +19,7 @@ from safetensors import safe_open
 
 from .config import StudyConfig
 from .analysis import attribute_matches, load_attributes
+from .decoder import build_decoder, load_decoder, save_decoder
 from .data import (REJECTS_FILE, ImageDataset, grouped_split, load_dataset, load_splits,
                    save_splits, write_rejects)
 from .embeddings import EmbeddingCache, image_embeddings, text_embeddings
@@ -25,7 +28,6 @@ from .evaluation import cosine_rows, evaluate_methods, fit_linear_map
 from .files import atomic_path, write_csv, write_json
 from .image_encoders import image_encoder
 from .images import set_max_pixels
-from .decoder import build_decoder, load_decoder, save_decoder
 from .mapper import load_mapper, save_mapper
 from .plots import plot_decoder_history, plot_history, save_figure
 from .text_encoders import METRIC_ENCODER, metric_encoder, text_encoder
