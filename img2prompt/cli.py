@@ -151,13 +151,12 @@ def cmd_predict(args):
 
 
 def cmd_report(args):
-    from .reports import metrics_rows, run_notebooks
+    from .reports import run_notebooks
+    from .study import format_metrics
     given = dict(args.parameters or [])
     outcome = run_notebooks(args.notebooks, args.reports, given, cwd=Path.cwd(), log=log)
     if outcome["metrics"]:
-        print(f"{'method':<12} {'mean cos':>9} {'median':>8}   95% interval")
-        for row in metrics_rows(outcome["metrics"]):
-            print(f"{row[0]:<12} {row[1]:>9} {row[2]:>8}   {row[3]}")
+        print(format_metrics(outcome["metrics"]))
     print(f"reports: {outcome['index']}")
     return 0
 

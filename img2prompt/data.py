@@ -16,7 +16,7 @@ from PIL import Image
 
 from .errors import DataError
 from .files import write_csv
-from .images import IMAGE_EXTENSIONS, check_pixel_count, open_image
+from .images import IMAGE_EXTENSIONS, open_image, pixel_limit_problem
 
 PROMPTS_FILE = "prompts.csv"
 IMAGES_DIR = "images"
@@ -179,10 +179,10 @@ def _check_image(path, decode):
             return Problem(str(path), f"unreadable image ({error.__cause__ or error}).", fix)
         return None
     try:
-        with Image.open(path) as image:
-            check_pixel_count(image, path)  # the header only; decoding happens while embedding
-    except DataError as error:
-        return Problem(str(path), f"{str(error).split(': ', 1)[1]}", "")
+        with Image.open(path) as image:  # the header only; decoding happens while embedding
+            problem = pixel_limit_problem(image)
+        if problem:
+            return Problem(str(path), problem, "")
     except Exception as error:  # noqa: BLE001 - PIL raises many types for bad files
         return Problem(str(path), f"not a readable image ({type(error).__name__}: {error}).", fix)
     return None

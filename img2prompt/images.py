@@ -21,12 +21,20 @@ def set_max_pixels(max_pixels: int):
     Image.MAX_IMAGE_PIXELS = None  # PIL's own guard would fire first with a vaguer message
 
 
-def check_pixel_count(image: Image.Image, path):
+def pixel_limit_problem(image: Image.Image):
+    """What is wrong when an opened (not yet decoded) image is over the pixel limit, else None."""
     pixels = image.width * image.height
-    if pixels > _limit["max_pixels"]:
-        raise DataError(f"{path}: image of {image.width}x{image.height} = {pixels:,} pixels is "
-                        f"over the limit of {_limit['max_pixels']:,}. Resize it, or raise the "
-                        "limit with --max-pixels if the file is trusted.")
+    if pixels <= _limit["max_pixels"]:
+        return None
+    return (f"image of {image.width}x{image.height} = {pixels:,} pixels is over the limit of "
+            f"{_limit['max_pixels']:,}. Resize it, or raise the limit with --max-pixels if the "
+            "file is trusted.")
+
+
+def check_pixel_count(image: Image.Image, path):
+    problem = pixel_limit_problem(image)
+    if problem:
+        raise DataError(f"{path}: {problem}")
 
 
 def open_image(path) -> Image.Image:
