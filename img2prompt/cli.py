@@ -14,7 +14,6 @@ from dataclasses import fields
 from pathlib import Path
 
 from .config import StudyConfig
-from .data import REJECTS_FILE
 from .errors import Img2PromptError
 
 DATA_OPTIONS = ("on_error", "max_pixels")
@@ -95,9 +94,11 @@ def cmd_synth(args):
 
 
 def cmd_embed(args):
+    from .embeddings import EmbeddingCache
     from .study import compute_embeddings, load_study_dataset
     config = config_from_args(args, DATA_OPTIONS + ENCODER_OPTIONS, data_dir=args.data)
-    dataset = load_study_dataset(config, log, rejects_path=args.rejects)
+    rejects = args.rejects or EmbeddingCache(config.cache_dir).rejects_path(config.data_dir)
+    dataset = load_study_dataset(config, log, rejects_path=rejects)
     log(f"dataset {dataset.root}: {len(dataset)} images")
     image_emb, target_emb, _ = compute_embeddings(config, dataset, progress=not args.quiet, log=log,
                                                   resume=args.resume)
@@ -138,6 +139,8 @@ def cmd_train_decoder(args):
 
 def cmd_predict(args):
     from .predict import Predictor
+    from .study import open_run
+    open_run(args.run)
     decoding = dataclasses.replace(StudyConfig.load(args.run), **chosen_options(args, DECODING_OPTIONS))
     predictor = Predictor(args.run, method=args.method, decode_options=decoding.decode_options())
     results = predictor.predict(args.images, top_k=getattr(args, "top_k", 1), progress=not args.quiet)
@@ -220,8 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     embed = command("embed", "extract (and cache) image and prompt embeddings of a dataset", cmd_embed)
     embed.add_argument("--data", required=True, help="dataset folder")
-    embed.add_argument("--rejects", default=REJECTS_FILE,
-                       help="with --on-error skip: where the skipped rows are listed (default: %(default)s)")
+    embed.add_argument("--rejects", help="with --on-error skip: where the skipped rows are listed "
+                       "(default: a CSV named after the dataset in the cache folder's rejects/)")
     embed.add_argument("--resume", action="store_true",
                        help="continue an interrupted extraction instead of starting over")
     add_config_options(embed, DATA_OPTIONS + ENCODER_OPTIONS)

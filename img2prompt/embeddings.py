@@ -10,6 +10,7 @@ preprocessing), written atomically, outside the dataset.
 import hashlib
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -21,17 +22,37 @@ from safetensors.numpy import load_file, save_file
 from .errors import DataError
 from .files import atomic_path
 from .images import open_image
+from .ownership import claim, lock
 from .progress import progress_bar
 
 
-RESUME_CHUNK = 512  # images between two saves of an unfinished extraction
+RESUME_CHUNK = 512  # images per saved shard of an unfinished extraction
+CACHE_KIND = "cache"
+_CACHE_FILE = re.compile(r"\.?(image|text)-[0-9a-f]{32}(\.part-\d{6})?\.(safetensors|lock)")
+
+
+def _written_by_the_cache(entry: Path) -> bool:
+    """A cache folder of an older img2prompt: only files named by their content hash."""
+    return entry.name == "embeddings" and entry.is_dir() and all(
+        _CACHE_FILE.fullmatch(p.name) for p in entry.iterdir())
 
 
 class EmbeddingCache:
-    """Arrays stored under ``root/embeddings/<kind>-<sha256 of key>.safetensors``."""
+    """Arrays stored under ``root/embeddings/<kind>-<sha256 of key>.safetensors``.
+
+    ``root`` is the project's own folder (``ownership``): claimed at the first write, so
+    reading never creates anything. An unfinished extraction keeps its rows in shards
+    (``<entry>.part-NNNNNN.safetensors``), appended one per ``RESUME_CHUNK`` images."""
 
     def __init__(self, root):
-        self.root = Path(root) / "embeddings"
+        self.base = Path(root)
+        self.root = self.base / "embeddings"
+        self._folder = None
+
+    def folder(self):
+        if self._folder is None:
+            self._folder = claim(self.base, CACHE_KIND, adopt=_written_by_the_cache)
+        return self._folder
 
     @staticmethod
     def digest(key: dict) -> str:
@@ -40,12 +61,21 @@ class EmbeddingCache:
     def path(self, kind, key) -> Path:
         return self.root / f"{kind}-{self.digest(key)[:32]}.safetensors"
 
-    def partial_path(self, kind, key) -> Path:
-        """Where an unfinished extraction keeps the rows done so far."""
-        return self.path(kind, key).with_suffix(".partial.safetensors")
+    def shard_path(self, kind, key, index) -> Path:
+        """Where an unfinished extraction keeps its ``index``-th chunk of rows."""
+        return self.path(kind, key).with_suffix(f".part-{index:06d}.safetensors")
 
-    def load(self, kind, key, partial=False):
-        path = self.partial_path(kind, key) if partial else self.path(kind, key)
+    def lock(self, kind, key):
+        """Held while an entry is computed: a second process is told who computes it."""
+        self.folder()
+        return lock(self.root / f".{self.path(kind, key).stem}.lock",
+                    f"embedding cache entry {self.path(kind, key)}")
+
+    def load(self, kind, key):
+        return self._read(self.path(kind, key))
+
+    @staticmethod
+    def _read(path):
         if not path.is_file():
             return None
         try:
@@ -53,10 +83,36 @@ class EmbeddingCache:
         except (SafetensorError, KeyError, OSError):
             return None  # unreadable entry: recompute and overwrite it
 
-    def save(self, kind, key, array, partial=False):
-        with atomic_path(self.partial_path(kind, key) if partial else self.path(kind, key)) as tmp:
+    def save(self, kind, key, array):
+        self._write(self.path(kind, key), key, array)
+
+    def _write(self, path, key, array):
+        self.folder()
+        with atomic_path(path) as tmp:
             save_file({"embeddings": np.ascontiguousarray(array, dtype=np.float32)}, str(tmp),
                       metadata={"key": json.dumps(key, sort_keys=True, default=str)})
+
+    def load_shards(self, kind, key) -> list:
+        """The saved chunks of an unfinished extraction, in order (stops at the first gap)."""
+        shards = []
+        while (rows := self._read(self.shard_path(kind, key, len(shards)))) is not None:
+            shards.append(rows)
+        return shards
+
+    def save_shard(self, kind, key, index, array):
+        self._write(self.shard_path(kind, key, index), key, array)
+
+    def remove_shards(self, kind, key):
+        folder = self.folder()
+        for path in sorted(self.root.glob(f"{self.path(kind, key).stem}.part-*.safetensors")):
+            if folder.owns(path):
+                folder.remove(path)
+
+    def rejects_path(self, data_dir) -> Path:
+        """Where ``embed`` lists a dataset's skipped rows: in the cache, one file per dataset."""
+        self.folder()
+        where = hashlib.sha256(str(Path(data_dir).resolve()).encode()).hexdigest()[:8]
+        return self.base / "rejects" / f"{Path(data_dir).resolve().name}-{where}.csv"
 
 
 class _ImageFiles(torch.utils.data.Dataset):
@@ -115,31 +171,40 @@ def image_embeddings(dataset, encoder, cache: EmbeddingCache = None, batch_size=
                      progress=True, resume=False):
     """Image embeddings of a dataset, from the cache when the same data and encoder ran before.
 
-    With a cache, the rows done so far are saved every ``RESUME_CHUNK`` images; ``resume``
-    continues an interrupted extraction from there instead of starting over. Returns
-    (array, info) where info says whether the cache was used, the cache file, the rows
-    resumed and the extraction throughput.
+    With a cache, the rows are saved in a shard every ``RESUME_CHUNK`` images (appended, so
+    the I/O stays linear); ``resume`` continues an interrupted extraction from the shards
+    instead of starting over. Returns (array, info) where info says whether the cache was
+    used, the cache file, the rows resumed and the extraction throughput.
     """
     key = {"kind": "image", "images": dataset.images_fingerprint(), "encoder": encoder.fingerprint()}
     info = {"cache_file": str(cache.path("image", key)) if cache else None}
-    if cache is not None:
-        cached = cache.load("image", key)
-        if cached is not None and cached.shape[0] == len(dataset):
-            return cached, {**info, "cached": True}
-    done = cache.load("image", key, partial=True) if cache is not None and resume else None
-    parts = [done] if done is not None and len(done) <= len(dataset) else []
-    resumed = len(parts[0]) if parts else 0
+    if cache is None:
+        return _extract(dataset, encoder, None, key, batch_size, num_workers, progress, False, info)
+    cached = cache.load("image", key)
+    if cached is not None and cached.shape[0] == len(dataset):
+        return cached, {**info, "cached": True}
+    with cache.lock("image", key):
+        return _extract(dataset, encoder, cache, key, batch_size, num_workers, progress, resume, info)
+
+
+def _extract(dataset, encoder, cache, key, batch_size, num_workers, progress, resume, info):
+    parts = cache.load_shards("image", key) if cache is not None and resume else []
+    if sum(map(len, parts)) > len(dataset) or any(len(p) != RESUME_CHUNK for p in parts):
+        parts = []  # not this extraction's shards: start over
+    resumed = len(parts) * RESUME_CHUNK
+    if cache is not None and not resume:
+        cache.remove_shards("image", key)
     start = time.perf_counter()
     for begin in range(resumed, len(dataset), RESUME_CHUNK):
         chunk = dataset.paths[begin:begin + RESUME_CHUNK]
         parts.append(extract_image_embeddings(chunk, encoder, batch_size, num_workers, progress))
         if cache is not None and begin + RESUME_CHUNK < len(dataset):
-            cache.save("image", key, np.concatenate(parts), partial=True)
+            cache.save_shard("image", key, begin // RESUME_CHUNK, parts[-1])
     seconds = time.perf_counter() - start
     array = np.concatenate(parts)
     if cache is not None:
         cache.save("image", key, array)
-        cache.partial_path("image", key).unlink(missing_ok=True)
+        cache.remove_shards("image", key)
     return array, {**info, "cached": False, "resumed_rows": resumed, "seconds": seconds,
                    "images_per_s": (len(dataset) - resumed) / max(seconds, 1e-9)}
 

@@ -1,6 +1,9 @@
-"""Atomic file writes: write a temporary file beside the target, then ``os.replace``.
+"""Atomic file writes: write a temporary file beside the target, fsync it, then ``os.replace``.
 
-An interrupted run therefore never leaves a half-written file under the final name.
+An interrupted run or a power cut therefore never leaves a half-written (or empty) file
+under the final name. Each write is first recorded in the manifest of the project folder
+that holds it (``ownership``), so that clearing the folder later removes exactly what the
+project wrote.
 """
 
 import contextlib
@@ -8,6 +11,8 @@ import json
 import os
 import tempfile
 from pathlib import Path
+
+from .ownership import record_write
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -18,15 +23,25 @@ def atomic_path(path):
     """Yield a temporary path in the target's folder; on success move it onto ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    record_write(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs get the usual mode
+        _fsync(tmp)  # the bytes reach the disk before the name does
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _fsync(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_text(path, text):

@@ -15,7 +15,7 @@ from .evaluation import unit_rows
 from .image_encoders import image_encoder
 from .decoder import load_decoder
 from .mapper import load_mapper
-from .study import BANK_FILE, DECODER_FILE, MODEL_FILE, load_prompt_bank
+from .study import BANK_FILE, DECODER, DECODER_FILE, MODEL_FILE, TRAIN, load_prompt_bank, open_run
 
 METHODS = ("retrieval", "decoder")
 
@@ -28,6 +28,10 @@ class Predictor:
         if method not in METHODS:
             raise RunError(f"unknown method '{method}'; use {' or '.join(METHODS)}.")
         self.run_dir, self.method = Path(run_dir), method
+        if not open_run(self.run_dir).is_finished(DECODER if method == "decoder" else TRAIN):
+            command = "train-decoder --run" if method == "decoder" else "train --resume --out"
+            raise RunError(f"{self.run_dir}: its {method} model did not finish training; finish it "
+                           f"with 'img2prompt {command} {self.run_dir}' (or train it anew).")
         self.config = StudyConfig.load(self.run_dir)
         if method == "decoder":
             self.decoder = load_decoder(self.run_dir / DECODER_FILE)

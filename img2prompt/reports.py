@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .errors import RunError
 from .files import write_text
+from .ownership import claim
 
 NOTEBOOK_PATTERN = "[0-9][0-9]_*.ipynb"
 INDEX_FILE = "index.html"
@@ -103,14 +104,23 @@ def run_notebooks(notebook_dir, reports_dir, given: dict, cwd=".", log=print) ->
     notebooks = find_notebooks(notebook_dir)
     plan = plan_parameters(notebooks, given)
     reports_dir = Path(reports_dir)
-    reports_dir.mkdir(parents=True, exist_ok=True)
-    for stale in [*reports_dir.glob("[0-9][0-9]_*.*"), reports_dir / INDEX_FILE]:
-        stale.unlink(missing_ok=True)  # a report from an earlier run must not pass for this one's
+    folder = claim(reports_dir, "reports")  # a folder the project did not make is refused
+    with folder.lock(f"reports folder {reports_dir}"):
+        folder.clear()  # a report from an earlier run must not pass for this one's
+        return _run(plan, folder, cwd, log)
+
+
+def _run(plan, folder, cwd, log):
+    from papermill.exceptions import PapermillExecutionError
+    import papermill
+
+    reports_dir = folder.root
     effective, reports = {}, []
     for notebook, parameters, defaults in plan:
         executed = reports_dir / notebook.name
         html_path = executed.with_suffix(".html")
         log(f"running {notebook.name} ...")
+        folder.record(executed)  # papermill writes it itself
         started = time.perf_counter()
         try:
             papermill.execute_notebook(str(notebook), str(executed), parameters=parameters,

@@ -3,12 +3,14 @@
 Run folder layout: config.json, splits.csv, best_model.safetensors, prompt_bank.safetensors,
 history.csv, figures/, test_results.csv, metrics.json; with the decoder decoder.safetensors,
 decoder_history.csv, decoder_summary.json; rejects.csv when rows were skipped;
-training_state.pt while a training is unfinished; the notebooks' *_summary.json.
+training_state.pt while a training is unfinished; the notebooks' *_summary.json; and the
+folder's manifest (``ownership``): what the project wrote there, and which stages finished.
+A stage is finished only when its manifest record, written after all its files, says so.
+Each stage holds the run folder's lock, so a second writer is refused.
 """
 
 import dataclasses
 import json
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +22,7 @@ from safetensors import safe_open
 from .config import StudyConfig
 from .analysis import attribute_matches, load_attributes
 from .decoder import build_decoder, load_decoder, save_decoder
+from .config import CONFIG_FILE
 from .data import (REJECTS_FILE, ImageDataset, grouped_split, load_dataset, load_splits,
                    save_splits, write_rejects)
 from .embeddings import EmbeddingCache, image_embeddings, text_embeddings
@@ -29,6 +32,7 @@ from .files import atomic_path, write_csv, write_json
 from .image_encoders import image_encoder
 from .images import set_max_pixels
 from .mapper import load_mapper, save_mapper
+from .ownership import MANIFEST_FILE, claim, find_owned
 from .plots import plot_decoder_history, plot_history, save_figure
 from .text_encoders import METRIC_ENCODER, metric_encoder, text_encoder
 from .training import train_decoder, train_mapper
@@ -37,11 +41,9 @@ MODEL_FILE = "best_model.safetensors"
 BANK_FILE = "prompt_bank.safetensors"
 DECODER_FILE = "decoder.safetensors"
 TRAINING_STATE_FILE = "training_state.pt"  # an unfinished training, for --resume
-DECODER_OUTPUTS = (DECODER_FILE, "decoder_history.csv", "decoder_summary.json")
-RUN_OUTPUTS = ("config.json", "splits.csv", MODEL_FILE, BANK_FILE, "history.csv",
-               "test_results.csv", "metrics.json", "figures", *DECODER_OUTPUTS,
-               "data_summary.json", "embedding_summary.json", "training_summary.json",
-               "error_analysis.json", REJECTS_FILE, TRAINING_STATE_FILE)
+RUN_KIND = "run"
+# stages recorded as finished in the run folder's manifest
+SPLIT, TRAIN, DECODER, EVALUATE = "split", "train", "decoder", "evaluate"
 
 
 def _quiet(*_args, **_kwargs):
@@ -112,15 +114,32 @@ def split_dataset(config: StudyConfig, dataset: ImageDataset, log=_quiet) -> np.
 
 def load_study_dataset(config: StudyConfig, log=_quiet, rejects_path=None) -> ImageDataset:
     """The dataset with the config's error policy and pixel limit; skipped rows are written
-    to ``rejects_path`` (default: the run folder's rejects.csv)."""
+    to ``rejects_path`` (default: the run folder's rejects.csv; False: not written)."""
     set_max_pixels(config.max_pixels)
     dataset = load_dataset(config.data_dir, config.on_error)
-    if dataset.rejects:
+    if dataset.rejects and rejects_path is not False:
         rejects_path = Path(rejects_path or Path(config.run_dir) / REJECTS_FILE)
         write_rejects(rejects_path, dataset.rejects)
         log(f"dataset {dataset.root}: kept {len(dataset)} images, skipped {len(dataset.rejects)} "
             f"(each with its reason in {rejects_path})")
     return dataset
+
+
+def open_run(run_dir):
+    """The run folder of an existing run (its manifest says so), else a RunError."""
+    folder = find_owned(run_dir)
+    if folder is None or folder.kind != RUN_KIND:
+        if (Path(run_dir) / CONFIG_FILE).is_file():
+            raise RunError(f"{run_dir}: has no {MANIFEST_FILE} recording what img2prompt wrote "
+                           "(made by an older img2prompt, or not a run folder). Train it anew in a "
+                           "new folder with 'img2prompt train'.")
+        raise RunError(f"{run_dir}: not a run folder. Is it a run folder made by 'img2prompt "
+                       "train' (or notebook 01)?")
+    return folder
+
+
+def run_lock(folder):
+    return folder.lock(f"run folder {folder.root}")
 
 
 def prepare(config: StudyConfig, progress=True, log=_quiet, resume=False) -> StudyData:
@@ -151,19 +170,30 @@ def load_prompt_bank(path):
     return prompts, load_file(str(path))["target_emb"]
 
 
-def start_run(config: StudyConfig, force=False):
-    """Make ``config.run_dir`` ready for a new run and save the config there.
+def start_run(config: StudyConfig, force=False, origin="cli", log=_quiet):
+    """Start (or start anew) the run in ``config.run_dir``; return its dataset and split.
 
-    A trained run is only cleared (its split too) with ``force``."""
-    run_dir = Path(config.run_dir)
-    if (run_dir / MODEL_FILE).exists() and not force:
-        raise RunError(f"{run_dir}: already holds a trained model. Pass --force to train it anew "
-                       "(its split is made anew too), or choose another --out.")
-    for name in RUN_OUTPUTS:
-        target = run_dir / name
-        shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config.save(run_dir)
+    The dataset is loaded and checked before anything in the folder changes, so a bad
+    dataset costs nothing. Starting anew removes only the files the project wrote there
+    (its manifest lists them); a folder it did not make is refused. A finished run is only
+    replaced with ``force``, except that the notebooks (``origin="notebooks"``) rerun a
+    study that the notebooks made."""
+    folder = claim(config.run_dir, RUN_KIND)
+    with run_lock(folder):
+        rerun = origin == "notebooks" and folder.origin == origin
+        if folder.is_finished(TRAIN) and not force and not rerun:
+            raise RunError(f"{config.run_dir}: already holds a trained model. Pass --force (notebooks: "
+                           "-p force True) to train it anew (its split is made anew too), or choose "
+                           "another --out.")
+        dataset = load_study_dataset(config, log, rejects_path=False)
+        folder.clear()
+        folder.set_origin(origin)
+        config.save(config.run_dir)
+        if dataset.rejects:
+            load_study_dataset(config, log)  # now the run folder can receive rejects.csv
+        splits = split_dataset(config, dataset, log)
+        folder.mark_finished(SPLIT)
+    return dataset, splits
 
 
 def fit(config: StudyConfig, data: StudyData, progress=True, log=_quiet, resume=False) -> dict:
@@ -171,6 +201,14 @@ def fit(config: StudyConfig, data: StudyData, progress=True, log=_quiet, resume=
     The training state is saved as it goes (``TRAINING_STATE_FILE``); ``resume`` continues
     from it."""
     run_dir = Path(config.run_dir)
+    folder = open_run(run_dir)
+    with run_lock(folder):
+        return _fit(config, data, folder, progress, log, resume)
+
+
+def _fit(config, data, folder, progress, log, resume):
+    run_dir = folder.root
+    folder.mark_unfinished(TRAIN)
     train_part, val_part = data.part("train"), data.part("val")
     log(f"training the mapper ({config.depth} hidden layer(s) of {config.hidden_size}) on "
         f"{len(train_part['ids'])} images, validating on {len(val_part['ids'])}")
@@ -182,6 +220,9 @@ def fit(config: StudyConfig, data: StudyData, progress=True, log=_quiet, resume=
     save_prompt_bank(run_dir / BANK_FILE, prompts, train_part["target_emb"][first])
     write_csv(run_dir / "history.csv", history)
     save_figure(plot_history(history), run_dir / "figures" / "loss_curve.png")
+    if folder.owns(run_dir / TRAINING_STATE_FILE):
+        folder.remove(run_dir / TRAINING_STATE_FILE)  # only once everything it led to is saved
+    folder.mark_finished(TRAIN)
     best = history[history["best"]].iloc[0]
     summary = {"run_dir": str(run_dir), "best_epoch": int(best["epoch"]), "epochs": len(history),
                "val_cosine": float(best["val_cosine"])}
@@ -195,22 +236,31 @@ def train(config: StudyConfig, force=False, progress=True, log=_quiet, resume=Fa
 
     ``resume`` continues an interrupted run with the settings saved in its config.json
     (its split, the cached or partly extracted embeddings, and the training state)."""
-    if resume:
-        run_dir = Path(config.run_dir)
-        if (run_dir / MODEL_FILE).exists():
-            raise RunError(f"{run_dir}: this run finished; nothing to resume (--force trains it anew).")
-        config = dataclasses.replace(StudyConfig.load(run_dir), run_dir=str(run_dir))
+    if not resume:
+        start_run(config, force, log=log)
+        return fit(config, prepare(config, progress, log), progress, log)
+    folder = open_run(config.run_dir)
+    with run_lock(folder):
+        if folder.is_finished(TRAIN):
+            raise RunError(f"{config.run_dir}: this run finished; nothing to resume (--force trains it anew).")
+        config = dataclasses.replace(StudyConfig.load(folder.root), run_dir=str(config.run_dir))
         data = prepare(config, progress, log, resume=True)
-        state_saved = (run_dir / TRAINING_STATE_FILE).is_file()
+        state_saved = (folder.root / TRAINING_STATE_FILE).is_file()
         log("resuming the training" if state_saved else "no training state saved yet: training from the start")
-        return fit(config, data, progress, log, resume=state_saved)
-    start_run(config, force)
-    return fit(config, prepare(config, progress, log), progress, log)
+        return _fit(config, data, folder, progress, log, resume=state_saved)
 
 
 def fit_decoder(config: StudyConfig, data: StudyData, progress=True, log=_quiet) -> dict:
     """Train the prompt decoder on the prepared data; save it, its history and a summary."""
-    run_dir = Path(config.run_dir)
+    folder = open_run(config.run_dir)
+    with run_lock(folder):
+        folder.mark_unfinished(DECODER)
+        summary = _fit_decoder(config, data, folder.root, progress, log)
+        folder.mark_finished(DECODER)
+    return summary
+
+
+def _fit_decoder(config, data, run_dir, progress, log):
     train_part, val_part = data.part("train"), data.part("val")
     decoder = build_decoder(config.decoder, data.image_emb.shape[1], train_part["prompts"],
                             config.prefix_length, config.decoder_width, config.decoder_layers,
@@ -251,23 +301,35 @@ def fit_decoder(config: StudyConfig, data: StudyData, progress=True, log=_quiet)
 def train_decoder_run(run_dir, force=False, progress=True, log=_quiet, **settings) -> dict:
     """Train the decoder of an existing run (its data, split and cached image embeddings),
     with ``settings`` (StudyConfig fields) recorded in its config.json."""
-    run_dir = Path(run_dir)
-    if (run_dir / DECODER_FILE).exists() and not force:
-        raise RunError(f"{run_dir}: already holds a trained decoder. Pass --force to train it anew.")
-    config = dataclasses.replace(StudyConfig.load(run_dir), run_dir=str(run_dir), **settings)
-    config.save(run_dir)
-    return fit_decoder(config, prepare(config, progress, log), progress, log)
+    folder = open_run(run_dir)
+    with run_lock(folder):
+        if folder.is_finished(DECODER) and not force:
+            raise RunError(f"{run_dir}: already holds a trained decoder. Pass --force to train it anew.")
+        config = dataclasses.replace(StudyConfig.load(run_dir), run_dir=str(run_dir), **settings)
+        config.save(run_dir)
+        return fit_decoder(config, prepare(config, progress, log), progress, log)
 
 
 def evaluate(run_dir, data_dir=None, bank=None, progress=True, log=_quiet) -> dict:
     """Score every method on the run's test split; write test_results.csv and metrics.json."""
-    run_dir = Path(run_dir)
+    folder = open_run(run_dir)
+    with run_lock(folder):
+        folder.mark_unfinished(EVALUATE)
+        metrics = _evaluate(folder.root, data_dir, bank, progress, log)
+        folder.mark_finished(EVALUATE)
+    return metrics
+
+
+def _evaluate(run_dir, data_dir, bank, progress, log):
     config = StudyConfig.load(run_dir)
     config.run_dir = str(run_dir)
     config.data_dir = str(data_dir or config.data_dir)
     config.bank = bank or config.bank
     if config.bank not in ("train", "all"):
         raise RunError(f"unknown prompt bank '{config.bank}': use train or all.")
+    if not open_run(run_dir).is_finished(TRAIN):
+        raise RunError(f"{run_dir}: its training did not finish. Continue it with 'img2prompt train "
+                       f"--out {run_dir} --data {config.data_dir} --resume', or train it anew.")
     model = load_mapper(run_dir / MODEL_FILE)
     if not (run_dir / "splits.csv").is_file():  # a new split would leak training images into test
         raise RunError(f"{run_dir / 'splits.csv'}: not found; the run's split is lost. Train the run "
@@ -286,7 +348,7 @@ def evaluate(run_dir, data_dir=None, bank=None, progress=True, log=_quiet) -> di
                  else fit_linear_map(train_part["target_emb"], train_part["metric_emb"]))
     predicted = model.predict(test["image_emb"]).numpy()
     generated = {}
-    if (run_dir / DECODER_FILE).is_file():
+    if open_run(run_dir).is_finished(DECODER):
         texts = load_decoder(run_dir / DECODER_FILE).generate(test["image_emb"], config.decode_options())
         log(f"decoder: {len(texts)} prompts generated ({config.decode_strategy})")
         generated["decoder"] = (texts, text_embeddings(texts, metric_encoder(), progress=progress))

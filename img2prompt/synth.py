@@ -21,7 +21,8 @@ import pandas as pd
 from PIL import Image, ImageChops, ImageDraw, ImageFilter
 
 from .errors import DataError
-from .files import write_csv, write_json
+from .files import atomic_path, write_csv, write_json
+from .ownership import claim
 
 COUNTS = {"a": 1, "two": 2, "three": 3}
 SIZES = {"small": 0.075, "large": 0.14}  # object radius as a fraction of the image side
@@ -283,14 +284,16 @@ def plan_dataset(params: SynthParams) -> pd.DataFrame:
 
 def _render_to_file(job):
     spec, size, seed, path = job
-    render(spec, size, seed).save(path, compress_level=3)
+    with atomic_path(path) as tmp:
+        render(spec, size, seed).save(tmp, format="PNG", compress_level=3)
 
 
 def generate_dataset(out_dir, params: SynthParams = SynthParams(), force=False, workers=None) -> Path:
     """Write ``images/``, ``prompts.csv``, ``attributes.csv`` and ``synth.json`` to ``out_dir``.
 
     An existing dataset made with the same parameters is kept as it is; one made
-    differently is only replaced with ``force``.
+    differently is only replaced with ``force``, and only in a folder the project made
+    (it removes only the files it wrote there). ``synth.json`` is written last.
     """
     out_dir = Path(out_dir)
     if params.n < 1 or params.size < 32:
@@ -302,15 +305,22 @@ def generate_dataset(out_dir, params: SynthParams = SynthParams(), force=False, 
             return out_dir
         raise DataError(f"{out_dir}: holds a generated dataset with other parameters "
                         f"({marker.read_text().strip()}). Choose another --out or pass --force.")
-    if out_dir.exists() and any(out_dir.iterdir()) and not marker.exists() and not force:
-        raise DataError(f"{out_dir}: folder is not empty. Choose another --out or pass --force.")
-    if marker.exists():
-        marker.unlink()  # the dataset is incomplete until the marker is written again
+    folder = claim(out_dir, "dataset")
+    with folder.lock(f"dataset folder {out_dir}"):
+        folder.clear()  # an earlier (or interrupted) generation: only what it wrote
+        _generate(folder, params, workers)
+        write_json(marker, wanted)
+    return out_dir
+
+
+def _generate(folder, params, workers):
+    out_dir = folder.root
     images_dir = out_dir / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
     plan = plan_dataset(params)
     jobs = [(spec, params.size, [params.seed, 1, index], images_dir / f"{img_id}.png")
             for index, (img_id, spec) in enumerate(zip(plan["imgId"], plan["spec"]))]
+    folder.record(*(job[3] for job in jobs))  # one manifest append for all the images
     workers = workers or min(4, os.cpu_count() or 1)
     if workers > 1 and len(jobs) > 50:
         with multiprocessing.get_context("fork").Pool(workers) as pool:
@@ -323,5 +333,3 @@ def generate_dataset(out_dir, params: SynthParams = SynthParams(), force=False, 
     attributes.insert(0, "imgId", plan["imgId"])
     write_csv(out_dir / "attributes.csv", attributes)
     write_csv(out_dir / "prompts.csv", plan[["imgId", "prompt"]])
-    write_json(marker, wanted)
-    return out_dir

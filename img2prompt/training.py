@@ -2,6 +2,7 @@
 the prompt decoder (cross-entropy with teacher forcing, early stopping on validation loss)."""
 
 import copy
+import hashlib
 import time
 from pathlib import Path
 
@@ -30,8 +31,9 @@ def train_mapper(x_train, y_train, x_val, y_val, config, progress=True, state_pa
     ``history`` has one row per epoch: train_loss, val_loss, val_cosine, seconds.
     With ``state_path``, the whole training state (model, optimiser, best epoch so far,
     history, random generators) is saved there every ``CHECKPOINT_SECONDS``; ``resume``
-    continues from it, giving the same result as an uninterrupted run. The file is removed
-    when training ends.
+    continues from it, giving the same result as an uninterrupted run, and refuses a state
+    saved for other data or settings. The caller removes the file once the model it leads
+    to is saved.
     """
     if len(x_train) == 0 or len(x_val) == 0:
         raise DataError(f"training needs images in both the train and val splits (got "
@@ -45,8 +47,13 @@ def train_mapper(x_train, y_train, x_val, y_val, config, progress=True, state_pa
                                   weight_decay=config.weight_decay)
     shuffler = torch.Generator().manual_seed(config.seed)
     best_state, best_cosine, best_epoch, rows, first_epoch = None, -np.inf, 0, [], 1
+    inputs = _fingerprint(config, x_train, y_train, x_val, y_val)
     if resume:
         state = _load_training_state(state_path)
+        if state.get("inputs") != inputs:
+            raise RunError(f"{state_path}: this training state was saved for other data or "
+                           "settings, so it cannot be resumed here. Train without --resume "
+                           "(--force starts the run anew).")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         shuffler.set_state(state["shuffler"])
@@ -84,14 +91,25 @@ def train_mapper(x_train, y_train, x_val, y_val, config, progress=True, state_pa
                     "shuffler": shuffler.get_state(), "dropout_rng": torch.get_rng_state(),
                     "best_state": best_state,
                     "best_cosine": best_cosine, "best_epoch": best_epoch, "history": rows,
-                    "epoch": epoch})
+                    "epoch": epoch, "inputs": inputs})
                 last_save = time.perf_counter()
     model.load_state_dict(best_state)
-    if state_path:
-        Path(state_path).unlink(missing_ok=True)
     history = pd.DataFrame(rows)
     history["best"] = history["epoch"] == best_epoch
     return model.eval(), history
+
+
+TRAINING_SETTINGS = ("seed", "hidden_size", "depth", "dropout", "learning_rate", "weight_decay",
+                     "batch_size", "max_epochs", "patience")
+
+
+def _fingerprint(config, *arrays) -> str:
+    """What a training state is bound to: the training and validation arrays and settings."""
+    digest = hashlib.sha256(repr([getattr(config, name) for name in TRAINING_SETTINGS]).encode())
+    for array in arrays:
+        digest.update(repr(tuple(array.shape)).encode())
+        digest.update(array.numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _save_training_state(path, state):

@@ -99,8 +99,8 @@ def test_validate_command(small_dataset, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["evaluate", "--run", "{tmp}/no-run"], "config.json: not found"),
-    (["predict", "--run", "{tmp}/no-run", "x.png"], "config.json: not found"),
+    (["evaluate", "--run", "{tmp}/no-run"], "no-run: not a run folder"),
+    (["predict", "--run", "{tmp}/no-run", "x.png"], "no-run: not a run folder"),
     (["train", "--data", "{tmp}/no-data", "--out", "{tmp}/run"], "dataset folder not found"),
     (["train", "--data", "{small}", "--out", "{tmp}/run", "--image-encoder", "vgg99"], "unknown image encoder"),
     (["predict", "--run", "{run}", "{tmp}/missing.png"], "missing.png: image file not found"),

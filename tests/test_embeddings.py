@@ -32,7 +32,7 @@ def test_cache_is_reused_and_keyed_by_content(tmp_path, small_dataset, encoder, 
     shutil.copytree(small_dataset, data)
     cache = EmbeddingCache(tmp_path / "cache")
     first, info = image_embeddings(load_dataset(data), encoder, cache, progress=False)
-    assert not info["cached"] and len(list((tmp_path / "cache" / "embeddings").iterdir())) == 1
+    assert not info["cached"] and len(list((tmp_path / "cache" / "embeddings").glob("*.safetensors"))) == 1
 
     def must_not_run(*args, **kwargs):
         raise AssertionError("extraction ran although the cache holds the result")

@@ -1,0 +1,287 @@
+"""The project deletes and overwrites only what it wrote: a manifest in every folder it
+creates, and an advisory lock for every writer.
+
+A folder the project creates (a run, a dataset, the reports, the embedding cache) holds
+``.img2prompt-manifest.jsonl``: one JSON object per line, appended as the project works —
+the folder's kind, each file it writes (recorded *before* the file is written), each file it
+removes, and each stage it finished. Appending keeps recording cheap for 100,000 images; a
+line cut short by a crash is ignored. ``clear`` removes the recorded files and nothing else.
+A non-empty folder without a manifest was not made by the project: it is refused, never
+emptied. ``files.atomic_path`` records every write in the manifest of the folder that holds
+it (the file's parent or grandparent), so no writer can forget to.
+
+Locks are ``fcntl.flock`` on a lock file: a second writer is told which process holds it.
+"""
+
+import contextlib
+import fcntl
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from .errors import Img2PromptError
+
+MANIFEST_FILE = ".img2prompt-manifest.jsonl"
+LOCK_FILE = ".img2prompt.lock"
+INTERNAL_FILES = (MANIFEST_FILE, LOCK_FILE)
+
+
+class FolderError(Img2PromptError):
+    """A folder is not the project's to change, or another process is writing it."""
+
+
+class OwnedFolder:
+    """A folder with a manifest: its kind, the files the project wrote there, finished stages.
+
+    Use ``claim`` (create or open) or ``find_owned`` (open when it has a manifest)."""
+
+    def __init__(self, root):
+        self.root = Path(root)
+        self.manifest = self.root / MANIFEST_FILE
+        self.kind, self.origin, self.files, self.finished = None, None, set(), set()
+        self._identity, self._offset = None, 0
+        self.refresh()
+
+    # --- reading the manifest -------------------------------------------------------------
+
+    def refresh(self):
+        """Bring the in-memory state up to date with the manifest on disk: only the lines
+        appended since the last read are parsed, unless the file was rewritten (``clear``)."""
+        stat = self.manifest.stat()
+        if self._identity != (stat.st_dev, stat.st_ino) or stat.st_size < self._offset:
+            self.kind, self.origin, self.files, self.finished = None, None, set(), set()
+            self._identity, self._offset = (stat.st_dev, stat.st_ino), 0
+        if stat.st_size == self._offset:
+            return
+        with open(self.manifest, "rb") as handle:
+            handle.seek(self._offset)
+            data = handle.read()
+        complete = data[:data.rfind(b"\n") + 1]  # a line without its newline is still being written
+        self._offset += len(complete)
+        for line in complete.splitlines():
+            try:
+                self._apply(json.loads(line))
+            except (ValueError, AttributeError):
+                continue  # a line cut by a crash
+
+    def _apply(self, event: dict):
+        if "kind" in event:
+            self.kind = event["kind"]
+        if "origin" in event:
+            self.origin = event["origin"]
+        if "wrote" in event:
+            self.files.add(event["wrote"])
+        if "removed" in event:
+            self.files.discard(event["removed"])
+        if "finished" in event:
+            self.finished.add(event["finished"])
+        if "unfinished" in event:
+            self.finished.discard(event["unfinished"])
+
+    # --- recording ------------------------------------------------------------------------
+
+    def _append(self, *events, durable=False):
+        with open(self.manifest, "a", encoding="utf-8") as handle:
+            handle.write("".join(json.dumps(e) + "\n" for e in events))
+            if durable:
+                handle.flush()
+                os.fsync(handle.fileno())
+        self.refresh()
+
+    def relative(self, path) -> str:
+        """``path`` relative to the folder, links in the folders above it resolved."""
+        path = Path(path)
+        inside = Path(os.path.realpath(path.parent)) / path.name
+        return inside.relative_to(os.path.realpath(self.root)).as_posix()
+
+    def record(self, *paths):
+        """Record ``paths`` as written by the project, before they are written. A file of
+        such a name that the project did not write is refused: it belongs to the user."""
+        self.refresh()
+        names = [name for name in dict.fromkeys(self.relative(p) for p in paths)
+                 if name not in INTERNAL_FILES and name not in self.files]
+        for name in names:
+            if os.path.lexists(self.root / name):
+                raise FolderError(
+                    f"{self.root / name}: exists and was not written by img2prompt, so it is left "
+                    f"alone. Move it out of {self.root}, or choose another folder.")
+        if names:
+            self._append(*({"wrote": name} for name in names))
+
+    def owns(self, path) -> bool:
+        self.refresh()
+        return self.relative(path) in self.files
+
+    def remove(self, path):
+        """Delete a file the project wrote here (refused for any other file)."""
+        name = self.relative(path)
+        if not self.owns(path):
+            raise FolderError(f"{self.root / name}: not written by img2prompt; not deleting it.")
+        target = self.root / name
+        if target.is_dir() and not target.is_symlink():
+            raise FolderError(f"{target}: a folder, not a file written by img2prompt.")
+        target.unlink(missing_ok=True)
+        self._append({"removed": name})
+        _remove_empty_parents(target.parent, self.root)
+
+    def clear(self, keep=()):
+        """Delete every recorded file (except those under the ``keep`` prefixes) and the
+        folders that this leaves empty; files the project did not write stay. The manifest
+        is rewritten with what is kept, and no stage is finished any more."""
+        self.refresh()
+        kept = {name for name in self.files if any(name.startswith(prefix) for prefix in keep)}
+        for name in sorted(self.files - kept, reverse=True):
+            target = self.root / name
+            if target.is_dir() and not target.is_symlink():
+                continue  # a recorded name that someone replaced with a folder: not ours now
+            target.unlink(missing_ok=True)
+            _remove_empty_parents(target.parent, self.root)
+        header = {"kind": self.kind, **({"origin": self.origin} if self.origin else {})}
+        _write_manifest(self.manifest, [header, *({"wrote": name} for name in sorted(kept))])
+        self._identity = None
+        self.refresh()
+
+    def set_origin(self, origin):
+        """Which front end made the folder's contents (``cli`` or ``notebooks``)."""
+        self._append({"origin": origin})
+
+    def mark_finished(self, stage):
+        """The stage's outputs are all written: the last record of a stage, made durable."""
+        self._append({"finished": stage}, durable=True)
+
+    def mark_unfinished(self, stage):
+        self._append({"unfinished": stage}, durable=True)
+
+    def is_finished(self, stage) -> bool:
+        self.refresh()
+        return stage in self.finished
+
+    def lock(self, what=None):
+        """Hold this folder's advisory lock (re-entrant within the process)."""
+        return lock(self.root / LOCK_FILE, what or f"{self.root}")
+
+
+def _write_manifest(path, events):
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write("".join(json.dumps(e) + "\n" for e in events))
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _remove_empty_parents(folder: Path, root: Path):
+    while folder != root and root in folder.parents:
+        try:
+            folder.rmdir()  # only succeeds when empty
+        except OSError:
+            return
+        folder = folder.parent
+
+
+def _entries(root: Path) -> list:
+    return [p for p in root.iterdir() if p.name not in INTERNAL_FILES] if root.is_dir() else []
+
+
+def _files_under(entry: Path) -> list:
+    if entry.is_dir() and not entry.is_symlink():
+        return [p for p in entry.rglob("*") if not p.is_dir()]
+    return [entry]
+
+
+def find_owned(root):
+    """The folder's OwnedFolder when it has a manifest, else None."""
+    root = Path(root)
+    return OwnedFolder(root) if (root / MANIFEST_FILE).is_file() else None
+
+
+def claim(root, kind, adopt=None) -> OwnedFolder:
+    """Open ``root`` as the project's folder of ``kind``: created with a fresh manifest when
+    it is missing or empty, opened when its manifest says ``kind``, refused otherwise.
+
+    ``adopt(path) -> bool`` may accept a folder without a manifest whose every entry the
+    project can prove it wrote (e.g. cache files named by their content hash): they are
+    then recorded."""
+    root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise FolderError(f"{root}: is a file, not a folder. Choose a folder.")
+    folder = find_owned(root)
+    if folder is None:
+        entries = _entries(root)
+        if entries and not (adopt and all(adopt(p) for p in entries)):
+            shown = ", ".join(sorted(p.name for p in entries)[:5]) + (", …" if len(entries) > 5 else "")
+            raise FolderError(
+                f"{root}: this folder holds files that img2prompt did not write ({shown}) and has "
+                f"no {MANIFEST_FILE} recording what img2prompt wrote, so img2prompt will not write "
+                "into it or empty it. Choose a new or empty folder, or move those files away "
+                "yourself. (A folder made by an older img2prompt has no record either.)")
+        root.mkdir(parents=True, exist_ok=True)
+        adopted = sorted(p.relative_to(root).as_posix() for e in entries for p in _files_under(e))
+        _write_manifest(root / MANIFEST_FILE, [{"kind": kind}, *({"wrote": n} for n in adopted)])
+        folder = OwnedFolder(root)
+    if folder.kind != kind:
+        raise FolderError(f"{root}: is an img2prompt {folder.kind} folder, not a {kind} folder. "
+                          "Choose another folder.")
+    return folder
+
+
+def record_write(path):
+    """Before the project writes ``path``: record it in the manifest of the folder that owns
+    it (the file's parent or grandparent). Outside owned folders nothing is recorded."""
+    path = Path(path)
+    for folder in (path.parent, path.parent.parent):
+        if (folder / MANIFEST_FILE).is_file():
+            _cached(folder).record(path)
+            return
+
+
+_folders = {}  # resolved folder -> OwnedFolder, so a bulk write does not re-read the manifest
+
+
+def _cached(folder: Path) -> OwnedFolder:
+    key = os.path.realpath(folder)
+    if key not in _folders:
+        _folders[key] = OwnedFolder(key)
+    return _folders[key]
+
+
+# --- locks -------------------------------------------------------------------------------
+
+_held = {}  # lock path -> [fd, depth] of the locks this process holds
+
+
+@contextlib.contextmanager
+def lock(path, what):
+    """Hold an exclusive advisory lock on ``path`` (created when missing), or fail at once
+    with the process that holds it. Re-entrant within one process."""
+    key = os.path.realpath(path)
+    if key in _held:
+        _held[key][1] += 1
+        try:
+            yield
+        finally:
+            _held[key][1] -= 1
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
+        os.close(fd)
+        raise FolderError(f"{what} is in use by process {holder} (lock file {path}). Wait for it "
+                          "to finish, or stop that process, then run this again.") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _held[key] = [fd, 1]
+    try:
+        yield
+    finally:
+        del _held[key]
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
