@@ -68,7 +68,7 @@ def cmd_import(args):
     from .importers import import_dataset
     csv_options = {k: v for k, v in (("id_col", args.id_col), ("prompt_col", args.prompt_col),
                                      ("path_col", args.path_col), ("images_dir", args.images)) if v}
-    summary = import_dataset(args.src, args.out, args.on_error, args.force, **csv_options)
+    summary = import_dataset(args.src, args.out, args.on_error, args.force, args.max_pixels, **csv_options)
     skipped = (f", skipped {summary['skipped']} (each with its reason in {summary['rejects']})"
                if summary["skipped"] else "")
     print(f"{summary['out']}: kept {summary['kept']} images{skipped}")
@@ -191,7 +191,11 @@ def build_parser() -> argparse.ArgumentParser:
                          "beside the CSV)")
     imports.add_argument("--on-error", choices=("fail", "skip"), default="fail",
                          help="bad items: stop (default) or leave out, listed in OUT/rejects.csv")
-    imports.add_argument("--force", action="store_true", help="import into an existing dataset folder anew")
+    imports.add_argument("--max-pixels", type=int, default=CONFIG_FIELDS["max_pixels"].default,
+                         help="largest width x height of an image, checked before decoding "
+                         "(default: %(default)s)")
+    imports.add_argument("--force", action="store_true", help="import anew into a dataset folder "
+                         "that an earlier import made (only what it wrote is removed)")
     imports.set_defaults(handler=cmd_import)
     download = data.add_parser("download", help="download DiffusionDB parts into a dataset folder")
     download.add_argument("source", choices=("diffusiondb",), help="what to download")

@@ -6,7 +6,9 @@ grouped by prompt text so that one prompt never lands in two splits.
 """
 
 import csv
+import dataclasses
 import hashlib
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,7 +16,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from .errors import DataError
+from .errors import DataError, shown
 from .files import write_csv
 from .images import IMAGE_EXTENSIONS, open_image, pixel_limit_problem
 
@@ -25,6 +27,12 @@ SPLITS = ("train", "val", "test")
 MAX_LISTED_PROBLEMS = 10
 ON_ERROR = ("fail", "skip")
 REJECTS_FILE = "rejects.csv"
+# No text-to-image prompt comes near this (the text encoders read a few hundred characters);
+# a longer one is a broken row. Import and load share the limit, so an imported dataset loads.
+MAX_PROMPT_CHARS = 10_000
+# Names that Windows reserves for devices, with any extension: such a file cannot exist there.
+WINDOWS_DEVICE_NAMES = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)),
+                        *(f"LPT{i}" for i in range(1, 10))}
 
 
 @dataclass(frozen=True)
@@ -92,40 +100,42 @@ def find_problems(root, decode_images=False) -> tuple:
         raise DataError(f"{images_dir}: folder not found. Put the images in "
                         f"{IMAGES_DIR}/<imgId>.png|jpg|jpeg|webp.")
 
-    image_files = {}
-    for path in sorted(images_dir.iterdir()):
-        if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file():
-            image_files.setdefault(path.stem, []).append(path)
-
-    rows, first_line_of = [], {}
+    image_files, bad_files = _list_images(root, images_dir)
+    rows, first_line_of, first_of_folded = [], {}, {}
     for line, img_id, prompt in _read_prompts_csv(csv_path):
         where = f"{csv_path} line {line}"
         if not img_id:
             problems.append(Problem(where, "empty imgId.", "Give every row an imgId."))
             continue
         if img_id in first_line_of:
-            problems.append(Problem(where, f"duplicate imgId '{img_id}' (first on line "
+            problems.append(Problem(where, f"duplicate imgId {shown(img_id)} (first on line "
                                     f"{first_line_of[img_id]}).", "Keep one row per image."))
             continue
         first_line_of[img_id] = line
-        if not is_safe_id(img_id):
-            problems.append(Problem(where, f"imgId '{img_id}' contains a path separator or '..'; "
-                                    f"refused: images are only read from {images_dir}.",
-                                    "Use a plain file name (no '/', '\\' or '..') as imgId."))
+        id_problem = unsafe_id_problem(img_id)
+        if id_problem:
+            problems.append(Problem(where, f"imgId {shown(img_id)} {id_problem}; refused: images "
+                                    f"are only read from {images_dir}.",
+                                    "Use a plain file name (no '/', '\\', '..' or NUL) as imgId."))
             continue
-        if not prompt.strip():
-            problems.append(Problem(where, f"empty prompt for imgId '{img_id}'.",
-                                    "Write the prompt or remove the row."))
+        problems += _portability_warnings(where, img_id, line, first_of_folded)
+        problem = prompt_problem(prompt)
+        if problem:
+            problems.append(Problem(where, f"{problem} for imgId {shown(img_id)}.",
+                                    "Write the prompt (shorter) or remove the row."))
             continue
         candidates = image_files.get(img_id, [])
+        if not candidates and img_id in bad_files:
+            problems.append(bad_files.pop(img_id))
+            continue
         if not candidates:
-            problems.append(Problem(where, f"no image for imgId '{img_id}' in {images_dir}.",
+            problems.append(Problem(where, f"no image for imgId {shown(img_id)} in {images_dir}.",
                                     f"Add {IMAGES_DIR}/{img_id}.png (or .jpg/.jpeg/.webp) "
                                     "or remove the row."))
             continue
         if len(candidates) > 1:
-            names = ", ".join(p.name for p in candidates)
-            problems.append(Problem(where, f"several images for imgId '{img_id}': {names}.",
+            names = ", ".join(shown(p.name) for p in candidates)
+            problems.append(Problem(where, f"several images for imgId {shown(img_id)}: {names}.",
                                     "Keep exactly one."))
             continue
         path = candidates[0]
@@ -140,16 +150,98 @@ def find_problems(root, decode_images=False) -> tuple:
             for path in paths:
                 problems.append(Problem(str(path), "image has no row in prompts.csv; it is "
                                         "ignored.", "Add a row for it to use it.", "warning"))
+    for problem in bad_files.values():  # unusable files that no row asks for
+        problems.append(dataclasses.replace(problem, severity="warning"))
     return rows, problems
+
+
+def _list_images(root, images_dir):
+    """({stem: [paths]} of the usable image files, {stem: Problem} of the unusable ones)."""
+    roots = (root, images_dir)
+    image_files, bad_files = {}, {}
+    with os.scandir(images_dir) as entries:
+        for entry in sorted(entries, key=lambda e: e.name):
+            path = Path(entry.path)
+            if path.suffix.lower() not in IMAGE_EXTENSIONS:
+                continue
+            problem = unusable_file_problem(path, roots)
+            if problem:
+                bad_files[path.stem] = Problem(str(path), problem, "Put the image file itself in images/.")
+            else:
+                image_files.setdefault(path.stem, []).append(path)
+    return image_files, bad_files
+
+
+def unusable_file_problem(path, roots):
+    """Why ``path`` must not be read as an image, else None: a link whose target lies outside
+    every folder of ``roots`` (it is not the dataset's to read), or not a regular file (a
+    FIFO would block the reader forever; a device never ends)."""
+    path = Path(path)
+    if path.is_symlink():
+        target = os.path.realpath(path)
+        if not any(_inside(target, folder) for folder in roots):
+            return f"is a link to {shown(target)}, outside {shown(roots[0])}; refused."
+    if not path.is_file():
+        return "is not a regular file (a folder, FIFO, device, socket or broken link); skipped."
+    return None
+
+
+def _inside(path, folder) -> bool:
+    folder = os.path.realpath(folder)
+    return os.path.commonpath([path, folder]) == folder
+
+
+def _portability_warnings(where, img_id, line, first_of_folded) -> list:
+    """Ids that break the dataset on other systems: case-insensitive file systems (macOS,
+    Windows) see 'A' and 'a' as one file; Windows cannot create a file named CON or NUL."""
+    warnings = []
+    folded = img_id.casefold()
+    if folded in first_of_folded:
+        other, other_line = first_of_folded[folded]
+        warnings.append(Problem(where, f"imgId {shown(img_id)} differs from {shown(other)} (line "
+                                f"{other_line}) only in letter case: on a case-insensitive file "
+                                "system (macOS, Windows) their images are one file.",
+                                "Rename one of them.", "warning"))
+    else:
+        first_of_folded[folded] = (img_id, line)
+    if img_id.split(".")[0].upper() in WINDOWS_DEVICE_NAMES:
+        warnings.append(Problem(where, f"imgId {shown(img_id)} is a device name on Windows: the "
+                                "dataset cannot be copied there.", "Rename the image.", "warning"))
+    return warnings
+
+
+def prompt_problem(prompt: str):
+    """What is wrong with a prompt under the shared policy, else None."""
+    if not prompt.strip():
+        return "empty prompt"
+    if len(prompt) > MAX_PROMPT_CHARS:
+        return f"over-long prompt ({len(prompt):,} characters; the limit is {MAX_PROMPT_CHARS:,})"
+    return None
+
+
+def unsafe_id_problem(img_id: str):
+    """Why an imgId could name something outside images/ (or nothing), else None."""
+    if "\0" in img_id:
+        return "contains a NUL character"
+    if any(bad in img_id for bad in ("/", "\\")):
+        return "contains a path separator"
+    if ".." in img_id:
+        return "contains '..'"
+    if img_id.strip() != img_id:
+        return "starts or ends with spaces"
+    return None
 
 
 def is_safe_id(img_id: str) -> bool:
     """An imgId that names a file inside images/ and nothing else."""
-    return not any(bad in img_id for bad in ("/", "\\", "..", "\0")) and img_id.strip() == img_id
+    return unsafe_id_problem(img_id) is None
 
 
 def _read_prompts_csv(csv_path):
-    """Yield (line, imgId, prompt) from prompts.csv, refusing a file without the columns."""
+    """Yield (line, imgId, prompt) from prompts.csv, refusing a file without the columns.
+    Fields of any length are read (Python's csv stops at 128 KB and would fail the whole
+    file): an over-long prompt is one row's problem (``prompt_problem``)."""
+    previous_limit = csv.field_size_limit(2**31 - 1)
     try:
         with open(csv_path, newline="", encoding="utf-8-sig") as handle:
             reader = csv.DictReader(handle)
@@ -168,6 +260,18 @@ def _read_prompts_csv(csv_path):
         raise DataError(f"{csv_path}: not UTF-8 text ({error}). Save the file as UTF-8.") from None
     except csv.Error as error:
         raise DataError(f"{csv_path}: malformed CSV ({error}).") from None
+    finally:
+        csv.field_size_limit(previous_limit)
+
+
+def read_csv_table(path) -> pd.DataFrame:
+    """A CSV file as text columns; DataError naming the file when it cannot be read."""
+    try:
+        return pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path}: not UTF-8 text ({error}). Save the file as UTF-8.") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, csv.Error, ValueError) as error:
+        raise DataError(f"{path}: malformed CSV ({error}).") from None
 
 
 def _check_image(path, decode):

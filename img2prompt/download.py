@@ -5,24 +5,28 @@ prompt, seed, steps, cfg, sampler each) and ``metadata.parquet`` (one row per im
 NSFW scores). Files download into ``OUT/downloads/`` as ``NAME.partial`` and only take their
 final name once whole: their size matches what the server announced and an archive passes
 its CRC check. An interrupted download resumes with an HTTP range request; a connection cut
-mid-file is retried from where it stopped. Then the archives are imported into ``OUT``
-(``importers``) and the metadata's extra fields are joined as columns.
+mid-file is retried from where it stopped; a partial file is locked while it grows, so two
+downloads never append to one file. Then the archives are imported into ``OUT``
+(``importers``) and the metadata's extra fields are joined as columns. ``OUT/downloads`` is
+kept when ``--force`` imports anew.
 """
 
 import os
 import time
 import urllib.error
 import urllib.request
-import zipfile
 from http.client import HTTPException
 from pathlib import Path
 
 import pandas as pd
 
-from .errors import DataError
-from .files import write_csv
+from .archives import check_archive
+from .errors import DataError, shown
 from .importers import DatasetWriter, import_diffusiondb_archives
+from .ownership import lock, record_write
 from .progress import progress_bar
+
+DOWNLOADS_DIR = "downloads"
 
 DIFFUSIONDB_URL = "https://huggingface.co/datasets/poloclub/diffusiondb/resolve/main"
 METADATA_FILE = "metadata.parquet"
@@ -71,6 +75,13 @@ def download_file(url, dest, progress=True, check=None) -> Path:
         return dest  # only whole, checked files ever get this name
     partial = dest.with_name(dest.name + ".partial")
     dest.parent.mkdir(parents=True, exist_ok=True)
+    with lock(dest.with_name(f".{dest.name}.lock"), f"the download of {partial}"):
+        record_write(partial)
+        record_write(dest)
+        return _download(url, dest, partial, progress, check)
+
+
+def _download(url, dest, partial, progress, check):
     for attempt in range(1, RETRIES + 1):
         start = partial.stat().st_size if partial.exists() else 0
         try:
@@ -108,16 +119,13 @@ def download_file(url, dest, progress=True, check=None) -> Path:
     return dest
 
 
-def check_archive(path):
+def checked_archive(path):
+    """A downloaded part must be whole: every member within the limits, CRC checked."""
     try:
-        with zipfile.ZipFile(path) as bundle:
-            broken = bundle.testzip()
-    except zipfile.BadZipFile as error:
-        raise DataError(f"{path}: corrupt archive ({error}); it was deleted, run again to "
+        check_archive(path)
+    except DataError as error:
+        raise DataError(f"{error} A corrupt archive: the download was deleted; run again to "
                         "download it anew.") from None
-    if broken:
-        raise DataError(f"{path}: corrupt archive (member {broken} fails its CRC check); it was "
-                        "deleted, run again to download it anew.")
 
 
 def download_diffusiondb(out, parts="1", base_url=DIFFUSIONDB_URL, drop_nsfw=None,
@@ -127,43 +135,48 @@ def download_diffusiondb(out, parts="1", base_url=DIFFUSIONDB_URL, drop_nsfw=Non
     ``drop_nsfw``: drop the images whose ``image_nsfw`` or ``prompt_nsfw`` score in the
     metadata is at least this value (None keeps every image)."""
     out, base_url = Path(out), base_url.rstrip("/")
-    downloads = out / "downloads"
+    downloads = out / DOWNLOADS_DIR
     numbers = parse_parts(parts)
-    writer = DatasetWriter(out, on_error, force)  # refuses an existing dataset before any download
-    metadata_path = download_file(f"{base_url}/{METADATA_FILE}", downloads / METADATA_FILE, progress)
-    archives = []
-    for number in numbers:
-        name = f"part-{number:06d}.zip"
-        archives.append(download_file(f"{base_url}/images/{name}", downloads / name, progress,
-                                      check=check_archive))
-        log(f"{name}: downloaded and checked")
-    import_diffusiondb_archives(archives, writer)
-    summary = writer.finish()
-    summary["dropped_nsfw"] = _join_metadata(out, metadata_path, drop_nsfw)
-    summary["kept"] -= summary["dropped_nsfw"]
-    return summary
+    # claims OUT and refuses an existing dataset before any download
+    with DatasetWriter(out, on_error, force, keep=(f"{DOWNLOADS_DIR}/",)) as writer:
+        metadata_path = download_file(f"{base_url}/{METADATA_FILE}", downloads / METADATA_FILE, progress)
+        archives = []
+        for number in numbers:
+            name = f"part-{number:06d}.zip"
+            archives.append(download_file(f"{base_url}/images/{name}", downloads / name, progress,
+                                          check=checked_archive))
+            log(f"{name}: downloaded and checked")
+        import_diffusiondb_archives(archives, writer)
+        dropped = _join_metadata(writer, metadata_path, drop_nsfw)
+        summary = writer.finish()
+    return {**summary, "dropped_nsfw": dropped}
 
 
-def _join_metadata(out, metadata_path, drop_nsfw) -> int:
-    """Add the metadata's columns to prompts.csv; drop (and delete) NSFW-flagged images."""
+def _join_metadata(writer, metadata_path, drop_nsfw) -> int:
+    """Add the metadata's columns to the imported rows; drop (and delete) NSFW-flagged images."""
     try:
-        metadata = pd.read_parquet(metadata_path).set_index("image_name")
+        metadata = pd.read_parquet(metadata_path)
+        names = metadata["image_name"].astype(str)
     except Exception as error:  # noqa: BLE001 - pyarrow raises many types for bad files
-        raise DataError(f"{metadata_path}: unreadable metadata table ({error}); delete it and "
-                        "run again.") from None
-    table = pd.read_csv(out / "prompts.csv", dtype=str, keep_default_na=False)
-    names = table["imgId"] + ".png"
+        raise DataError(f"{metadata_path}: unreadable metadata table ({type(error).__name__}: "
+                        f"{error}); delete it and run again.") from None
+    for name in names[names.duplicated()].unique():
+        writer.reject(f"{metadata_path}: image_name {shown(name)}", "appears more than once in the "
+                      "metadata table; its first row is used.", "")
+    metadata = metadata[~names.duplicated()].set_index(names[~names.duplicated()])
+    table = pd.DataFrame(writer.rows)
+    if table.empty:
+        return 0
+    file_names = table["imgId"] + ".png"
     for column in METADATA_COLUMNS:
         if column in metadata.columns:
-            table[column] = names.map(metadata[column]).astype(object).where(names.isin(metadata.index), "")
-    dropped = 0
-    if drop_nsfw is not None:
-        scores = [pd.to_numeric(table.get(c, pd.Series(dtype=float)), errors="coerce")
-                  for c in ("image_nsfw", "prompt_nsfw")]
-        flagged = (scores[0] >= drop_nsfw) | (scores[1] >= drop_nsfw)
-        for img_id in table.loc[flagged, "imgId"]:
-            (out / "images" / f"{img_id}.png").unlink(missing_ok=True)
-        dropped = int(flagged.sum())
-        table = table[~flagged]
-    write_csv(out / "prompts.csv", table)
-    return dropped
+            values = file_names.map(metadata[column]).astype(object)
+            table[column] = values.where(file_names.isin(metadata.index), "")
+    writer.rows = table.to_dict("records")
+    if drop_nsfw is None:
+        return 0
+    scores = [pd.to_numeric(table.get(c, pd.Series(dtype=float)), errors="coerce")
+              for c in ("image_nsfw", "prompt_nsfw")]
+    flagged = table.loc[(scores[0] >= drop_nsfw) | (scores[1] >= drop_nsfw), "imgId"]
+    writer.drop(flagged)
+    return len(flagged)

@@ -1,8 +1,29 @@
 """One exception family: every error a user can cause or fix is an ``Img2PromptError``.
 
 The CLI prints the message of these (what is wrong, where, how to fix it) without a
-traceback; anything else is a bug and keeps its traceback.
+traceback; anything else is a bug and keeps its traceback. Messages quote file names and
+ids from untrusted data, so ``printable`` escapes what could drive a terminal.
 """
+
+import re
+
+# C0/C1 control characters (escape sequences start with ESC) and Unicode direction overrides
+_UNPRINTABLE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+_UNPRINTABLE_OR_NEWLINE = re.compile(f"{_UNPRINTABLE.pattern[:-1]}\n\t]")
+
+
+def printable(text, keep_newlines=True) -> str:
+    """``text`` with control characters written as ``\\xNN`` (``\\u202e``) escapes, so that
+    printing it cannot move the cursor, recolour the terminal or reverse the text.
+    Newlines and tabs stay unless ``keep_newlines`` is false (for a quoted name or id)."""
+    pattern = _UNPRINTABLE if keep_newlines else _UNPRINTABLE_OR_NEWLINE
+    return pattern.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 256
+                       else f"\\u{ord(m.group()):04x}", str(text))
+
+
+def shown(name) -> str:
+    """A file name or id from the data, quoted for a message."""
+    return f"'{printable(name, keep_newlines=False)}'"
 
 
 class Img2PromptError(Exception):

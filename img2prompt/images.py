@@ -23,10 +23,15 @@ def set_max_pixels(max_pixels: int):
 
 def pixel_limit_problem(image: Image.Image):
     """What is wrong when an opened (not yet decoded) image is over the pixel limit, else None."""
-    pixels = image.width * image.height
+    return pixel_limit_text(image.width, image.height)
+
+
+def pixel_limit_text(width, height):
+    """What is wrong when an image of ``width`` x ``height`` is over the pixel limit, else None."""
+    pixels = width * height
     if pixels <= _limit["max_pixels"]:
         return None
-    return (f"image of {image.width}x{image.height} = {pixels:,} pixels is over the limit of "
+    return (f"image of {width}x{height} = {pixels:,} pixels is over the limit of "
             f"{_limit['max_pixels']:,}. Resize it, or raise the limit with --max-pixels if the "
             "file is trusted.")
 
