@@ -103,9 +103,13 @@ class StudyConfig:
         path = Path(run_dir) / CONFIG_FILE
         if not path.is_file():
             raise RunError(f"{path}: not found. Is {run_dir} a run folder made by 'img2prompt train'?")
-        values = json.loads(path.read_text())["config"]
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in known})
+        try:
+            values = json.loads(path.read_text(encoding="utf-8"))["config"]
+            known = {f.name for f in fields(cls)}
+            return cls(**{k: v for k, v in values.items() if k in known})
+        except (ValueError, KeyError, TypeError, AttributeError) as error:  # ValueError: JSON, UTF-8
+            raise RunError(f"{path}: not a readable img2prompt config ({type(error).__name__}: "
+                           f"{error}). Train the run again in a new folder.") from None
 
 
 def package_versions() -> dict:

@@ -16,18 +16,15 @@ is saved) or are lightly tuned with it (``tune="all"``).
 """
 
 import importlib.util
-import json
 import os
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .checkpoints import foreign, load_tensors, save_tensors
 from .errors import ModelUnavailableError, RunError
-from .files import atomic_path
 from .generation import DecodeOptions, generate
 
 TINY = "tiny"
@@ -302,26 +299,25 @@ def save_decoder(decoder: PromptDecoder, path):
     for name, tensor in state.items():  # tied weights (GPT-2's lm_head = wte) are stored once
         if (tensor.data_ptr(), tuple(tensor.shape)) not in seen:
             seen.add((tensor.data_ptr(), tuple(tensor.shape)))
-            stored[name] = tensor.detach().contiguous()
-    state = stored
-    with atomic_path(path) as tmp:
-        save_file(state, str(tmp), metadata={"spec": json.dumps(decoder.spec)})
+            stored[name] = tensor
+    save_tensors(path, stored, {"spec": decoder.spec})
 
 
 def load_decoder(path) -> PromptDecoder:
-    path = Path(path)
-    if not path.is_file():
-        raise RunError(f"{path}: no trained decoder. Run 'img2prompt train-decoder' on this run first.")
-    with safe_open(str(path), framework="pt") as handle:
-        spec = json.loads(handle.metadata()["spec"])
-    if spec["decoder"] == TINY:
-        tokens = WordPieceTokens(spec["pieces"])
-        lm = TinyCausalLM(tokens.size, spec["width"], spec["layers"], spec["heads"], spec["dropout"])
-    else:
-        _, tokenizer, model = load_pretrained_lm(spec["source"])
-        tokens, lm = PretrainedTokens(tokenizer), PretrainedCausalLM(model)
-    model = PrefixDecoder(lm, spec["image_dim"], spec["prefix_length"], spec["prefix_hidden"])
-    missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
+    fix = "Train it again ('img2prompt train-decoder --force')."
+    state, metadata = load_tensors(path, "trained decoder", fix, required=("spec",))
+    spec = metadata["spec"]
+    try:
+        if spec["decoder"] == TINY:
+            tokens = WordPieceTokens(spec["pieces"])
+            lm = TinyCausalLM(tokens.size, spec["width"], spec["layers"], spec["heads"], spec["dropout"])
+        else:
+            _, tokenizer, model = load_pretrained_lm(spec["source"])
+            tokens, lm = PretrainedTokens(tokenizer), PretrainedCausalLM(model)
+        model = PrefixDecoder(lm, spec["image_dim"], spec["prefix_length"], spec["prefix_hidden"])
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except (KeyError, TypeError, RuntimeError, ValueError) as error:
+        raise foreign(path, "decoder", error, fix) from None
     if unexpected or any(not k.startswith("lm.") for k in missing) or (spec["decoder"] == TINY and missing):
         raise RunError(f"{path}: does not match its recorded decoder ({spec['decoder']}); train it again.")
     return PromptDecoder(model.eval(), tokens, spec)

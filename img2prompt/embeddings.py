@@ -16,11 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.numpy import load_file, save_file
-
-from .errors import DataError
-from .files import atomic_path
+from .checkpoints import load_tensors, save_tensors
+from .errors import DataError, RunError
 from .images import open_image
 from .ownership import claim, lock
 from .progress import progress_bar
@@ -79,8 +76,8 @@ class EmbeddingCache:
         if not path.is_file():
             return None
         try:
-            return load_file(path)["embeddings"]
-        except (SafetensorError, KeyError, OSError):
+            return load_tensors(path, "cache entry", "", framework="numpy")[0]["embeddings"]
+        except (RunError, KeyError):
             return None  # unreadable entry: recompute and overwrite it
 
     def save(self, kind, key, array):
@@ -88,9 +85,7 @@ class EmbeddingCache:
 
     def _write(self, path, key, array):
         self.folder()
-        with atomic_path(path) as tmp:
-            save_file({"embeddings": np.ascontiguousarray(array, dtype=np.float32)}, str(tmp),
-                      metadata={"key": json.dumps(key, sort_keys=True, default=str)})
+        save_tensors(path, {"embeddings": np.asarray(array, dtype=np.float32)}, {"key": key})
 
     def load_shards(self, kind, key) -> list:
         """The saved chunks of an unfinished extraction, in order (stops at the first gap)."""

@@ -1,14 +1,9 @@
 """The mapper: an MLP from image embeddings to prompt embeddings, saved as safetensors + JSON."""
 
-import json
-from pathlib import Path
-
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .errors import RunError
-from .files import atomic_path
+from .checkpoints import foreign, load_tensors, save_tensors
 
 
 class Mapper(nn.Module):
@@ -55,18 +50,15 @@ class Mapper(nn.Module):
 
 
 def save_mapper(model: Mapper, path):
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    with atomic_path(path) as tmp:
-        save_file(state, str(tmp), metadata={"hparams": json.dumps(model.hparams)})
+    save_tensors(path, model.state_dict(), {"hparams": model.hparams})
 
 
 def load_mapper(path) -> Mapper:
-    path = Path(path)
-    if not path.is_file():
-        raise RunError(f"{path}: no trained model. Run 'img2prompt train' for this run folder first.")
-    from safetensors import safe_open
-    with safe_open(str(path), framework="pt") as handle:
-        hparams = json.loads(handle.metadata()["hparams"])
-    model = Mapper(**hparams)
-    model.load_state_dict(load_file(str(path)))
+    fix = "Train the run again ('img2prompt train --force')."
+    state, metadata = load_tensors(path, "trained mapper", fix, required=("hparams",))
+    try:
+        model = Mapper(**metadata["hparams"])
+        model.load_state_dict(state)
+    except (TypeError, RuntimeError, ValueError) as error:
+        raise foreign(path, "mapper", error, fix) from None
     return model.eval()

@@ -16,11 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from safetensors.numpy import load_file, save_file
-from safetensors import safe_open
 
 from .config import StudyConfig
 from .analysis import attribute_matches, load_attributes
+from .checkpoints import load_tensors, save_tensors
 from .decoder import build_decoder, load_decoder, save_decoder
 from .config import CONFIG_FILE
 from .data import (REJECTS_FILE, ImageDataset, grouped_split, load_dataset, load_splits,
@@ -28,7 +27,7 @@ from .data import (REJECTS_FILE, ImageDataset, grouped_split, load_dataset, load
 from .embeddings import EmbeddingCache, image_embeddings, text_embeddings
 from .errors import RunError
 from .evaluation import cosine_rows, evaluate_methods, fit_linear_map
-from .files import atomic_path, write_csv, write_json
+from .files import write_csv, write_json
 from .image_encoders import image_encoder
 from .images import set_max_pixels
 from .mapper import load_mapper, save_mapper
@@ -158,16 +157,19 @@ def unique_prompts(prompts):
 
 
 def save_prompt_bank(path, prompts, target_emb):
-    with atomic_path(path) as tmp:
-        save_file({"target_emb": np.ascontiguousarray(target_emb, dtype=np.float32)}, str(tmp),
-                  metadata={"prompts": json.dumps(list(prompts))})
+    save_tensors(path, {"target_emb": np.asarray(target_emb, dtype=np.float32)},
+                 {"prompts": list(prompts)})
 
 
 def load_prompt_bank(path):
     """(prompts, target-space embeddings) of a run's prompt bank."""
-    with safe_open(str(path), framework="numpy") as handle:
-        prompts = json.loads(handle.metadata()["prompts"])
-    return prompts, load_file(str(path))["target_emb"]
+    tensors, metadata = load_tensors(path, "prompt bank", "Train the run again.", framework="numpy",
+                                     required=("prompts",))
+    prompts, bank = metadata["prompts"], tensors.get("target_emb")
+    if bank is None or not isinstance(prompts, list) or len(prompts) != len(bank):
+        raise RunError(f"{path}: not an img2prompt prompt bank (prompts and embeddings do not "
+                       "match). Train the run again.")
+    return prompts, bank
 
 
 def start_run(config: StudyConfig, force=False, origin="cli", log=_quiet):

@@ -1,6 +1,7 @@
 import shutil
 
 import numpy as np
+import safetensors.numpy
 import pytest
 from PIL import Image
 
@@ -55,7 +56,7 @@ def test_interrupted_write_leaves_nothing_trusted(tmp_path, monkeypatch):
         open(filename, "wb").write(b"half a file")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(embeddings, "save_file", crash)
+    monkeypatch.setattr(safetensors.numpy, "save_file", crash)
     with pytest.raises(KeyboardInterrupt):
         cache.save("image", key, np.ones((2, 3)))
     assert cache.load("image", key) is None
@@ -64,9 +65,17 @@ def test_interrupted_write_leaves_nothing_trusted(tmp_path, monkeypatch):
 
 def test_corrupt_cache_entry_is_recomputed(tmp_path):
     cache = EmbeddingCache(tmp_path)
-    cache.save("text", {"k": 2}, np.ones((2, 3)))
-    cache.path("text", {"k": 2}).write_bytes(b"garbage")
-    assert cache.load("text", {"k": 2}) is None
+    texts = ["a red circle", "two blue stars"]
+    first = text_embeddings(texts, metric_encoder(), cache, progress=False)
+    [entry] = (tmp_path / "embeddings").glob("*.safetensors")
+    entry.write_bytes(b"garbage")
+    recomputing = metric_encoder()
+    again = text_embeddings(texts, recomputing, cache, progress=False)
+    assert recomputing._model is not None, "the corrupt entry must be recomputed, not trusted"
+    np.testing.assert_allclose(again, first, atol=1e-6)
+    from_cache = metric_encoder()
+    assert np.array_equal(text_embeddings(texts, from_cache, cache, progress=False), again)
+    assert from_cache._model is None  # the entry was rewritten whole: a cache hit again
 
 
 def test_text_embeddings_cached(tmp_path):
