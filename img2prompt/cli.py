@@ -14,7 +14,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from .config import StudyConfig
-from .errors import Img2PromptError
+from .errors import Img2PromptError, printable
 
 DATA_OPTIONS = ("on_error", "max_pixels")
 ENCODER_OPTIONS = ("image_encoder", "image_weights", "text_encoder", "text_model", "text_pooling",
@@ -31,7 +31,7 @@ CONFIG_FIELDS = {f.name: f for f in fields(StudyConfig)}
 
 
 def log(message):
-    print(message, file=sys.stderr, flush=True)
+    print(printable(message), file=sys.stderr, flush=True)
 
 
 def add_config_options(parser, names):
@@ -149,7 +149,7 @@ def cmd_predict(args):
     else:
         for result in results:
             similarity = f"\t(similarity {result['similarity']:.3f})" if "similarity" in result else ""
-            print(f"{result['image']}\t{result['prompt']}{similarity}")
+            print(printable(f"{result['image']}\t{result['prompt']}{similarity}"))
     return 0
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from .errors import DataError, shown
+from .errors import DataError, printable, shown
 from .files import write_csv
 from .images import IMAGE_EXTENSIONS, open_image, pixel_limit_problem
 
@@ -45,7 +45,7 @@ class Problem:
     severity: str = "error"  # "error" refuses the dataset, "warning" is only reported
 
     def __str__(self):
-        return f"{self.severity}: {self.where}: {self.what} {self.fix}".rstrip()
+        return printable(f"{self.severity}: {self.where}: {self.what} {self.fix}".rstrip())
 
 
 @dataclass

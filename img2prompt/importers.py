@@ -213,8 +213,10 @@ def image_folder_files(src) -> list:
 def import_image_folder(files, writer: DatasetWriter):
     """Images whose prompt is inside the file (PNG text chunks)."""
     for path, problem in files:
-        if problem:
-            writer.reject(path, problem)
+        size = path.stat().st_size if not problem else 0
+        if problem or size > MAX_IMAGE_BYTES:
+            writer.reject(path, problem or f"{size:,} bytes, over the limit of {MAX_IMAGE_BYTES:,} "
+                          "for an image file.")
             continue
         try:
             fields = embedded_prompt(path)
@@ -230,8 +232,7 @@ def import_image_folder(files, writer: DatasetWriter):
                           "and 'parameters').", "Import it with a CSV that holds its prompt.")
             continue
         prompt = fields.pop("prompt")
-        writer.add(path, path.name, copy_file(path), prompt, {**fields, "source": path.name},
-                   size=path.stat().st_size)
+        writer.add(path, path.name, copy_file(path), prompt, {**fields, "source": path.name}, size)
 
 
 # --- DiffusionDB part archives --------------------------------------------------------------

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TEXT_CHUNKS = (b"tEXt", b"zTXt", b"iTXt")
 MAX_KEYWORD = 80  # the PNG specification's limit
+MAX_CHUNKS = 100_000  # far more than any real PNG (an APNG frame is two or three chunks)
 
 
 @dataclass
@@ -24,7 +25,11 @@ class PngText:
 
 
 class NotPng(ValueError):
-    """The file is not a PNG (or its chunk structure is broken)."""
+    """The file is not a PNG."""
+
+
+class BrokenPng(ValueError):
+    """The file starts like a PNG but its chunks are broken."""
 
 
 def read_png_text(path, max_chars) -> PngText:
@@ -33,7 +38,7 @@ def read_png_text(path, max_chars) -> PngText:
     try:
         return _read(path, max_chars)
     except struct.error:
-        raise NotPng("the file ends inside a chunk") from None
+        raise BrokenPng("the file ends inside a chunk") from None
 
 
 def _read(path, max_chars):
@@ -41,10 +46,13 @@ def _read(path, max_chars):
     with open(path, "rb") as handle:
         if handle.read(8) != SIGNATURE:
             raise NotPng("not a PNG file")
-        while header := handle.read(8):
-            if len(header) < 8:
-                raise NotPng("the file ends inside a chunk header")
+        for count in range(MAX_CHUNKS):
+            header = handle.read(8)
+            if not header:
+                break
             length, kind = struct.unpack(">I4s", header)
+            if not kind.isalpha() or (count == 0) != (kind == b"IHDR"):
+                raise BrokenPng(f"broken chunk structure (chunk {count} is {kind!r})")
             if kind == b"IHDR":
                 result.width, result.height = struct.unpack(">II", handle.read(8))
                 handle.seek(length - 8 + 4, 1)
@@ -55,6 +63,8 @@ def _read(path, max_chars):
                 break
             else:
                 handle.seek(length + 4, 1)
+        else:
+            raise BrokenPng(f"more than {MAX_CHUNKS:,} chunks")
     return result
 
 
