@@ -36,6 +36,20 @@ def trained_run(tmp_path_factory, cache_dir):
     return {"data": data, "run": run}
 
 
+@pytest.fixture
+def empty_hf_cache(tmp_path, monkeypatch):
+    """A Hugging Face cache with nothing in it, whatever this machine has downloaded: a test
+    of the 'not on this machine' messages must not find bert-base-uncased or CLIP there."""
+    import huggingface_hub.constants as constants
+    cache = tmp_path / "hf-home" / "hub"
+    cache.mkdir(parents=True)
+    monkeypatch.setenv("HF_HOME", str(cache.parent))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HOME", str(cache.parent))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    return cache
+
+
 def shared_set(name) -> Path:
     path = SHARED_DATA / name
     if not path.is_dir():

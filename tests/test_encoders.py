@@ -32,12 +32,17 @@ def test_packaged_efficientnet(name, dim):
 
 
 def test_channels_last_matches_plain_layout():
+    """Two copies of the model: the encoder's own (channels_last) and a plain one."""
     encoder = image_encoder("efficientnet-lite0")
     batch = torch.stack([encoder.preprocess(p) for p in pictures()])
-    with torch.inference_mode():
-        plain = encoder._features(encoder.model.to(memory_format=torch.contiguous_format),
-                                  encoder.normalize(batch))
     fast = encoder.forward(batch)
+    conv = next(p for p in encoder.model.parameters() if p.dim() == 4 and p.shape[-1] > 1)
+    assert conv.is_contiguous(memory_format=torch.channels_last)  # the fast path really ran
+    plain_model = image_encoder("efficientnet-lite0")._load().eval()
+    plain_conv = next(p for p in plain_model.parameters() if p.dim() == 4 and p.shape[-1] > 1)
+    assert not plain_conv.is_contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        plain = encoder._features(plain_model, encoder.normalize(batch))
     assert torch.allclose(plain, fast, atol=1e-4)
 
 
@@ -69,7 +74,7 @@ def test_bert_from_local_folder_with_each_pooling(tiny_bert):
     assert np.allclose(single[0], results["mean"][0], atol=1e-5)
 
 
-def test_bert_missing_says_how_to_provide_it(tmp_path):
+def test_bert_missing_says_how_to_provide_it(tmp_path, empty_hf_cache):
     encoder = text_encoder("bert", model=str(tmp_path / "no-such-model"))
     with pytest.raises(ModelUnavailableError, match="--text-model"):
         encoder.encode(["x"])
@@ -136,7 +141,7 @@ def test_hugging_face_vision_models_from_folders(tiny_vit, tiny_clip):
     assert clip.encode(pictures()).shape == (2, 24)  # the projected image embedding
 
 
-def test_unknown_or_missing_image_encoders(tmp_path):
+def test_unknown_or_missing_image_encoders(tmp_path, empty_hf_cache):
     with pytest.raises(ModelUnavailableError, match="unknown image encoder"):
         image_encoder("vgg99")
     with pytest.raises(ModelUnavailableError, match="save_pretrained"):

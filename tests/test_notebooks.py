@@ -2,7 +2,9 @@
 and judged by what they write into the run folder and reports/."""
 
 import json
+import os
 import re
+import shutil
 import subprocess
 import sys
 from dataclasses import fields
@@ -201,7 +203,8 @@ def test_run_all_quick_end_to_end(tmp_path, cache_dir):
     for name, value in quick_parameters(tmp_path, cache_dir).items():
         options += ["-p", name, value]
     result = subprocess.run(["./run_all.sh", *options, "--reports", str(tmp_path / "reports")],
-                            cwd=ROOT, capture_output=True, text=True, timeout=900)
+                            cwd=ROOT, capture_output=True, text=True, timeout=900,
+                            env={**os.environ, "IMG2PROMPT_PYTHON": sys.executable})
     assert result.returncode == 0, result.stderr[-3000:]
     assert re.search(r"^mapper\s+0\.\d{4}", result.stdout, re.M)
     index = (tmp_path / "reports" / "index.html").read_text()
@@ -209,6 +212,34 @@ def test_run_all_quick_end_to_end(tmp_path, cache_dir):
         assert f'href="{notebook.stem}.html"' in index
         assert (tmp_path / "reports" / f"{notebook.stem}.html").stat().st_size > 10_000
     assert (tmp_path / "run" / "metrics.json").is_file()
+
+
+def test_run_all_uses_the_given_interpreter_and_never_builds_a_venv(tmp_path):
+    """The tests run ./run_all.sh in their own environment: it must not (re)build .venv, which
+    needs the network when the install stamp differs."""
+    shutil.copy(ROOT / "run_all.sh", tmp_path)
+    shutil.copytree(ROOT / "scripts", tmp_path / "scripts")
+    fake = tmp_path / "python"
+    fake.write_text(f'#!/bin/sh\necho "$@" > {tmp_path / "called"}\n')
+    fake.chmod(0o755)
+    result = subprocess.run(["./run_all.sh", "-p", "quick", "true"], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=60, env={**os.environ, "IMG2PROMPT_PYTHON": str(fake)})
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "called").read_text().split() == ["-m", "img2prompt", "report", "-p", "quick", "true"]
+    assert not (tmp_path / ".venv").exists()
+
+
+def test_the_library_and_notebooks_default_to_offline_hub_access():
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    probe = "import img2prompt, huggingface_hub.constants as c; print(c.HF_HUB_OFFLINE)"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env)
+    assert result.stdout.strip() == "True", result.stderr
+    for path in NOTEBOOKS:  # each notebook imports the library before anything that reaches a hub
+        code = "".join(cell.source for cell in nbformat.read(path, as_version=4).cells
+                       if cell.cell_type == "code")
+        first = code.index("from img2prompt")
+        assert all(code.find(hub) < 0 or code.find(hub) > first
+                   for hub in ("transformers", "huggingface_hub", "sentence_transformers")), path.name
 
 
 def test_real_images_take_the_views_that_apply(tmp_path, cache_dir):
