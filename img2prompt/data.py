@@ -179,15 +179,16 @@ def unusable_file_problem(path, roots):
     path = Path(path)
     if path.is_symlink():
         target = os.path.realpath(path)
-        if not any(_inside(target, folder) for folder in roots):
+        if not any(inside(target, folder) for folder in roots):
             return f"is a link to {shown(target)}, outside {shown(roots[0])}; refused."
     if not path.is_file():
         return "is not a regular file (a folder, FIFO, device, socket or broken link); skipped."
     return None
 
 
-def _inside(path, folder) -> bool:
-    folder = os.path.realpath(folder)
+def inside(path, folder) -> bool:
+    """Whether ``path`` is ``folder`` or lies under it, links resolved."""
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
     return os.path.commonpath([path, folder]) == folder
 
 
@@ -230,11 +231,6 @@ def unsafe_id_problem(img_id: str):
     if img_id.strip() != img_id:
         return "starts or ends with spaces"
     return None
-
-
-def is_safe_id(img_id: str) -> bool:
-    """An imgId that names a file inside images/ and nothing else."""
-    return unsafe_id_problem(img_id) is None
 
 
 def _read_prompts_csv(csv_path):

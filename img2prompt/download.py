@@ -22,6 +22,7 @@ import pandas as pd
 
 from .archives import check_archive
 from .errors import DataError, shown
+from .files import fsync_file
 from .importers import DatasetWriter, import_diffusiondb_archives
 from .ownership import lock, record_write
 from .progress import progress_bar
@@ -115,6 +116,7 @@ def _download(url, dest, partial, progress, check):
         except DataError:
             partial.unlink(missing_ok=True)  # never resume onto a corrupt file
             raise
+    fsync_file(partial)  # whole on disk before it takes the name that says so
     os.replace(partial, dest)
     return dest
 

@@ -29,14 +29,14 @@ def atomic_path(path):
     try:
         yield Path(tmp)
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs get the usual mode
-        _fsync(tmp)  # the bytes reach the disk before the name does
+        fsync_file(tmp)  # the bytes reach the disk before the name does
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
 
 
-def _fsync(path):
+def fsync_file(path):
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

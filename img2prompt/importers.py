@@ -32,8 +32,8 @@ import pandas as pd
 
 from .archives import MAX_IMAGE_BYTES, MAX_TABLE_BYTES, READ_ERRORS, copy_capped, read_member, read_member_bytes
 from .data import (IMAGES_DIR, MAX_PROMPT_CHARS, ON_ERROR, PROMPTS_FILE, REJECTS_FILE,
-                   WINDOWS_DEVICE_NAMES, Problem, prompt_problem, read_csv_table, unsafe_id_problem,
-                   unusable_file_problem, write_rejects)
+                   WINDOWS_DEVICE_NAMES, Problem, inside, prompt_problem, read_csv_table,
+                   unsafe_id_problem, unusable_file_problem, write_rejects)
 from .errors import DataError, shown
 from .files import atomic_path, write_csv
 from .images import IMAGE_EXTENSIONS, open_image, pixel_limit_text, set_max_pixels
@@ -328,7 +328,7 @@ def _row_image(row, csv_dir, images_dir, id_col, path_col):
         if "\0" in relative:
             return None, f"path {shown(relative)} contains a NUL character; refused."
         path = csv_dir / relative
-        if ".." in Path(relative).parts or Path(relative).is_absolute() or not _inside(path, csv_dir):
+        if ".." in Path(relative).parts or Path(relative).is_absolute() or not inside(path, csv_dir):
             return None, f"path {shown(relative)} leaves the CSV's folder; refused."
         if not os.path.lexists(path):
             return None, f"image {shown(path)} not found."
@@ -344,19 +344,12 @@ def _row_image(row, csv_dir, images_dir, id_col, path_col):
     return path, unusable_file_problem(path, (images_dir, csv_dir))
 
 
-def _inside(path, folder) -> bool:
-    real, folder = os.path.realpath(path), os.path.realpath(folder)
-    return os.path.commonpath([real, folder]) == folder
-
-
 # --- choosing the source ----------------------------------------------------------------------
 
 def refuse_overlap(src, out, src_is_folder):
     """SRC and OUT must not contain one another: an import reading its own output would
     duplicate it (``a_2``), and one writing into its source could replace the originals."""
-    source = os.path.realpath(src)
-    target = os.path.realpath(out)
-    if source == target or (src_is_folder and _inside(target, source)) or _inside(source, target):
+    if inside(src, out) or (src_is_folder and inside(out, src)):
         raise DataError(f"{out}: the output folder and the source {src} contain one another. "
                         "Choose an --out outside the source (and not around it).")
 

@@ -97,10 +97,8 @@ def _failure_message(notebook, error, executed, html_path):
 
 def run_notebooks(notebook_dir, reports_dir, given: dict, cwd=".", log=print) -> dict:
     """Execute the notebooks in order with ``given`` parameters, stopping at the first that
-    fails; export HTML for each and write the index. Returns a summary for the caller."""
-    from papermill.exceptions import PapermillExecutionError
-    import papermill
-
+    fails; export HTML for each and write the index. Returns a summary for the caller.
+    ``reports_dir`` is the project's own: made by it, and cleared of only what it wrote."""
     notebooks = find_notebooks(notebook_dir)
     plan = plan_parameters(notebooks, given)
     reports_dir = Path(reports_dir)

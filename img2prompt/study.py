@@ -10,18 +10,16 @@ Each stage holds the run folder's lock, so a second writer is refused.
 """
 
 import dataclasses
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .config import StudyConfig
 from .analysis import attribute_matches, load_attributes
 from .checkpoints import load_tensors, save_tensors
 from .decoder import build_decoder, load_decoder, save_decoder
-from .config import CONFIG_FILE
+from .config import CONFIG_FILE, StudyConfig
 from .data import (REJECTS_FILE, ImageDataset, grouped_split, load_dataset, load_splits,
                    save_splits, write_rejects)
 from .embeddings import EmbeddingCache, image_embeddings, text_embeddings

@@ -2,7 +2,6 @@
 or one clear message (``fail``), in bounded memory, never a traceback, a silent loss or a
 file read from outside the source."""
 
-import io
 import json
 import os
 import struct
@@ -19,7 +18,6 @@ from PIL import Image, ImageFile
 from img2prompt.cli import main
 from img2prompt.data import load_dataset, validate_dataset
 from img2prompt.errors import DataError
-from img2prompt.importers import import_dataset
 
 from .test_download import publish, server  # noqa: F401 - the loopback server fixture
 from .test_imports import diffusiondb_part, png, png_bytes
