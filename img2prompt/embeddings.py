@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from .checkpoints import load_tensors, save_tensors
 from .errors import DataError, RunError
 from .images import open_image
@@ -25,7 +26,8 @@ from .progress import progress_bar
 
 RESUME_CHUNK = 512  # images per saved shard of an unfinished extraction
 CACHE_KIND = "cache"
-_CACHE_FILE = re.compile(r"\.?(image|text)-[0-9a-f]{32}(\.part-\d{6})?\.(safetensors|lock)")
+# every name the cache writes, an older version's partial files and temporary files included
+_CACHE_FILE = re.compile(r"\.?(image|text)-[0-9a-f]{32}(\.part-\d{6}|\.partial)?\.(safetensors|lock)(\.\w+\.tmp)?")
 
 
 def _written_by_the_cache(entry: Path) -> bool:

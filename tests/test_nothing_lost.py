@@ -210,6 +210,24 @@ def test_embed_rejects_go_to_the_cache_not_the_current_folder(small_dataset, tmp
     assert "ghost" in rejects.read_text() and str(rejects) in capsys.readouterr().err
 
 
+def test_an_older_cache_is_adopted_and_a_users_folder_refused(tmp_path):
+    from safetensors.numpy import save_file
+    from img2prompt.embeddings import EmbeddingCache
+    from img2prompt.errors import Img2PromptError
+    older = tmp_path / "older" / "embeddings"  # made before caches had a manifest
+    older.mkdir(parents=True)
+    entry = older / f"text-{'a' * 32}.safetensors"
+    save_file({"embeddings": np.ones((1, 2), np.float32)}, str(entry))
+    EmbeddingCache(tmp_path / "older").save("text", {"k": 1}, np.ones((1, 2)))
+    assert entry.is_file() and len(list(older.glob("*.safetensors"))) == 2
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    with pytest.raises(Img2PromptError, match="did not write"):
+        EmbeddingCache(mine).save("text", {"k": 1}, np.ones((1, 2)))
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+
+
 # --- 13. a second writer is told who holds the folder ------------------------------------------------
 
 def test_a_second_train_into_a_run_in_use_is_refused(trained_run, tmp_path, capsys):
