@@ -12,10 +12,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from .ownership import record_write
-
-_UMASK = os.umask(0)
-os.umask(_UMASK)
+from .ownership import FILE_MODE, record_write
 
 
 @contextlib.contextmanager
@@ -28,7 +25,7 @@ def atomic_path(path):
     os.close(fd)
     try:
         yield Path(tmp)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs get the usual mode
+        os.chmod(tmp, FILE_MODE)  # outputs get the usual mode
         fsync_file(tmp)  # the bytes reach the disk before the name does
         os.replace(tmp, path)
     finally:

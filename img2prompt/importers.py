@@ -91,8 +91,8 @@ class DatasetWriter:
 
     def reject(self, item, problem, fix=""):
         if self.on_error == "fail":
-            raise DataError(f"{item}: {problem} {fix} (Or pass --on-error skip to leave it out "
-                            "and list it in rejects.csv.)".replace("  ", " "))
+            raise DataError(" ".join(filter(None, (f"{item}: {problem}", fix, "(Or pass --on-error "
+                                                   "skip to leave it out and list it in rejects.csv.)"))))
         self.rejects.append(Problem(str(item), problem, fix))
 
     def add(self, item, name, write_image, prompt, extra=None, size=None):

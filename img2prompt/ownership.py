@@ -22,6 +22,10 @@ from pathlib import Path
 
 from .errors import Img2PromptError
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+FILE_MODE = 0o666 & ~_UMASK  # what open() gives a new file; mkstemp gives 0600
+
 MANIFEST_FILE = ".img2prompt-manifest.jsonl"
 LOCK_FILE = ".img2prompt.lock"
 INTERNAL_FILES = (MANIFEST_FILE, LOCK_FILE)
@@ -62,7 +66,7 @@ class OwnedFolder:
         for line in complete.splitlines():
             try:
                 self._apply(json.loads(line))
-            except (ValueError, AttributeError):
+            except (ValueError, AttributeError, TypeError):
                 continue  # a line cut by a crash
 
     def _apply(self, event: dict):
@@ -82,8 +86,10 @@ class OwnedFolder:
     # --- recording ------------------------------------------------------------------------
 
     def _append(self, *events, durable=False):
+        self.refresh()
+        torn = self.manifest.stat().st_size > self._offset  # a crash cut the last line short
         with open(self.manifest, "a", encoding="utf-8") as handle:
-            handle.write("".join(json.dumps(e) + "\n" for e in events))
+            handle.write("\n" * torn + "".join(json.dumps(e) + "\n" for e in events))
             if durable:
                 handle.flush()
                 os.fsync(handle.fileno())
@@ -169,6 +175,7 @@ def _write_manifest(path, events):
             handle.write("".join(json.dumps(e) + "\n" for e in events))
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

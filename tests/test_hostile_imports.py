@@ -115,6 +115,15 @@ def test_a_zip_bomb_member_is_a_recorded_skip_in_bounded_memory(bomb_part, tmp_p
     assert import_cli(bomb_part, tmp_path / "fail") == 2
 
 
+def test_a_member_that_expands_too_far_is_refused_from_the_index(tmp_path, capsys):
+    part = tmp_path / "part-000001.zip"
+    with zipfile.ZipFile(part, "w", zipfile.ZIP_DEFLATED) as bundle:
+        bundle.writestr("zeros.png", bytes(100 << 20))  # under the size limit, 1,000:1 and more
+        bundle.writestr("part-000001.json", json.dumps({"zeros.png": {"p": "zeros"}}))
+    assert import_cli(part, tmp_path / "out") == 2
+    assert "(a zip bomb?)" in capsys.readouterr().err
+
+
 def test_an_oversized_json_table_is_refused_unread(tmp_path, capsys):
     table = json.dumps({GOOD[0]: {"p": GOOD[1]}}).encode() + b" " * (65 << 20)  # 65 MB
     part = part_with(tmp_path / "part-000001.zip", table, [GOOD[::2]])
