@@ -45,6 +45,14 @@ def user_dataset(root, n=3) -> Path:
     return root
 
 
+@pytest.fixture
+def run_copy(trained_run, tmp_path):
+    """A copy of the trained CLI run, to try destructive commands on."""
+    run = tmp_path / "run"
+    shutil.copytree(trained_run["run"], run)
+    return run
+
+
 def hold_lock(folder_or_file, kind=None):
     """Another process that holds the project's lock on ``folder_or_file`` until killed."""
     script = textwrap.dedent(f"""
@@ -140,29 +148,25 @@ def test_train_into_a_users_folder_deletes_nothing_even_when_the_data_is_bad(tmp
     assert snapshot(mine) == before
 
 
-def test_a_failed_train_deletes_nothing_of_a_previous_run(trained_run, tmp_path, capsys):
-    run = tmp_path / "run"
-    shutil.copytree(trained_run["run"], run)
-    before = snapshot(run)
-    assert main(["train", "--data", str(tmp_path / "no-such-data"), "--out", str(run), "--force",
+def test_a_failed_train_deletes_nothing_of_a_previous_run(trained_run, run_copy, tmp_path, capsys):
+    before = snapshot(run_copy)
+    assert main(["train", "--data", str(tmp_path / "no-such-data"), "--out", str(run_copy), "--force",
                  "--quiet"]) == 2
     assert "dataset folder not found" in capsys.readouterr().err
-    assert snapshot(run) == before
+    assert snapshot(run_copy) == before
 
 
-def test_the_notebooks_do_not_wipe_a_finished_cli_run(trained_run, tmp_path, cache_dir):
-    run = tmp_path / "run"
-    shutil.copytree(trained_run["run"], run)
-    before = snapshot(run)
+def test_the_notebooks_do_not_wipe_a_finished_cli_run(trained_run, run_copy, tmp_path, cache_dir):
+    before = snapshot(run_copy)
     notebooks = tmp_path / "notebooks"
     notebooks.mkdir()
     shutil.copy(ROOT / "notebooks" / "01_data_exploration.ipynb", notebooks)
-    given = {"data_dir": str(trained_run["data"]), "run_dir": str(run), "quick": "true"}
+    given = {"data_dir": str(trained_run["data"]), "run_dir": str(run_copy), "quick": "true"}
     with pytest.raises(Exception, match="already holds a trained model"):
         run_notebooks(notebooks, tmp_path / "reports", given, cwd=ROOT, log=lambda _: None)
-    assert snapshot(run) == before
+    assert snapshot(run_copy) == before
     run_notebooks(notebooks, tmp_path / "reports", {**given, "force": "true"}, cwd=ROOT, log=lambda _: None)
-    assert not (run / "best_model.safetensors").exists()  # started anew, as asked
+    assert not (run_copy / "best_model.safetensors").exists()  # started anew, as asked
     # a study the notebooks made is theirs to rerun, with no flag
     run_notebooks(notebooks, tmp_path / "reports", given, cwd=ROOT, log=lambda _: None)
 
@@ -230,20 +234,18 @@ def test_an_older_cache_is_adopted_and_a_users_folder_refused(tmp_path):
 
 # --- 13. a second writer is told who holds the folder ------------------------------------------------
 
-def test_a_second_train_into_a_run_in_use_is_refused(trained_run, tmp_path, capsys):
-    run = tmp_path / "run"
-    shutil.copytree(trained_run["run"], run)
-    before = snapshot(run)
-    holder = hold_lock(run, "run")
+def test_a_second_train_into_a_run_in_use_is_refused(trained_run, run_copy, tmp_path, capsys):
+    before = snapshot(run_copy)
+    holder = hold_lock(run_copy, "run")
     try:
-        assert main(["train", "--data", str(trained_run["data"]), "--out", str(run), "--force",
+        assert main(["train", "--data", str(trained_run["data"]), "--out", str(run_copy), "--force",
                      "--quiet"]) == 2
         assert f"in use by process {holder.pid}" in capsys.readouterr().err
-        assert main(["evaluate", "--run", str(run), "--quiet"]) == 2
+        assert main(["evaluate", "--run", str(run_copy), "--quiet"]) == 2
     finally:
         holder.kill()
         holder.wait()
-    assert snapshot(run) == before
+    assert snapshot(run_copy) == before
 
 
 def test_two_downloads_never_append_to_one_partial_file(tmp_path):
@@ -360,17 +362,15 @@ def test_an_unfinished_extraction_appends_shards_instead_of_rewriting(small_data
     ("config.json", b"{not json"),
     ("config.json", b'["a list"]'),
 ])
-def test_a_corrupt_or_foreign_run_file_is_named(name, content, trained_run, tmp_path, capsys):
-    run = tmp_path / "run"
-    shutil.copytree(trained_run["run"], run)
+def test_a_corrupt_or_foreign_run_file_is_named(name, content, trained_run, run_copy, tmp_path, capsys):
     if content == "foreign":  # a valid safetensors file of something else
         from safetensors.numpy import save_file
-        save_file({"weight": np.ones((2, 2), np.float32)}, str(run / name))
+        save_file({"weight": np.ones((2, 2), np.float32)}, str(run_copy / name))
     else:
-        (run / name).write_bytes(content)
+        (run_copy / name).write_bytes(content)
     image = next((trained_run["data"] / "images").iterdir())
-    assert main(["predict", "--run", str(run), str(image), "--quiet"]) == 2
-    assert str(run / name) in capsys.readouterr().err
+    assert main(["predict", "--run", str(run_copy), str(image), "--quiet"]) == 2
+    assert str(run_copy / name) in capsys.readouterr().err
 
 
 def test_a_corrupt_decoder_is_named(trained_run, tmp_path, capsys):
