@@ -11,15 +11,12 @@ each and their ratios to greedy.
 """
 
 import argparse
-import dataclasses
 import tempfile
-import time
-from pathlib import Path
 
 from img2prompt.config import StudyConfig
-from img2prompt.decoder import load_decoder
-from img2prompt.study import DECODER_FILE, fit_decoder, prepare
-from img2prompt.synth import SynthParams, generate_dataset
+from img2prompt.data.synth import SynthParams, generate_dataset
+from img2prompt.evaluation.analysis import compare_strategies
+from img2prompt.run import Run
 
 
 def main():
@@ -29,22 +26,16 @@ def main():
     args = parser.parse_args()
     generate_dataset(args.data, SynthParams())
     with tempfile.TemporaryDirectory() as run_dir:
-        config = StudyConfig(data_dir=args.data, run_dir=run_dir)
-        data = prepare(config, progress=False)  # split + cached embeddings
-        summary = fit_decoder(config, data, progress=False)
-        decoder = load_decoder(Path(run_dir) / DECODER_FILE)
+        run = Run.create(StudyConfig(data_dir=args.data, run_dir=run_dir))
+        data = run.data(progress=False)  # split + cached embeddings
+        summary = run.train_decoder(progress=False)
+        decoder, config = run.decoder(), run.config
     test = data.part("test")
     print(f"decoder '{config.decoder}' ({summary['trainable_parameters']:,} parameters) on "
           f"{len(data.part('train')['ids'])} training prompts:")
     print(f"  training: {summary['epochs']} epochs in {summary['seconds']:.0f} s (validation "
           f"included); {summary['train_samples_per_s']:.0f} samples/s (median epoch)")
-
-    speeds = {}
-    for strategy in ("greedy", "beam", "sample"):
-        options = dataclasses.replace(config, decode_strategy=strategy).decode_options()
-        started = time.perf_counter()
-        texts = decoder.generate(test["image_emb"], options)
-        speeds[strategy] = len(texts) / (time.perf_counter() - started)
+    speeds = compare_strategies(decoder, test["image_emb"], test["metric_emb"], config)["prompts/s"]
     print(f"  generation on {len(test['ids'])} test images (max {config.max_length} tokens):")
     for strategy, speed in speeds.items():
         label = f"beam (width {config.beam_width})" if strategy == "beam" else strategy

@@ -22,13 +22,13 @@ from pathlib import Path
 
 import torch
 
-from img2prompt.data import load_dataset
-from img2prompt.embeddings import (EmbeddingCache, decode_workers, extract_image_embeddings,
+from img2prompt.data.dataset import load_dataset
+from img2prompt.encoders.embeddings import (EmbeddingCache, decode_workers, extract_image_embeddings,
                                    image_embeddings, text_embeddings)
-from img2prompt.image_encoders import image_encoder
-from img2prompt.images import open_image
-from img2prompt.synth import SynthParams, generate_dataset
-from img2prompt.text_encoders import metric_encoder
+from img2prompt.encoders.image import image_encoder
+from img2prompt.data.images import open_image
+from img2prompt.data.synth import SynthParams, generate_dataset
+from img2prompt.encoders.text import metric_encoder
 
 
 def embedding_step(data_dir, cache_dir, encoder_name, batch_size, workers):

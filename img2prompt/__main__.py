@@ -1,5 +1,5 @@
 import sys
 
-from .cli import main
+from img2prompt.cli import main
 
 sys.exit(main())

@@ -10,11 +10,10 @@ import dataclasses
 import json
 import os
 import sys
-from dataclasses import fields
 from pathlib import Path
 
-from .config import StudyConfig
-from .errors import Img2PromptError, printable
+from img2prompt.config import FIELDS, StudyConfig
+from img2prompt.errors import Img2PromptError, printable
 
 DATA_OPTIONS = ("on_error", "max_pixels")
 ENCODER_OPTIONS = ("image_encoder", "image_weights", "text_encoder", "text_model", "text_pooling",
@@ -27,7 +26,7 @@ DECODER_OPTIONS = ("decoder", "decoder_tune", "prefix_length", "decoder_width", 
                    "decoder_batch_size", "decoder_epochs", "decoder_patience")
 DECODING_OPTIONS = ("decode_strategy", "beam_width", "top_p", "temperature", "max_length",
                     "no_repeat_ngram")
-CONFIG_FIELDS = {f.name: f for f in fields(StudyConfig)}
+CONFIG_FIELDS = FIELDS
 
 
 def log(message):
@@ -52,10 +51,8 @@ def config_from_args(args, names, **values) -> StudyConfig:
 
 
 def cmd_validate(args):
-    from .data import validate_dataset
-    from .images import set_max_pixels
-    set_max_pixels(args.max_pixels)
-    problems = validate_dataset(args.dir)
+    from img2prompt.data.dataset import validate_dataset
+    problems = validate_dataset(args.dir, args.max_pixels)
     for problem in problems:
         print(problem)
     errors = sum(p.severity == "error" for p in problems)
@@ -65,7 +62,7 @@ def cmd_validate(args):
 
 
 def cmd_import(args):
-    from .importers import import_dataset
+    from img2prompt.data.importers import import_dataset
     csv_options = {k: v for k, v in (("id_col", args.id_col), ("prompt_col", args.prompt_col),
                                      ("path_col", args.path_col), ("images_dir", args.images)) if v}
     summary = import_dataset(args.src, args.out, args.on_error, args.force, args.max_pixels, **csv_options)
@@ -76,7 +73,7 @@ def cmd_import(args):
 
 
 def cmd_download(args):
-    from .download import DIFFUSIONDB_URL, download_diffusiondb
+    from img2prompt.data.download import DIFFUSIONDB_URL, download_diffusiondb
     summary = download_diffusiondb(args.out, args.parts, args.base_url or DIFFUSIONDB_URL, args.drop_nsfw,
                                    args.on_error, args.force, progress=not args.quiet, log=log)
     extra = [f"skipped {summary['skipped']} (reasons in {summary['rejects']})"] if summary["skipped"] else []
@@ -87,20 +84,24 @@ def cmd_download(args):
 
 
 def cmd_synth(args):
-    from .synth import SynthParams, generate_dataset
+    from img2prompt.data.synth import SynthParams, generate_dataset
     out = generate_dataset(args.out, SynthParams(args.n, args.size, args.seed), force=args.force)
     print(f"{out}: {args.n} generated images with prompts.csv and attributes.csv")
     return 0
 
 
 def cmd_embed(args):
-    from .embeddings import EmbeddingCache
-    from .study import compute_embeddings, load_study_dataset
+    from img2prompt.data.dataset import load_dataset, write_rejects
+    from img2prompt.encoders.embeddings import EmbeddingCache, dataset_embeddings
     config = config_from_args(args, DATA_OPTIONS + ENCODER_OPTIONS, data_dir=args.data)
-    rejects = args.rejects or EmbeddingCache(config.cache_dir).rejects_path(config.data_dir)
-    dataset = load_study_dataset(config, log, rejects_path=rejects)
+    dataset = load_dataset(config.data_dir, config.on_error, config.max_pixels)
+    if dataset.rejects:
+        rejects = args.rejects or EmbeddingCache(config.cache_dir).rejects_path(config.data_dir)
+        write_rejects(rejects, dataset.rejects)
+        log(f"dataset {dataset.root}: kept {len(dataset)} images, skipped {len(dataset.rejects)} "
+            f"(each with its reason in {rejects})")
     log(f"dataset {dataset.root}: {len(dataset)} images")
-    image_emb, target_emb, _ = compute_embeddings(config, dataset, progress=not args.quiet, log=log,
+    image_emb, target_emb, _ = dataset_embeddings(config, dataset, progress=not args.quiet, log=log,
                                                   resume=args.resume)
     print(f"image embeddings: {image_emb.shape}, prompt embeddings: {target_emb.shape} "
           f"(cache: {config.cache_dir})")
@@ -108,10 +109,14 @@ def cmd_embed(args):
 
 
 def cmd_train(args):
-    from .study import train
-    config = config_from_args(args, DATA_OPTIONS + ENCODER_OPTIONS + TRAINING_OPTIONS, data_dir=args.data,
-                              run_dir=args.out)
-    summary = train(config, force=args.force, progress=not args.quiet, log=log, resume=args.resume)
+    from img2prompt.run import Run
+    if args.resume:
+        run = Run.open(args.out)
+    else:
+        config = config_from_args(args, DATA_OPTIONS + ENCODER_OPTIONS + TRAINING_OPTIONS,
+                                  data_dir=args.data, run_dir=args.out)
+        run = Run.create(config, force=args.force, log=log)
+    summary = run.train(resume=args.resume, progress=not args.quiet, log=log)
     print(json.dumps(summary) if args.json else
           f"trained {summary['run_dir']}: validation cosine {summary['val_cosine']:.4f} "
           f"(epoch {summary['best_epoch']} of {summary['epochs']})")
@@ -119,17 +124,19 @@ def cmd_train(args):
 
 
 def cmd_evaluate(args):
-    from .study import evaluate, format_metrics
-    metrics = evaluate(args.run, data_dir=args.data, bank=args.bank, progress=not args.quiet, log=log)
-    print(json.dumps(metrics, indent=2) if args.json else format_metrics(metrics))
-    log(f"wrote {Path(args.run) / 'test_results.csv'} and {Path(args.run) / 'metrics.json'}")
+    from img2prompt.run import Run
+    run = Run.open(args.run)
+    metrics = run.evaluate(bank=args.bank, data_dir=args.data, progress=not args.quiet, log=log)
+    print(json.dumps(metrics.data, indent=2) if args.json else metrics.text())
+    log(f"wrote the per-image results and the metrics into {run.root}")
     return 0
 
 
 def cmd_train_decoder(args):
-    from .study import train_decoder_run
-    summary = train_decoder_run(args.run, force=args.force, progress=not args.quiet, log=log,
-                                **chosen_options(args, DECODER_OPTIONS + DECODING_OPTIONS))
+    from img2prompt.run import Run
+    run = Run.open(args.run)
+    run.update(**chosen_options(args, DECODER_OPTIONS + DECODING_OPTIONS))
+    summary = run.train_decoder(force=args.force, progress=not args.quiet, log=log)
     print(json.dumps(summary) if args.json else
           f"trained the {summary['decoder']} decoder of {args.run}: validation loss "
           f"{summary['val_loss']:.4f} (epoch {summary['best_epoch']} of {summary['epochs']}, "
@@ -138,28 +145,26 @@ def cmd_train_decoder(args):
 
 
 def cmd_predict(args):
-    from .predict import Predictor
-    from .study import open_run
-    open_run(args.run)
-    decoding = dataclasses.replace(StudyConfig.load(args.run), **chosen_options(args, DECODING_OPTIONS))
-    predictor = Predictor(args.run, method=args.method, decode_options=decoding.decode_options())
+    from img2prompt.predict import Predictor
+    from img2prompt.run import Run
+    run = Run.open(args.run)
+    decoding = dataclasses.replace(run.config, **chosen_options(args, DECODING_OPTIONS))
+    predictor = Predictor(run, method=args.method, decode_options=decoding.decode_options())
     results = predictor.predict(args.images, top_k=getattr(args, "top_k", 1), progress=not args.quiet)
     if args.json:
         print(json.dumps(results, indent=2))
     else:
         for result in results:
-            similarity = f"\t(similarity {result['similarity']:.3f})" if "similarity" in result else ""
-            print(printable(f"{result['image']}\t{result['prompt']}{similarity}"))
+            print(printable(f"{result['image']}\t{result['prompt']}\t(score {result['score']:.3f})"))
     return 0
 
 
 def cmd_report(args):
-    from .reports import run_notebooks
-    from .study import format_metrics
+    from img2prompt.reports.notebooks import run_notebooks
     given = dict(args.parameters or [])
     outcome = run_notebooks(args.notebooks, args.reports, given, cwd=Path.cwd(), log=log)
     if outcome["metrics"]:
-        print(format_metrics(outcome["metrics"]))
+        print(outcome["metrics"].text())
     print(f"reports: {outcome['index']}")
     return 0
 
@@ -213,9 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     download.set_defaults(handler=cmd_download)
     synth = data.add_parser("synth", help="generate the synthetic default dataset")
     synth.add_argument("--out", required=True, help="folder to write the dataset to")
-    synth.add_argument("--n", type=int, default=2000, help="number of images (default: 2000)")
-    synth.add_argument("--size", type=int, default=256, help="image side in pixels (default: 256)")
-    synth.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    for option, name in (("--n", "n_images"), ("--size", "image_size"), ("--seed", "seed")):
+        synth.add_argument(option, type=int, default=CONFIG_FIELDS[name].default,
+                           help=f"{CONFIG_FIELDS[name].metadata['help']} (default: %(default)s)")
     synth.add_argument("--force", action="store_true", help="replace a dataset made differently")
     synth.set_defaults(handler=cmd_synth)
 
@@ -247,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", help="dataset folder, when it moved since training")
     evaluate.add_argument("--bank", choices=("train", "all"),
                           help="prompt bank for retrieval (default: the run's, train)")
-    evaluate.add_argument("--json", action="store_true", help="print metrics.json")
+    evaluate.add_argument("--json", action="store_true", help="print the metrics as JSON")
 
     train_decoder = command("train-decoder", "train the prompt decoder of a run (its data, split "
                             "and cached embeddings)", cmd_train_decoder)

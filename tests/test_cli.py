@@ -66,7 +66,7 @@ def test_split_is_reused_and_a_finished_run_is_kept(trained_run, cache_dir, caps
 
 
 def test_predict_any_image(trained_run, tmp_path, capsys):
-    from img2prompt.synth import SceneSpec, render
+    from img2prompt.data.synth import SceneSpec, render
 
     spec = SceneSpec("three", "large", "yellow", "circle", "at the top", "black", "flat vector art")
     image = tmp_path / "mine.jpg"
@@ -79,7 +79,7 @@ def test_predict_any_image(trained_run, tmp_path, capsys):
     bank = set(pd.read_csv(trained_run["data"] / "prompts.csv")["prompt"])
     for result in results:
         assert result["prompt"] in bank and len(result["candidates"]) == 3
-        similarities = [c["similarity"] for c in result["candidates"]]
+        similarities = [c["score"] for c in result["candidates"]]
         assert similarities == sorted(similarities, reverse=True)
 
 

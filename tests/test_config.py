@@ -7,7 +7,7 @@ import pytest
 
 from img2prompt.config import StudyConfig, git_state, package_versions
 from img2prompt.errors import RunError
-from img2prompt.files import atomic_path, write_json
+from img2prompt.storage.files import atomic_path, write_json
 
 
 def test_config_round_trip_with_provenance(tmp_path):

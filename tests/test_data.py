@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from img2prompt.data import (grouped_split, load_dataset, load_splits, normalize_prompt,
+from img2prompt.data.dataset import (grouped_split, load_dataset, load_splits, normalize_prompt,
                              save_splits, validate_dataset)
 from img2prompt.errors import DataError
 

@@ -14,11 +14,11 @@ import torch
 
 from img2prompt.cli import main
 from img2prompt.config import StudyConfig
-from img2prompt.decoder import build_decoder, load_decoder, save_decoder
+from img2prompt.models.decoder import build_decoder, load_decoder, save_decoder
 from img2prompt.errors import ModelUnavailableError, RunError
-from img2prompt.evaluation import distinct_ngrams
-from img2prompt.generation import DecodeOptions, banned_tokens, generate
-from img2prompt.training import train_decoder
+from img2prompt.evaluation.scores import distinct_ngrams
+from img2prompt.models.generation import DecodeOptions, banned_tokens, generate
+from img2prompt.models.training import train_decoder
 
 BOS, EOS, A, B = 0, 1, 2, 3
 

@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 
 from img2prompt.cli import main
-from img2prompt.data import load_dataset
-from img2prompt.download import download_diffusiondb, download_file, parse_parts
+from img2prompt.data.dataset import load_dataset
+from img2prompt.data.download import download_diffusiondb, download_file, parse_parts
 from img2prompt.errors import DataError
 
 from .test_imports import diffusiondb_part, png_bytes

@@ -5,12 +5,12 @@ import safetensors.numpy
 import pytest
 from PIL import Image
 
-from img2prompt import embeddings
-from img2prompt.data import load_dataset
-from img2prompt.embeddings import EmbeddingCache, extract_image_embeddings, image_embeddings, text_embeddings
+from img2prompt.encoders import embeddings
+from img2prompt.data.dataset import load_dataset
+from img2prompt.encoders.embeddings import EmbeddingCache, extract_image_embeddings, image_embeddings, text_embeddings
 from img2prompt.errors import DataError
-from img2prompt.image_encoders import image_encoder
-from img2prompt.text_encoders import metric_encoder
+from img2prompt.encoders.image import image_encoder
+from img2prompt.encoders.text import metric_encoder
 
 
 @pytest.fixture(scope="module")

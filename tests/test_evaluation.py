@@ -1,6 +1,6 @@
 import numpy as np
 
-from img2prompt.evaluation import (cosine_rows, evaluate_methods, fit_linear_map, nearest,
+from img2prompt.evaluation.scores import (cosine_rows, evaluate_methods, fit_linear_map, nearest,
                                    paired_difference, summarize)
 
 

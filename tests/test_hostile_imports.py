@@ -16,7 +16,7 @@ import pytest
 from PIL import Image, ImageFile
 
 from img2prompt.cli import main
-from img2prompt.data import load_dataset, validate_dataset
+from img2prompt.data.dataset import load_dataset, validate_dataset
 from img2prompt.errors import DataError
 
 from .test_download import publish, server  # noqa: F401 - the loopback server fixture

@@ -8,10 +8,10 @@ import pytest
 from PIL import Image, ImageFile
 
 from img2prompt.cli import main
-from img2prompt.data import load_dataset, validate_dataset
+from img2prompt.data.dataset import load_dataset, validate_dataset
 from img2prompt.errors import DataError
-from img2prompt.images import DEFAULT_MAX_PIXELS, open_image, set_max_pixels
-from img2prompt.text_encoders import metric_encoder
+from img2prompt.data.images import open_image
+from img2prompt.encoders.text import metric_encoder
 
 
 def png_bytes(size=(16, 16), color=(200, 40, 40)):
@@ -113,18 +113,14 @@ def test_pixel_limit_is_checked_before_decoding(tmp_path, monkeypatch):
     path = tmp_path / "big.png"
     Image.new("RGB", (40, 30)).save(path)
     monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: pytest.fail("decoded"))
-    try:
-        set_max_pixels(1000)
-        with pytest.raises(DataError, match="40x30 = 1,200 pixels is over the limit of 1,000.*--max-pixels"):
-            open_image(path)
-        root = tmp_path / "data"
-        (root / "images").mkdir(parents=True)
-        (root / "images" / "big.png").write_bytes(path.read_bytes())
-        (root / "prompts.csv").write_text("imgId,prompt\nbig,a large image\n")
-        with pytest.raises(DataError, match="over the limit"):
-            load_dataset(root)
-    finally:
-        set_max_pixels(DEFAULT_MAX_PIXELS)
+    with pytest.raises(DataError, match="40x30 = 1,200 pixels is over the limit of 1,000.*--max-pixels"):
+        open_image(path, max_pixels=1000)
+    root = tmp_path / "data"
+    (root / "images").mkdir(parents=True)
+    (root / "images" / "big.png").write_bytes(path.read_bytes())
+    (root / "prompts.csv").write_text("imgId,prompt\nbig,a large image\n")
+    with pytest.raises(DataError, match="over the limit"):
+        load_dataset(root, max_pixels=1000)
 
 
 @pytest.mark.parametrize("fmt", ["GIF", "WEBP"])

@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from img2prompt.errors import DataError
-from img2prompt.images import open_image
+from img2prompt.data.images import open_image
 
 
 def save(tmp_path, image, name, **kwargs):

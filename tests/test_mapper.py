@@ -4,9 +4,9 @@ import torch
 
 from img2prompt.config import StudyConfig
 from img2prompt.errors import DataError, RunError
-from img2prompt.evaluation import cosine_rows
-from img2prompt.mapper import Mapper, load_mapper, save_mapper
-from img2prompt.training import train_mapper
+from img2prompt.evaluation.scores import cosine_rows
+from img2prompt.models.mapper import Mapper, load_mapper, save_mapper
+from img2prompt.models.training import train_mapper
 
 
 def toy_problem(n=300, seed=0):

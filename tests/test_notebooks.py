@@ -17,7 +17,7 @@ import pytest
 from img2prompt.cli import main
 from img2prompt.config import StudyConfig
 from img2prompt.errors import RunError
-from img2prompt.reports import declared_parameters, find_notebooks, run_notebooks
+from img2prompt.reports.notebooks import declared_parameters, find_notebooks, run_notebooks
 
 from .conftest import shared_set
 
@@ -152,7 +152,7 @@ def test_reports_are_self_contained_and_linked(executed):
     assert sorted(links) == sorted([nb.name for nb in NOTEBOOKS] + [nb.stem + ".html" for nb in NOTEBOOKS])
     assert all((reports / link).is_file() for link in links)
     mapper = read_json(executed["run"] / "metrics.json")["methods"]["mapper"]["mean_cosine"]
-    assert f"<td>mapper</td><td>{mapper:.4f}</td>" in index
+    assert re.search(rf"<th>mapper</th>\s*<td>{mapper:.4f}</td>", index)
     for notebook in NOTEBOOKS:
         page = (reports / f"{notebook.stem}.html").read_text()
         assert "data:image/png;base64," in page, notebook.name  # figures embedded

@@ -17,12 +17,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from img2prompt import files, study, training
+import img2prompt.run as run_module
+from img2prompt.models import mapper, training
+from img2prompt.storage import files
 from img2prompt.cli import main
 from img2prompt.config import StudyConfig
 from img2prompt.predict import Predictor
-from img2prompt.reports import run_notebooks
-from img2prompt.synth import SynthParams, generate_dataset
+from img2prompt.reports.notebooks import run_notebooks
+from img2prompt.data.synth import SynthParams, generate_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,7 +59,7 @@ def hold_lock(folder_or_file, kind=None):
     """Another process that holds the project's lock on ``folder_or_file`` until killed."""
     script = textwrap.dedent(f"""
         import sys, time
-        from img2prompt import ownership
+        from img2prompt.storage import ownership
         target = {str(folder_or_file)!r}
         context = (ownership.claim(target, {kind!r}).lock() if {kind!r} else
                    ownership.lock(target, "test"))
@@ -216,7 +218,7 @@ def test_embed_rejects_go_to_the_cache_not_the_current_folder(small_dataset, tmp
 
 def test_an_older_cache_is_adopted_and_a_users_folder_refused(tmp_path):
     from safetensors.numpy import save_file
-    from img2prompt.embeddings import EmbeddingCache
+    from img2prompt.encoders.embeddings import EmbeddingCache
     from img2prompt.errors import Img2PromptError
     older = tmp_path / "older" / "embeddings"  # made before caches had a manifest
     older.mkdir(parents=True)
@@ -249,7 +251,7 @@ def test_a_second_train_into_a_run_in_use_is_refused(trained_run, run_copy, tmp_
 
 
 def test_two_downloads_never_append_to_one_partial_file(tmp_path):
-    from img2prompt.download import download_file
+    from img2prompt.data.download import download_file
     from img2prompt.errors import Img2PromptError
     dest = tmp_path / "downloads" / "part-000001.zip"
     dest.parent.mkdir()
@@ -264,10 +266,10 @@ def test_two_downloads_never_append_to_one_partial_file(tmp_path):
 
 
 def test_an_embedding_cache_entry_in_use_is_refused(small_dataset, tmp_path):
-    from img2prompt.data import load_dataset
-    from img2prompt.embeddings import EmbeddingCache, image_embeddings
+    from img2prompt.data.dataset import load_dataset
+    from img2prompt.encoders.embeddings import EmbeddingCache, image_embeddings
     from img2prompt.errors import Img2PromptError
-    from img2prompt.image_encoders import image_encoder
+    from img2prompt.encoders.image import image_encoder
     dataset, encoder = load_dataset(small_dataset), image_encoder("efficientnet-lite0")
     cache = EmbeddingCache(tmp_path / "cache")
     key = {"kind": "image", "images": dataset.images_fingerprint(), "encoder": encoder.fingerprint()}
@@ -292,7 +294,7 @@ def test_a_kill_between_model_and_bank_leaves_a_run_that_resume_completes(small_
     def killed(*_args, **_kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(study, "save_prompt_bank", killed)
+    monkeypatch.setattr(run_module, "save_tensors", killed)  # the prompt bank, saved after the model
     assert main(args) == 130  # interrupted
     assert (run / "best_model.safetensors").is_file() and not (run / "prompt_bank.safetensors").exists()
     with pytest.raises(Exception, match="did not finish"):
@@ -311,7 +313,7 @@ def test_the_training_state_outlives_a_kill_while_the_model_is_saved(small_datas
     def killed(*_args, **_kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(study, "save_mapper", killed)
+    monkeypatch.setattr(mapper, "save_mapper", killed)
     assert main(["train", "--data", str(small_dataset), "--out", str(run), "--cache-dir", str(cache_dir),
                  "--max-epochs", "3", "--quiet"]) == 130
     assert (run / "training_state.pt").is_file()  # --resume can still continue from it
@@ -335,9 +337,9 @@ def test_a_training_state_is_refused_on_other_data(tmp_path, monkeypatch):
 def test_an_unfinished_extraction_appends_shards_instead_of_rewriting(small_dataset, tmp_path,
                                                                       monkeypatch):
     import safetensors.numpy
-    from img2prompt import embeddings
-    from img2prompt.data import load_dataset
-    from img2prompt.image_encoders import image_encoder
+    from img2prompt.encoders import embeddings
+    from img2prompt.data.dataset import load_dataset
+    from img2prompt.encoders.image import image_encoder
     monkeypatch.setattr(embeddings, "RESUME_CHUNK", 8)
     written, real_save = [], safetensors.numpy.save_file
 
@@ -374,7 +376,7 @@ def test_a_corrupt_or_foreign_run_file_is_named(name, content, trained_run, run_
 
 
 def test_a_corrupt_decoder_is_named(trained_run, tmp_path, capsys):
-    from img2prompt.decoder import load_decoder
+    from img2prompt.models.decoder import load_decoder
     from img2prompt.errors import RunError
     path = tmp_path / "decoder.safetensors"
     path.write_bytes(b"garbage")

@@ -2,8 +2,8 @@
 
 import pytest
 
-from img2prompt.files import write_text
-from img2prompt.ownership import FolderError, claim, find_owned, lock
+from img2prompt.storage.files import write_text
+from img2prompt.storage.ownership import FolderError, claim, find_owned, lock
 
 
 def test_clear_removes_only_what_was_recorded(tmp_path):

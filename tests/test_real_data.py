@@ -3,7 +3,7 @@
 import json
 
 from img2prompt.cli import main
-from img2prompt.data import load_dataset
+from img2prompt.data.dataset import load_dataset
 
 from .conftest import shared_set
 
@@ -15,7 +15,7 @@ def test_predict_on_real_images(trained_run, capsys):
     assert main(["predict", "--run", str(trained_run["run"]), *map(str, paths), "--json", "--quiet"]) == 0
     results = json.loads(capsys.readouterr().out)
     assert [r["image"] for r in results] == list(map(str, paths))
-    assert all(r["prompt"] and -1 <= r["similarity"] <= 1 for r in results)
+    assert all(r["prompt"] and -1 <= r["score"] <= 1 for r in results)
 
 
 def test_real_sets_load_and_validate():

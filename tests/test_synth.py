@@ -5,9 +5,9 @@ import pandas as pd
 import pytest
 from scipy import ndimage
 
-from img2prompt.data import load_dataset
+from img2prompt.data.dataset import load_dataset
 from img2prompt.errors import DataError
-from img2prompt.synth import (BACKGROUNDS, COLORS, FAMILIES, SceneSpec, SynthParams, generate_dataset,
+from img2prompt.data.synth import (BACKGROUNDS, COLORS, FAMILIES, SceneSpec, SynthParams, generate_dataset,
                               render)
 
 SIZE = 192

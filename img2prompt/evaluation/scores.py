@@ -8,10 +8,12 @@ Methods, each giving a per-test-image cosine to the true prompt's metric embeddi
 - ``mean_prompt``: the constant mean training prompt embedding.
 """
 
+from dataclasses import dataclass
+
 import numpy as np
 import pandas as pd
 
-from .data import normalize_prompt
+from img2prompt.data.dataset import normalize_prompt
 
 METHODS = ("mapper", "retrieval", "knn", "mean_prompt")
 
@@ -137,11 +139,84 @@ def evaluate_methods(test, train, bank, predicted, to_metric_space, n_boot=1000,
     return frame, result
 
 
-def comparison_verdict(name, comparison) -> str:
-    """A paired difference in words: "`a` beats `b` by +0.1234 (95% interval [...])"; a method
-    beats another only when the whole interval is above zero."""
-    low, high = comparison["ci95"]
-    word = "beats" if low > 0 else ("loses to" if high < 0 else "does not clearly differ from")
-    a, b = name.split("_minus_")
-    return (f"`{a}` {word} `{b}` by {comparison['mean_difference']:+.4f} "
-            f"(95% interval [{low:+.4f}, {high:+.4f}])")
+@dataclass(frozen=True)
+class Comparison:
+    """A paired difference between two methods on the same test images."""
+
+    name: str  # "a_minus_b"
+    mean_difference: float
+    ci95: tuple
+
+    @property
+    def methods(self) -> tuple:
+        return tuple(self.name.split("_minus_"))
+
+    def verdict(self) -> str:
+        """In words: "`a` beats `b` by +0.1234 (95% interval [...])"; a method beats another
+        only when the whole interval is above zero."""
+        low, high = self.ci95
+        word = "beats" if low > 0 else ("loses to" if high < 0 else "does not clearly differ from")
+        a, b = self.methods
+        return (f"`{a}` {word} `{b}` by {self.mean_difference:+.4f} "
+                f"(95% interval [{low:+.4f}, {high:+.4f}])")
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """A run's metrics (as saved by its evaluation), with typed access: ``metrics.method("decoder")["mean_cosine"]``,
+    ``metrics.comparison("decoder_minus_knn").verdict()``, ``metrics.table()``."""
+
+    data: dict
+
+    def __getattr__(self, name):  # n_test, n_train, bank, image_encoder, text_encoder, ...
+        try:
+            return self.data[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    @property
+    def methods(self) -> dict:
+        return self.data["methods"]
+
+    def method(self, name) -> dict:
+        return self.data["methods"][name]
+
+    def comparison(self, name) -> Comparison:
+        c = self.data["comparisons"][name]
+        return Comparison(name, c["mean_difference"], tuple(c["ci95"]))
+
+    def comparisons(self, method=None) -> list:
+        """The paired differences (those of ``method`` only, when given)."""
+        return [self.comparison(name) for name in self.data["comparisons"]
+                if method is None or name.startswith(f"{method}_minus_")]
+
+    def best(self) -> str:
+        return max(self.methods, key=lambda name: self.methods[name]["mean_cosine"])
+
+    def table(self) -> pd.DataFrame:
+        """One row per method: mean, median and 95% interval, and for text methods the
+        exact-prompt rate and diversity. The one rendering of the headline numbers."""
+        rows = {}
+        for name, m in self.methods.items():
+            rows[name] = {"mean cosine": m["mean_cosine"], "median": m["median_cosine"],
+                          "95% low": m["ci95"][0], "95% high": m["ci95"][1],
+                          **{label: m.get(key) for key, label in TEXT_COLUMNS.items()}}
+        table = pd.DataFrame(rows).T
+        return table.dropna(axis=1, how="all")
+
+    def comparison_table(self, method=None) -> pd.DataFrame:
+        return pd.DataFrame({c.name.replace("_minus_", " − "): {
+            "mean difference": c.mean_difference, "95% low": c.ci95[0], "95% high": c.ci95[1]}
+            for c in self.comparisons(method)}).T
+
+    def text(self) -> str:
+        """The metrics as text, as the command line prints them."""
+        header = (f"test images: {self.n_test}  (image encoder {self.image_encoder}, target "
+                  f"{self.text_encoder}, scored with {self.metric_encoder}; retrieval bank: "
+                  f"{self.bank}, {self.method('retrieval')['bank_size']} prompts)")
+        return "\n".join([header, self.table().to_string(float_format=lambda v: f"{v:.4f}"), "",
+                          self.comparison_table().to_string(float_format=lambda v: f"{v:+.4f}")])
+
+
+TEXT_COLUMNS = {"exact_prompt_rate": "exact prompt", "distinct_1": "distinct_1",
+                "distinct_2": "distinct_2", "distinct_prompts": "distinct prompts"}

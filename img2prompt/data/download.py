@@ -20,12 +20,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from .archives import check_archive
-from .errors import DataError, shown
-from .files import fsync_file
-from .importers import DatasetWriter, import_diffusiondb_archives
-from .ownership import lock, record_write
-from .progress import progress_bar
+from img2prompt.data.archives import check_archive
+from img2prompt.errors import DataError, shown
+from img2prompt.storage.files import fsync_file
+from img2prompt.data.importers import DatasetWriter, import_diffusiondb_archives
+from img2prompt.storage.ownership import lock, record_write
+from img2prompt.progress import progress_bar
 
 DOWNLOADS_DIR = "downloads"
 

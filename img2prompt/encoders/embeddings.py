@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoints import load_tensors, save_tensors
-from .errors import DataError, RunError
-from .images import open_image
-from .ownership import claim, lock
-from .progress import progress_bar
+from img2prompt.storage.checkpoints import load_tensors, save_tensors
+from img2prompt.errors import DataError, RunError
+from img2prompt.data.images import DEFAULT_MAX_PIXELS, open_image
+from img2prompt.storage.ownership import claim, lock
+from img2prompt.progress import progress_bar
 
 
 RESUME_CHUNK = 512  # images per saved shard of an unfinished extraction
@@ -115,15 +115,15 @@ class EmbeddingCache:
 class _ImageFiles(torch.utils.data.Dataset):
     """Decodes and preprocesses one image per item; a bad file becomes an error message."""
 
-    def __init__(self, paths, preprocess):
-        self.paths, self.preprocess = list(paths), preprocess
+    def __init__(self, paths, preprocess, max_pixels):
+        self.paths, self.preprocess, self.max_pixels = list(paths), preprocess, max_pixels
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, index):
         try:
-            return index, self.preprocess(open_image(self.paths[index]))
+            return index, self.preprocess(open_image(self.paths[index], self.max_pixels))
         except DataError as error:
             return index, str(error)
 
@@ -144,14 +144,15 @@ def decode_workers(requested=-1) -> int:
     return min(4, max(0, len(os.sched_getaffinity(0)) - 2))
 
 
-def extract_image_embeddings(paths, encoder, batch_size=32, num_workers=-1, progress=True) -> np.ndarray:
+def extract_image_embeddings(paths, encoder, batch_size=32, num_workers=-1, progress=True,
+                             max_pixels=DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Features of the images at ``paths`` (float32, one row per path)."""
     paths = list(paths)
     _ = encoder.model  # load the weights before the workers fork and the bar starts
     out = np.zeros((len(paths), encoder.dim), dtype=np.float32)
     workers = decode_workers(num_workers) if len(paths) > batch_size else 0
     loader = torch.utils.data.DataLoader(
-        _ImageFiles(paths, encoder.preprocess), batch_size=batch_size, num_workers=workers,
+        _ImageFiles(paths, encoder.preprocess, max_pixels), batch_size=batch_size, num_workers=workers,
         collate_fn=_collate, prefetch_factor=2 if workers else None,
     )
     with progress_bar(len(paths), "img", enabled=progress, description=encoder.name) as bar:
@@ -194,7 +195,8 @@ def _extract(dataset, encoder, cache, key, batch_size, num_workers, progress, re
     start = time.perf_counter()
     for begin in range(resumed, len(dataset), RESUME_CHUNK):
         chunk = dataset.paths[begin:begin + RESUME_CHUNK]
-        parts.append(extract_image_embeddings(chunk, encoder, batch_size, num_workers, progress))
+        parts.append(extract_image_embeddings(chunk, encoder, batch_size, num_workers, progress,
+                                              dataset.max_pixels))
         if cache is not None and begin + RESUME_CHUNK < len(dataset):
             cache.save_shard("image", key, begin // RESUME_CHUNK, parts[-1])
     seconds = time.perf_counter() - start
@@ -219,3 +221,45 @@ def text_embeddings(texts, encoder, cache: EmbeddingCache = None, batch_size=64,
     if cache is not None:
         cache.save("text", key, array)
     return array
+
+
+def dataset_embeddings(config, dataset, progress=True, log=print, resume=False):
+    """(image, target-space prompt, metric-space prompt) embeddings of a dataset with the
+    encoders of ``config`` (a StudyConfig), through its cache; ``resume`` continues an
+    interrupted image extraction."""
+    from img2prompt.encoders.image import image_encoder
+    from img2prompt.encoders.text import METRIC_ENCODER, metric_encoder, text_encoder
+
+    cache = EmbeddingCache(config.cache_dir)
+    encoder = image_encoder(config.image_encoder, config.image_weights)
+    image_emb, info = image_embeddings(dataset, encoder, cache, config.embed_batch_size,
+                                       config.num_workers, progress, resume)
+    if info.get("resumed_rows"):
+        log(f"image embeddings: resumed after {info['resumed_rows']} images done by an earlier run")
+    if info["cached"]:
+        log(f"image embeddings ({encoder.name}): from cache {info['cache_file']}")
+    else:
+        log(f"image embeddings ({encoder.name}): {len(dataset)} images in {info['seconds']:.1f} s "
+            f"({info['images_per_s']:.1f} images/s), cached in {info['cache_file']}")
+    target = text_encoder(config.text_encoder, config.text_model, config.text_pooling)
+    truncated = target.count_truncated(dataset.prompts)
+    if truncated:
+        log(f"{truncated} prompt(s) are longer than {target.name} reads ({target.max_length} tokens): "
+            "their embeddings see the beginning only")
+    target_emb = text_embeddings(dataset.prompts, target, cache, progress=progress)
+    metric_emb = (target_emb if config.text_encoder == METRIC_ENCODER
+                  else text_embeddings(dataset.prompts, metric_encoder(), cache, progress=progress))
+    return image_emb, target_emb, metric_emb
+
+
+def measure_throughput(paths, config) -> float:
+    """End-to-end images/s (decoding + forward pass) of the image encoder of ``config`` on
+    ``paths``, timed after a warm-up batch that loads the model."""
+    from img2prompt.encoders.image import image_encoder
+
+    encoder = image_encoder(config.image_encoder, config.image_weights)
+    extract_image_embeddings(paths[:8], encoder, progress=False, max_pixels=config.max_pixels)
+    started = time.perf_counter()
+    extract_image_embeddings(paths, encoder, config.embed_batch_size, config.num_workers,
+                             progress=False, max_pixels=config.max_pixels)
+    return len(paths) / (time.perf_counter() - started)

@@ -5,56 +5,42 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import DataError
+from img2prompt.config import StudyConfig
+from img2prompt.errors import DataError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff")
-DEFAULT_MAX_PIXELS = 64_000_000  # 8000 x 8000: far above any generated image
-_limit = {"max_pixels": DEFAULT_MAX_PIXELS}
+DEFAULT_MAX_PIXELS = StudyConfig.max_pixels  # the config declares it
+# The limit is the caller's (``max_pixels``), checked from the header before a byte is
+# decoded, so a decompression bomb never reaches memory; PIL's own guard would fire first
+# with a vaguer message.
+Image.MAX_IMAGE_PIXELS = None
 
 
-def set_max_pixels(max_pixels: int):
-    """The largest width x height any image may have; larger ones are refused from their
-    header, before a byte is decoded (a decompression bomb never reaches memory)."""
-    if max_pixels < 1:
-        raise DataError(f"--max-pixels must be positive (got {max_pixels}).")
-    _limit["max_pixels"] = int(max_pixels)
-    Image.MAX_IMAGE_PIXELS = None  # PIL's own guard would fire first with a vaguer message
-
-
-def pixel_limit_problem(image: Image.Image):
-    """What is wrong when an opened (not yet decoded) image is over the pixel limit, else None."""
-    return pixel_limit_text(image.width, image.height)
-
-
-def pixel_limit_text(width, height):
+def pixel_limit_problem(width, height, max_pixels=DEFAULT_MAX_PIXELS):
     """What is wrong when an image of ``width`` x ``height`` is over the pixel limit, else None."""
     pixels = width * height
-    if pixels <= _limit["max_pixels"]:
+    if pixels <= max_pixels:
         return None
     return (f"image of {width}x{height} = {pixels:,} pixels is over the limit of "
-            f"{_limit['max_pixels']:,}. Resize it, or raise the limit with --max-pixels if the "
+            f"{max_pixels:,}. Resize it, or raise the limit with --max-pixels if the "
             "file is trusted.")
 
 
-def check_pixel_count(image: Image.Image, path):
-    problem = pixel_limit_problem(image)
-    if problem:
-        raise DataError(f"{path}: {problem}")
-
-
-def open_image(path) -> Image.Image:
+def open_image(path, max_pixels=DEFAULT_MAX_PIXELS) -> Image.Image:
     """Decode ``path`` into an RGB image with its EXIF orientation applied.
 
     Every PIL mode is handled: alpha is composited over white, 16-bit and float greys are
     rescaled (PIL's own ``convert`` would clip them to white), palette and CMYK images are
     converted; an animated GIF/WebP gives its first frame. The pixel count is checked
-    against the limit (``set_max_pixels``) before decoding. Raises DataError naming the
+    against ``max_pixels`` before decoding. Raises DataError naming the
     file when it cannot be read.
     """
     path = Path(path)
     try:
         with Image.open(path) as image:
-            check_pixel_count(image, path)
+            problem = pixel_limit_problem(image.width, image.height, max_pixels)
+            if problem:
+                raise DataError(f"{path}: {problem}")
             image.load()
             image = ImageOps.exif_transpose(image)
             return to_rgb(image)

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from .synth import FAMILIES, parse_prompt
+from img2prompt.data.synth import FAMILIES, parse_prompt
 
 ATTRIBUTES_FILE = "attributes.csv"
 
@@ -99,3 +99,49 @@ def unseen_pairs(train_attributes: pd.DataFrame, test_attributes: pd.DataFrame) 
         combos = zip(test_attributes[pair[0]], test_attributes[pair[1]])
         counts += np.array([combo not in seen[pair] for combo in combos], dtype=int)
     return counts
+
+
+def unseen_pair_groups(train_attributes: pd.DataFrame, test_attributes: pd.DataFrame) -> pd.Series:
+    """For each test row, how many attribute pairs are unseen in training, as the groups
+    "0", "1", "2" and "3+" (few test images have more)."""
+    unseen = unseen_pairs(train_attributes, test_attributes)
+    return pd.Series(np.where(unseen >= 3, "3+", np.minimum(unseen, 3).astype(str)), name="unseen attribute pairs")
+
+
+def linear_probe(data, preview=8) -> dict:
+    """How much of the prompt a ridge map from image to prompt embeddings recovers, fitted on
+    the training images (``data`` is a run's StudyData): the mean cosine with the true test
+    prompts (target space), and a preview on ``preview`` test images with distinct prompts —
+    the mapped-image / prompt similarity matrix and how many match their own prompt best."""
+    from img2prompt.data.dataset import unique_prompts
+    from img2prompt.evaluation.scores import cosine_rows, fit_linear_map, unit_rows
+
+    train, test = data.splits == "train", np.flatnonzero(data.splits == "test")
+    to_text = fit_linear_map(data.image_emb[train], data.target_emb[train])
+    test_cosine = float(cosine_rows(to_text(data.image_emb[test]), data.target_emb[test]).mean())
+    _, distinct = unique_prompts([data.dataset.prompts[i] for i in test])
+    chosen = test[distinct[:preview]]
+    similarity = unit_rows(data.target_emb[chosen]) @ unit_rows(to_text(data.image_emb[chosen])).T
+    return {"test_cosine": test_cosine, "similarity": similarity,
+            "prompts": [data.dataset.prompts[i] for i in chosen], "ids": [data.dataset.ids[i] for i in chosen],
+            "own_prompt_best": int((similarity.argmax(axis=0) == np.arange(len(chosen))).sum())}
+
+
+def compare_strategies(decoder, image_emb, metric_emb, config, strategies=("greedy", "beam", "sample")) -> pd.DataFrame:
+    """Each decoding strategy on the same images: mean cosine of the generated prompts to
+    the true ones (``metric_emb``), prompts per second and diversity. One row per strategy."""
+    import time
+
+    from img2prompt.encoders.embeddings import text_embeddings
+    from img2prompt.encoders.text import metric_encoder
+    from img2prompt.evaluation.scores import cosine_rows, distinct_ngrams
+
+    metric, rows = metric_encoder(), {}
+    for strategy in strategies:
+        started = time.perf_counter()
+        texts = decoder.generate(image_emb, config.decode_options(strategy))
+        seconds = time.perf_counter() - started
+        cosine = cosine_rows(text_embeddings(texts, metric, progress=False), metric_emb)
+        rows[strategy] = {"mean cosine": float(cosine.mean()), "prompts/s": len(texts) / seconds,
+                          **distinct_ngrams(texts)}
+    return pd.DataFrame(rows).T

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .allocator import keep_freed_memory
-from .errors import ModelUnavailableError
-from .progress import progress_bar
+from img2prompt.encoders.allocator import keep_freed_memory
+from img2prompt.errors import ModelUnavailableError
+from img2prompt.progress import progress_bar
 
 DEFAULT_TEXT_ENCODER = "minilm"
 METRIC_ENCODER = "minilm"

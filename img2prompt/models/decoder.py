@@ -19,18 +19,19 @@ import importlib.util
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoints import foreign, load_tensors, save_tensors
-from .errors import ModelUnavailableError, RunError
-from .generation import DecodeOptions, generate
+from img2prompt.config import StudyConfig, check_setting
+from img2prompt.storage.checkpoints import foreign, load_tensors, save_tensors
+from img2prompt.errors import ModelUnavailableError, RunError
+from img2prompt.models.generation import DecodeOptions, generate
 
 TINY = "tiny"
 SMOLLM2 = "smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-TUNE_CHOICES = ("prefix", "all")
 MAX_POSITIONS = 128  # prefix + prompt tokens of the tiny model
 
 
@@ -52,7 +53,7 @@ class WordPieceTokens:
         if self._tokenizer is None:
             from transformers import AutoTokenizer
 
-            from .text_encoders import minilm_path
+            from img2prompt.encoders.text import minilm_path
             self._tokenizer = AutoTokenizer.from_pretrained(str(minilm_path()))
         return self._tokenizer
 
@@ -200,8 +201,9 @@ class PromptDecoder:
             sequences.append([self.tokens.bos, *ids, self.tokens.eos])
         return sequences, cut
 
-    def loss(self, image_emb, sequences):
-        """Mean cross-entropy of the next token over the real (unpadded) positions."""
+    def loss(self, image_emb, sequences, reduction="mean"):
+        """Cross-entropy of the next token over the real (unpadded) positions: their mean,
+        or (``reduction="none"``) one row per sequence, 0 at the padding."""
         width = max(len(s) for s in sequences)
         padded = torch.full((len(sequences), width), self.tokens.pad, dtype=torch.long)
         targets = torch.full((len(sequences), width - 1), -100, dtype=torch.long)
@@ -209,8 +211,20 @@ class PromptDecoder:
             padded[row, :len(sequence)] = torch.tensor(sequence)
             targets[row, :len(sequence) - 1] = torch.tensor(sequence[1:])
         logits = self.model(image_emb, padded[:, :-1])
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                               ignore_index=-100)
+        losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                 ignore_index=-100, reduction=reduction)
+        return losses if reduction == "mean" else losses.view(len(sequences), width - 1)
+
+    def token_probability(self, image_emb, texts) -> np.ndarray:
+        """How sure the decoder is of each text: the geometric mean probability of its tokens
+        (end of sequence included), given its image."""
+        self.model.eval()
+        sequences, _ = self.encode_prompts(texts, max_length=10_000)
+        image_emb = torch.as_tensor(image_emb, dtype=torch.float32)
+        with torch.inference_mode():
+            losses = self.loss(image_emb, sequences, reduction="none").sum(dim=1)
+        lengths = torch.tensor([len(s) - 1 for s in sequences], dtype=torch.float32)
+        return torch.exp(-losses / lengths).numpy()
 
     def generate(self, image_emb, options: DecodeOptions = DecodeOptions(), chunk=64) -> list:
         """Prompt text for each image embedding."""
@@ -230,12 +244,13 @@ class PromptDecoder:
         return texts
 
 
-def build_decoder(name, image_dim, prompts=(), prefix_length=8, width=256, layers=3, heads=4,
-                  dropout=0.1, tune="prefix", seed=0) -> PromptDecoder:
+def build_decoder(name, image_dim, prompts=(), prefix_length=StudyConfig.prefix_length,
+                  width=StudyConfig.decoder_width, layers=StudyConfig.decoder_layers,
+                  heads=StudyConfig.decoder_heads, dropout=StudyConfig.decoder_dropout,
+                  tune=StudyConfig.decoder_tune, seed=StudyConfig.seed) -> PromptDecoder:
     """A new decoder, initialised from ``seed``; ``prompts`` (the training prompts) choose the
     tiny model's vocabulary."""
-    if tune not in TUNE_CHOICES:
-        raise RunError(f"unknown --decoder-tune '{tune}'; use {' or '.join(TUNE_CHOICES)}.")
+    check_setting("decoder_tune", tune)
     torch.manual_seed(seed)
     spec = {"decoder": name, "image_dim": int(image_dim), "prefix_length": prefix_length,
             "prefix_hidden": 512, "tune": tune}

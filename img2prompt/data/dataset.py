@@ -16,16 +16,16 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from .errors import DataError, printable, shown
-from .files import write_csv
-from .images import IMAGE_EXTENSIONS, open_image, pixel_limit_problem
+from img2prompt.config import check_setting
+from img2prompt.errors import DataError, printable, shown
+from img2prompt.storage.files import write_csv
+from img2prompt.data.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, open_image, pixel_limit_problem
 
 PROMPTS_FILE = "prompts.csv"
 IMAGES_DIR = "images"
 REQUIRED_COLUMNS = ("imgId", "prompt")
 SPLITS = ("train", "val", "test")
 MAX_LISTED_PROBLEMS = 10
-ON_ERROR = ("fail", "skip")
 REJECTS_FILE = "rejects.csv"
 # No text-to-image prompt comes near this (the text encoders read a few hundred characters);
 # a longer one is a broken row. Import and load share the limit, so an imported dataset loads.
@@ -57,6 +57,7 @@ class ImageDataset:
     prompts: list
     paths: list
     rejects: list = field(default_factory=list)  # Problems of the rows skipped (on_error="skip")
+    max_pixels: int = DEFAULT_MAX_PIXELS  # the limit its images were checked against
 
     def __len__(self):
         return len(self.ids)
@@ -68,6 +69,7 @@ class ImageDataset:
             [self.ids[i] for i in keep],
             [self.prompts[i] for i in keep],
             [self.paths[i] for i in keep],
+            max_pixels=self.max_pixels,
         )
 
     def images_fingerprint(self) -> str:
@@ -80,7 +82,7 @@ class ImageDataset:
         return digest.hexdigest()
 
 
-def find_problems(root, decode_images=False) -> tuple:
+def find_problems(root, decode_images=False, max_pixels=DEFAULT_MAX_PIXELS) -> tuple:
     """Check a dataset folder; return (rows, problems).
 
     ``rows`` is a list of (imgId, prompt, path) for the rows without problems. With
@@ -139,7 +141,7 @@ def find_problems(root, decode_images=False) -> tuple:
                                     "Keep exactly one."))
             continue
         path = candidates[0]
-        problem = _check_image(path, decode_images)
+        problem = _check_image(path, decode_images, max_pixels)
         if problem:
             problems.append(problem)
             continue
@@ -270,17 +272,17 @@ def read_csv_table(path) -> pd.DataFrame:
         raise DataError(f"{path}: malformed CSV ({error}).") from None
 
 
-def _check_image(path, decode):
+def _check_image(path, decode, max_pixels):
     fix = "Replace it with a valid PNG/JPEG/WebP image or remove its row."
     if decode:
         try:
-            open_image(path)
+            open_image(path, max_pixels)
         except DataError as error:
             return Problem(str(path), f"unreadable image ({error.__cause__ or error}).", fix)
         return None
     try:
         with Image.open(path) as image:  # the header only; decoding happens while embedding
-            problem = pixel_limit_problem(image)
+            problem = pixel_limit_problem(image.width, image.height, max_pixels)
         if problem:
             return Problem(str(path), problem, "")
     except Exception as error:  # noqa: BLE001 - PIL raises many types for bad files
@@ -288,17 +290,16 @@ def _check_image(path, decode):
     return None
 
 
-def load_dataset(root, on_error="fail") -> ImageDataset:
+def load_dataset(root, on_error="fail", max_pixels=DEFAULT_MAX_PIXELS) -> ImageDataset:
     """Load a dataset folder.
 
     ``on_error="fail"``: raise DataError listing what is wrong and how to fix it.
     ``on_error="skip"``: keep the good rows (images fully decoded, so nothing fails later)
     and record every skipped one in ``dataset.rejects``.
     """
-    if on_error not in ON_ERROR:
-        raise DataError(f"--on-error must be fail or skip (got '{on_error}').")
+    check_setting("on_error", on_error)
     root = Path(root)
-    rows, problems = find_problems(root, decode_images=on_error == "skip")
+    rows, problems = find_problems(root, on_error == "skip", max_pixels)
     errors = [p for p in problems if p.severity == "error"]
     if errors and on_error == "fail":
         listed = "\n  ".join(str(p) for p in errors[:MAX_LISTED_PROBLEMS])
@@ -311,7 +312,7 @@ def load_dataset(root, on_error="fail") -> ImageDataset:
         raise DataError(f"{root / PROMPTS_FILE}: no usable rows ({len(errors)} rejected). Add "
                         "imgId,prompt rows for the images.")
     ids, prompts, paths = zip(*rows)
-    return ImageDataset(root, list(ids), list(prompts), list(paths), errors)
+    return ImageDataset(root, list(ids), list(prompts), list(paths), errors, max_pixels)
 
 
 def write_rejects(path, rejects):
@@ -320,13 +321,21 @@ def write_rejects(path, rejects):
                                  columns=["item", "problem", "fix"]))
 
 
-def validate_dataset(root) -> list:
+def validate_dataset(root, max_pixels=DEFAULT_MAX_PIXELS) -> list:
     """Every problem of a dataset folder, images fully decoded."""
     try:
-        _, problems = find_problems(root, decode_images=True)
+        _, problems = find_problems(root, True, max_pixels)
     except DataError as error:
         return [Problem(str(root), str(error), "", "error")]
     return problems
+
+
+def unique_prompts(prompts):
+    """(distinct prompts in first-seen order, index of each one's first occurrence)."""
+    first = {}
+    for index, prompt in enumerate(prompts):
+        first.setdefault(prompt, index)
+    return list(first), list(first.values())
 
 
 def normalize_prompt(prompt: str) -> str:
@@ -372,7 +381,7 @@ def save_splits(path, dataset: ImageDataset, splits):
 
 
 def load_splits(path, dataset: ImageDataset) -> np.ndarray:
-    """Read splits.csv and check it covers exactly the dataset's images."""
+    """Read a split file (imgId,split) and check it covers exactly the dataset's images."""
     frame = pd.read_csv(path, dtype=str, keep_default_na=False)
     if list(frame.columns) != ["imgId", "split"] or not frame["split"].isin(SPLITS).all():
         raise DataError(f"{path}: expected columns imgId,split with split in {SPLITS}.")

@@ -20,7 +20,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from .errors import Img2PromptError
+from img2prompt.errors import Img2PromptError
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)

@@ -30,15 +30,16 @@ from pathlib import Path
 
 import pandas as pd
 
-from .archives import MAX_IMAGE_BYTES, MAX_TABLE_BYTES, READ_ERRORS, copy_capped, read_member, read_member_bytes
-from .data import (IMAGES_DIR, MAX_PROMPT_CHARS, ON_ERROR, PROMPTS_FILE, REJECTS_FILE,
+from img2prompt.data.archives import MAX_IMAGE_BYTES, MAX_TABLE_BYTES, READ_ERRORS, copy_capped, read_member, read_member_bytes
+from img2prompt.config import check_setting
+from img2prompt.data.dataset import (IMAGES_DIR, MAX_PROMPT_CHARS, PROMPTS_FILE, REJECTS_FILE,
                    WINDOWS_DEVICE_NAMES, Problem, inside, prompt_problem, read_csv_table,
                    unsafe_id_problem, unusable_file_problem, write_rejects)
-from .errors import DataError, shown
-from .files import atomic_path, write_csv
-from .images import IMAGE_EXTENSIONS, open_image, pixel_limit_text, set_max_pixels
-from .ownership import claim
-from .png_text import NotPng, read_png_text
+from img2prompt.errors import DataError, shown
+from img2prompt.storage.files import atomic_path, write_csv
+from img2prompt.data.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, open_image, pixel_limit_problem
+from img2prompt.storage.ownership import claim
+from img2prompt.data.png_text import NotPng, read_png_text
 
 A1111_SETTINGS = {"Steps": "step", "Sampler": "sampler", "CFG scale": "cfg", "Seed": "seed",
                   "Size": "size", "Model": "model"}
@@ -53,10 +54,10 @@ class DatasetWriter:
     what an earlier import wrote there (a finished one only with ``force``), except the
     recorded files under the ``keep`` prefixes."""
 
-    def __init__(self, out, on_error="fail", force=False, keep=()):
-        if on_error not in ON_ERROR:
-            raise DataError(f"--on-error must be fail or skip (got '{on_error}').")
+    def __init__(self, out, on_error="fail", force=False, keep=(), max_pixels=DEFAULT_MAX_PIXELS):
+        check_setting("on_error", on_error)
         self.out, self.on_error, self.force, self.keep = Path(out), on_error, force, keep
+        self.max_pixels = max_pixels
         self.rows, self.rejects, self.images, self.used_ids = [], [], {}, set()
         self._stack = contextlib.ExitStack()
 
@@ -115,7 +116,7 @@ class DatasetWriter:
         try:
             with atomic_path(target) as tmp, open(tmp, "wb") as out:
                 write_image(out)
-            open_image(target)  # pixel limit from the header, then one full decode
+            open_image(target, self.max_pixels)  # pixel limit from the header, then one full decode
         except DataError as error:
             if target.exists():
                 self.folder.remove(target)
@@ -173,7 +174,7 @@ def a1111_fields(parameters: str) -> dict:
     return fields
 
 
-def embedded_prompt(path) -> dict:
+def embedded_prompt(path, max_pixels=DEFAULT_MAX_PIXELS) -> dict:
     """The prompt fields stored in a PNG's text chunks ({} for other files or none), read
     without decoding the image; DataError when the image is over the pixel limit or its
     prompt over the prompt limit."""
@@ -181,7 +182,7 @@ def embedded_prompt(path) -> dict:
         png = read_png_text(path, MAX_PROMPT_CHARS * 2)  # 'parameters' holds more than the prompt
     except NotPng:
         return {}
-    problem = pixel_limit_text(png.width, png.height)
+    problem = pixel_limit_problem(png.width, png.height, max_pixels)
     if problem:
         raise DataError(problem)
     for key in ("prompt", "parameters"):
@@ -219,7 +220,7 @@ def import_image_folder(files, writer: DatasetWriter):
                           "for an image file.")
             continue
         try:
-            fields = embedded_prompt(path)
+            fields = embedded_prompt(path, writer.max_pixels)
         except DataError as error:
             writer.reject(path, f"refused ({error})", "Leave it out or shrink it.")
             continue
@@ -354,13 +355,12 @@ def refuse_overlap(src, out, src_is_folder):
                         "Choose an --out outside the source (and not around it).")
 
 
-def import_dataset(src, out, on_error="fail", force=False, max_pixels=None, **csv_options) -> dict:
+def import_dataset(src, out, on_error="fail", force=False, max_pixels=DEFAULT_MAX_PIXELS,
+                   **csv_options) -> dict:
     """Import ``src`` (see the module's docstring) into the dataset folder ``out``."""
     src = Path(src)
     if not src.exists():
         raise DataError(f"{src}: not found.")
-    if max_pixels is not None:
-        set_max_pixels(max_pixels)
     if src.is_dir() and (src / PROMPTS_FILE).is_file():  # a dataset folder: its own CSV
         src = src / PROMPTS_FILE
     if src.suffix.lower() == ".csv":
@@ -374,6 +374,6 @@ def import_dataset(src, out, on_error="fail", force=False, max_pixels=None, **cs
     else:
         refuse_overlap(src, out, src_is_folder=True)
         add_all = functools.partial(import_image_folder, image_folder_files(src))
-    with DatasetWriter(out, on_error, force) as writer:  # the source is read: now OUT may change
+    with DatasetWriter(out, on_error, force, max_pixels=max_pixels) as writer:  # the source is read: now OUT may change
         add_all(writer)
         return writer.finish()

@@ -10,19 +10,23 @@ from dataclasses import dataclass
 
 import torch
 
-STRATEGIES = ("greedy", "beam", "sample")
+from img2prompt.config import FIELDS, StudyConfig
+
+STRATEGIES = FIELDS["decode_strategy"].metadata["choices"]
 
 
 @dataclass
 class DecodeOptions:
-    strategy: str = "beam"       # greedy | beam | sample
-    beam_width: int = 4          # beams kept per input (beam)
-    top_p: float = 0.9           # nucleus: smallest token set holding this probability (sample)
-    temperature: float = 1.0     # divides the logits before sampling (sample)
-    max_length: int = 40         # most tokens generated, end-of-sequence included
-    no_repeat_ngram: int = 3     # never generate an n-gram twice in one sequence (0: allowed)
-    length_penalty: float = 1.0  # beam score = sum of log-probs / length ** length_penalty
-    seed: int = 0                # sampling seed
+    """How to decode; the defaults are the study's (StudyConfig declares them)."""
+
+    strategy: str = StudyConfig.decode_strategy         # greedy | beam | sample
+    beam_width: int = StudyConfig.beam_width            # beams kept per input (beam)
+    top_p: float = StudyConfig.top_p                    # nucleus: smallest token set holding this probability
+    temperature: float = StudyConfig.temperature        # divides the logits before sampling (sample)
+    max_length: int = StudyConfig.max_length            # most tokens generated, end-of-sequence included
+    no_repeat_ngram: int = StudyConfig.no_repeat_ngram  # never generate an n-gram twice in one sequence
+    length_penalty: float = 1.0                         # beam score = sum of log-probs / length ** penalty
+    seed: int = StudyConfig.seed                        # sampling seed
 
 
 def banned_tokens(sequence, n) -> set:

@@ -11,10 +11,10 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from .errors import DataError, RunError
-from .files import atomic_path
-from .mapper import Mapper
-from .progress import progress_bar
+from img2prompt.errors import DataError, RunError
+from img2prompt.storage.files import atomic_path
+from img2prompt.models.mapper import Mapper
+from img2prompt.progress import progress_bar
 
 
 def cosine_loss(predicted, target):

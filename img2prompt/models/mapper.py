@@ -3,13 +3,15 @@
 import torch
 from torch import nn
 
-from .checkpoints import foreign, load_tensors, save_tensors
+from img2prompt.config import StudyConfig
+from img2prompt.storage.checkpoints import foreign, load_tensors, save_tensors
 
 
 class Mapper(nn.Module):
     """Centre and scale the image embedding, then ``depth`` hidden layers (GELU, dropout), then linear."""
 
-    def __init__(self, in_dim, out_dim, hidden_size=1024, depth=2, dropout=0.1):
+    def __init__(self, in_dim, out_dim, hidden_size=StudyConfig.hidden_size, depth=StudyConfig.depth,
+                 dropout=StudyConfig.dropout):
         super().__init__()
         self.hparams = {"in_dim": in_dim, "out_dim": out_dim, "hidden_size": hidden_size,
                         "depth": depth, "dropout": dropout}

@@ -12,7 +12,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from .ownership import FILE_MODE, record_write
+from img2prompt.storage.ownership import FILE_MODE, record_write
 
 
 @contextlib.contextmanager

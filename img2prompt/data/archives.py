@@ -12,7 +12,7 @@ import lzma
 import zipfile
 import zlib
 
-from .errors import DataError, shown
+from img2prompt.errors import DataError, shown
 
 CHUNK = 1 << 20
 MAX_IMAGE_BYTES = 256 << 20   # an uncompressed 64-megapixel RGBA image is 256 MB

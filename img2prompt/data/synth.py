@@ -20,9 +20,10 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageChops, ImageDraw, ImageFilter
 
-from .errors import DataError
-from .files import atomic_path, write_csv, write_json
-from .ownership import claim
+from img2prompt.config import StudyConfig
+from img2prompt.errors import DataError
+from img2prompt.storage.files import atomic_path, write_csv, write_json
+from img2prompt.storage.ownership import claim
 
 COUNTS = {"a": 1, "two": 2, "three": 3}
 SIZES = {"small": 0.075, "large": 0.14}  # object radius as a fraction of the image side
@@ -262,9 +263,9 @@ def render(spec: SceneSpec, size: int = 256, seed=0) -> Image.Image:
 
 @dataclass(frozen=True)
 class SynthParams:
-    n: int = 2000
-    size: int = 256
-    seed: int = 0
+    n: int = StudyConfig.n_images
+    size: int = StudyConfig.image_size
+    seed: int = StudyConfig.seed
 
 
 def plan_dataset(params: SynthParams) -> pd.DataFrame:
@@ -333,3 +334,13 @@ def _generate(folder, params, workers):
     attributes.insert(0, "imgId", plan["imgId"])
     write_csv(out_dir / "attributes.csv", attributes)
     write_csv(out_dir / "prompts.csv", plan[["imgId", "prompt"]])
+
+
+def study_dataset(config) -> str:
+    """The dataset folder of a StudyConfig: its ``data_dir``, or when that is empty the
+    generated default data of its settings (made when missing)."""
+    if config.data_dir:
+        return config.data_dir
+    folder = config.generated_data_dir()
+    generate_dataset(folder, SynthParams(config.n_images, config.image_size, config.seed))
+    return folder

@@ -6,14 +6,17 @@ parameters and links to every report.
 """
 
 import ast
+import contextlib
 import html
-import json
+import os
 import time
 from pathlib import Path
 
-from .errors import RunError
-from .files import write_text
-from .ownership import claim
+from img2prompt.errors import RunError
+from img2prompt.progress import QUIET_VARIABLE
+from img2prompt.run import EVALUATE, Run
+from img2prompt.storage.files import write_text
+from img2prompt.storage.ownership import claim
 
 NOTEBOOK_PATTERN = "[0-9][0-9]_*.ipynb"
 INDEX_FILE = "index.html"
@@ -103,9 +106,24 @@ def run_notebooks(notebook_dir, reports_dir, given: dict, cwd=".", log=print) ->
     plan = plan_parameters(notebooks, given)
     reports_dir = Path(reports_dir)
     folder = claim(reports_dir, "reports")  # a folder the project did not make is refused
-    with folder.lock(f"reports folder {reports_dir}"):
+    with folder.lock(f"reports folder {reports_dir}"), _quiet_kernels():
         folder.clear()  # a report from an earlier run must not pass for this one's
         return _run(plan, folder, cwd, log)
+
+
+@contextlib.contextmanager
+def _quiet_kernels():
+    """No progress bars in the kernels papermill starts (they inherit the environment): a
+    report is read later, and widget state would only weigh on it."""
+    before = os.environ.get(QUIET_VARIABLE)
+    os.environ[QUIET_VARIABLE] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[QUIET_VARIABLE]
+        else:
+            os.environ[QUIET_VARIABLE] = before
 
 
 def _run(plan, folder, cwd, log):
@@ -135,19 +153,16 @@ def _run(plan, folder, cwd, log):
         reports.append({"notebook": notebook.name, "html": html_path.name,
                         "executed": executed.name, "seconds": seconds})
     run_dir = Path(cwd) / str(effective.get("run_dir", ""))
-    metrics = _read_json(run_dir / "metrics.json")
-    config = (_read_json(run_dir / "config.json") or {}).get("config", {})
-    write_text(reports_dir / INDEX_FILE,
-               index_html(reports, effective, metrics, run_dir, config.get("data_dir")))
+    metrics, data_dir = None, None
+    try:
+        run = Run.open(run_dir)
+        data_dir = run.config.data_dir
+        metrics = run.metrics() if run.is_finished(EVALUATE) else None
+    except RunError:
+        pass  # the notebooks stopped before starting a run
+    write_text(reports_dir / INDEX_FILE, index_html(reports, effective, metrics, run_dir, data_dir))
     return {"reports": reports, "parameters": effective, "metrics": metrics,
             "index": reports_dir / INDEX_FILE}
-
-
-def _read_json(path):
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def _table(header, rows):
@@ -157,23 +172,16 @@ def _table(header, rows):
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def metrics_rows(metrics) -> list:
-    return [(name, f"{m['mean_cosine']:.4f}", f"{m['median_cosine']:.4f}",
-             f"[{m['ci95'][0]:.4f}, {m['ci95'][1]:.4f}]")
-            for name, m in metrics["methods"].items()]
-
-
 def index_html(reports, parameters, metrics, run_dir, data_dir=None) -> str:
     """The landing page: headline metrics, the run's parameters, links to every report."""
     if metrics:
-        headline = (f"<p>{metrics['n_test']} test images; image encoder "
-                    f"<code>{html.escape(metrics['image_encoder'])}</code>, target "
-                    f"<code>{html.escape(metrics['text_encoder'])}</code>, scored by cosine in "
-                    f"{html.escape(metrics['metric_encoder'])} space.</p>"
-                    + _table(("method", "mean cosine", "median", "95% interval"),
-                             metrics_rows(metrics)))
+        headline = (f"<p>{metrics.n_test} test images; image encoder "
+                    f"<code>{html.escape(metrics.image_encoder)}</code>, target "
+                    f"<code>{html.escape(metrics.text_encoder)}</code>, scored by cosine in "
+                    f"{html.escape(metrics.metric_encoder)} space.</p>"
+                    + metrics.table().to_html(float_format=lambda v: f"{v:.4f}", na_rep=""))
     else:
-        headline = f"<p>No metrics.json in {html.escape(str(run_dir))}.</p>"
+        headline = f"<p>No evaluation in {html.escape(str(run_dir))}.</p>"
     links = "".join(
         f'<li><a href="{html.escape(r["html"])}">{html.escape(r["notebook"][:-6])}</a> '
         f'(<a href="{html.escape(r["executed"])}">notebook</a>, {r["seconds"]:.0f} s)</li>'

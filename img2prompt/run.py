@@ -1,0 +1,416 @@
+"""A run: the run folder and the study's stages over it. The only code that knows the folder.
+
+    run = Run.create(StudyConfig(data_dir=..., run_dir="runs/mine"))   # data, split, config
+    run.train()                  # the mapper, on the run's embeddings (cached)
+    run.train_decoder()          # the prompt decoder
+    metrics = run.evaluate()     # every method on the test split
+    run.predictor().predict([...])
+
+The command line and the notebooks call these same methods. Settings change only through
+``update`` (checked, then saved with the run). Each stage holds the folder's lock, writes
+its files, and marks itself finished in the folder's manifest last (``storage.ownership``):
+a run is finished only when its manifest says so, and starting it anew removes only what
+the project wrote there.
+
+Files: config.json, splits.csv, rejects.csv (rows skipped), best_model.safetensors,
+prompt_bank.safetensors, history.csv, training_state.pt (while a training is unfinished),
+decoder.safetensors, decoder_history.csv, test_results.csv, metrics.json, figures/, and the
+summaries behind each notebook's conclusions (``SUMMARIES``).
+
+Importing this module loads no training, plotting or notebook code: those load when a
+stage runs, so that inference (``predict``) stays light.
+"""
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from img2prompt.config import CONFIG_FILE, StudyConfig
+from img2prompt.data.dataset import (REJECTS_FILE, ImageDataset, grouped_split, load_dataset,
+                                     load_splits, save_splits, unique_prompts, write_rejects)
+from img2prompt.errors import RunError
+from img2prompt.evaluation.scores import Metrics
+from img2prompt.storage.checkpoints import load_tensors, save_tensors
+from img2prompt.storage.files import write_csv, write_json
+from img2prompt.storage.ownership import MANIFEST_FILE, claim, find_owned
+
+RUN_KIND = "run"
+# stages recorded as finished in the manifest
+SPLIT, TRAIN, DECODER, EVALUATE = "split", "train", "decoder", "evaluate"
+SPLITS_FILE = "splits.csv"
+MODEL_FILE = "best_model.safetensors"
+BANK_FILE = "prompt_bank.safetensors"
+HISTORY_FILE = "history.csv"
+TRAINING_STATE_FILE = "training_state.pt"
+DECODER_FILE = "decoder.safetensors"
+DECODER_HISTORY_FILE = "decoder_history.csv"
+RESULTS_FILE = "test_results.csv"
+METRICS_FILE = "metrics.json"
+FIGURES = {"loss": "figures/loss_curve.png", "decoder_loss": "figures/decoder_loss.png"}
+SUMMARIES = {"data": "data_summary.json", "embedding": "embedding_summary.json",
+             "training": "training_summary.json", "decoder": "decoder_summary.json",
+             "error_analysis": "error_analysis.json", "generation": "generation_summary.json"}
+
+
+def _quiet(*_args, **_kwargs):
+    pass
+
+
+@dataclass
+class StudyData:
+    """A dataset with its split and its embeddings (image, target text, metric text)."""
+
+    dataset: ImageDataset
+    splits: np.ndarray
+    image_emb: np.ndarray
+    target_emb: np.ndarray
+    metric_emb: np.ndarray
+
+    def part(self, split):
+        mask = self.splits == split
+        return {"ids": list(np.asarray(self.dataset.ids)[mask]),
+                "prompts": list(np.asarray(self.dataset.prompts, dtype=object)[mask]),
+                "images": [p.name for p, keep in zip(self.dataset.paths, mask) if keep],
+                "paths": [p for p, keep in zip(self.dataset.paths, mask) if keep],
+                "image_emb": self.image_emb[mask], "target_emb": self.target_emb[mask],
+                "metric_emb": self.metric_emb[mask]}
+
+
+class Run:
+    """A run folder and its stages; make one with ``Run.create`` or ``Run.open``."""
+
+    def __init__(self, folder):
+        self.folder, self.root = folder, folder.root
+        self.config = dataclasses.replace(StudyConfig.load(self.root), run_dir=str(self.root))
+        self._data = None  # prepared data, kept while the settings stay the same
+
+    # --- making and opening -------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, config: StudyConfig, force=False, origin="cli", log=_quiet) -> "Run":
+        """Start (or start anew) the run in ``config.run_dir``: its config and split.
+
+        The dataset is loaded and checked before anything in the folder changes, so a bad
+        dataset costs nothing. Starting anew removes only the files the project wrote there;
+        a folder it did not make is refused. A finished run is only replaced with ``force``,
+        except that the notebooks (``origin="notebooks"``) rerun a study they made."""
+        from img2prompt.data.synth import study_dataset
+        config.validate()
+        config = dataclasses.replace(config, data_dir=study_dataset(config))
+        folder = claim(config.run_dir, RUN_KIND)
+        with folder.lock(f"run folder {folder.root}"):
+            rerun = origin == "notebooks" and folder.origin == origin
+            if folder.is_finished(TRAIN) and not force and not rerun:
+                raise RunError(f"{config.run_dir}: already holds a trained model. Pass --force "
+                               "(notebooks: -p force True) to train it anew (its split is made anew "
+                               "too), or choose another --out.")
+            dataset = load_dataset(config.data_dir, config.on_error, config.max_pixels)
+            folder.clear()
+            folder.set_origin(origin)
+            config.save(folder.root)
+            run = cls(folder)
+            run._record_rejects(dataset, log)
+            run._split(dataset, log)
+            folder.mark_finished(SPLIT)
+        return run
+
+    @classmethod
+    def open(cls, run_dir) -> "Run":
+        """The run in ``run_dir``; RunError when the folder is not a run the project made."""
+        folder = find_owned(run_dir)
+        if folder is None or folder.kind != RUN_KIND:
+            if (Path(run_dir) / CONFIG_FILE).is_file():
+                raise RunError(f"{run_dir}: has no {MANIFEST_FILE} recording what img2prompt wrote "
+                               "(made by an older img2prompt, or not a run folder). Train it anew in "
+                               "a new folder with 'img2prompt train'.")
+            raise RunError(f"{run_dir}: not a run folder. Is it a run folder made by 'img2prompt "
+                           "train' (or notebook 01)?")
+        return cls(folder)
+
+    def update(self, **settings) -> StudyConfig:
+        """Change settings (StudyConfig fields), checked, and save them with the run."""
+        unknown = sorted(set(settings) - {f.name for f in dataclasses.fields(StudyConfig)})
+        if unknown:
+            raise RunError(f"unknown setting(s) {', '.join(unknown)}.")
+        config = dataclasses.replace(self.config, **settings)
+        config.validate()
+        if config != self.config:
+            with self._lock():
+                config.save(self.root)
+            self.config, self._data = config, None
+        return config
+
+    def is_finished(self, stage) -> bool:
+        return self.folder.is_finished(stage)
+
+    def _lock(self):
+        return self.folder.lock(f"run folder {self.root}")
+
+    def _path(self, name) -> Path:
+        return self.root / name
+
+    # --- data and embeddings --------------------------------------------------------------------
+
+    def dataset(self, log=_quiet, config=None) -> ImageDataset:
+        """The run's dataset, loaded with its error policy and pixel limit; skipped rows are
+        listed in the run's rejects.csv."""
+        config = config or self.config
+        dataset = load_dataset(config.data_dir, config.on_error, config.max_pixels)
+        self._record_rejects(dataset, log)
+        return dataset
+
+    def _record_rejects(self, dataset, log):
+        if dataset.rejects:
+            write_rejects(self._path(REJECTS_FILE), dataset.rejects)
+            log(f"dataset {dataset.root}: kept {len(dataset)} images, skipped {len(dataset.rejects)} "
+                f"(each with its reason in {self._path(REJECTS_FILE)})")
+
+    def _split(self, dataset, log=_quiet) -> np.ndarray:
+        """The run's split: reused from splits.csv when there, else made and saved."""
+        path = self._path(SPLITS_FILE)
+        if path.exists():
+            splits = load_splits(path, dataset)
+        else:
+            config = self.config
+            splits = grouped_split(dataset.prompts, config.seed, config.val_fraction, config.test_fraction)
+            save_splits(path, dataset, splits)
+        counts = {s: int((splits == s).sum()) for s in ("train", "val", "test")}
+        log(f"dataset {dataset.root}: {len(dataset)} images; split {counts} (grouped by prompt)")
+        return splits
+
+    def splits(self, dataset) -> np.ndarray:
+        """train/val/test of each image of ``dataset``, from the run's split."""
+        return load_splits(self._path(SPLITS_FILE), dataset)
+
+    def data(self, progress=None, log=_quiet, resume=False) -> StudyData:
+        """The dataset, its split and its embeddings (through the cache; ``resume``
+        continues an interrupted image extraction)."""
+        if self._data is None or resume:
+            self._data = self._prepare(self.config, progress, log, resume)
+        return self._data
+
+    def _prepare(self, config, progress, log, resume=False) -> StudyData:
+        from img2prompt.encoders.embeddings import dataset_embeddings
+        with self._lock():
+            dataset = self.dataset(log, config)
+            splits = self._split(dataset, log)
+            return StudyData(dataset, splits, *dataset_embeddings(config, dataset, progress, log, resume))
+
+    # --- the mapper -------------------------------------------------------------------------------
+
+    def train(self, resume=False, progress=None, log=_quiet) -> dict:
+        """Train the mapper; save it, the prompt bank (the training prompts, for retrieval),
+        its history and loss curve. The training state is saved as it goes; ``resume``
+        continues an interrupted training (and embedding extraction) instead."""
+        from img2prompt.models.mapper import save_mapper
+        from img2prompt.models.training import train_mapper
+        from img2prompt.reports.plots import plot_history, save_figure
+
+        with self._lock():
+            if resume and self.is_finished(TRAIN):
+                raise RunError(f"{self.root}: this run finished; nothing to resume (--force trains "
+                               "it anew).")
+            data = self.data(progress, log, resume=resume)
+            state = self._path(TRAINING_STATE_FILE)
+            resume = resume and state.is_file()
+            if resume:
+                log("resuming the training")
+            self.folder.mark_unfinished(TRAIN)
+            train_part, val_part = data.part("train"), data.part("val")
+            config = self.config
+            log(f"training the mapper ({config.depth} hidden layer(s) of {config.hidden_size}) on "
+                f"{len(train_part['ids'])} images, validating on {len(val_part['ids'])}")
+            model, history = train_mapper(train_part["image_emb"], train_part["target_emb"],
+                                          val_part["image_emb"], val_part["target_emb"], config,
+                                          progress, state_path=state, resume=resume)
+            save_mapper(model, self._path(MODEL_FILE))
+            prompts, first = unique_prompts(train_part["prompts"])
+            save_tensors(self._path(BANK_FILE), {"target_emb": train_part["target_emb"][first]},
+                         {"prompts": prompts})
+            write_csv(self._path(HISTORY_FILE), history)
+            save_figure(plot_history(history), self._path(FIGURES["loss"]))
+            if self.folder.owns(state):
+                self.folder.remove(state)  # only once everything it led to is saved
+            self.folder.mark_finished(TRAIN)
+        best = history[history["best"]].iloc[0]
+        summary = {"run_dir": str(self.root), "best_epoch": int(best["epoch"]), "epochs": len(history),
+                   "val_cosine": float(best["val_cosine"]), "train_loss_at_best": float(best["train_loss"]),
+                   "val_loss_at_best": float(best["val_loss"]),
+                   "train_images": len(train_part["ids"]), "val_images": len(val_part["ids"])}
+        log(f"best epoch {summary['best_epoch']} of {summary['epochs']}: validation cosine "
+            f"{summary['val_cosine']:.4f}; model in {self._path(MODEL_FILE)}")
+        return summary
+
+    def mapper(self):
+        from img2prompt.models.mapper import load_mapper
+        self._require(TRAIN, "train --resume --out")
+        return load_mapper(self._path(MODEL_FILE))
+
+    def prompt_bank(self):
+        """(prompts, target-space embeddings) of the prompts retrieval answers with."""
+        self._require(TRAIN, "train --resume --out")
+        path = self._path(BANK_FILE)
+        tensors, metadata = load_tensors(path, "prompt bank", "Train the run again.", framework="numpy",
+                                         required=("prompts",))
+        prompts, bank = metadata["prompts"], tensors.get("target_emb")
+        if bank is None or not isinstance(prompts, list) or len(prompts) != len(bank):
+            raise RunError(f"{path}: not an img2prompt prompt bank (prompts and embeddings do not "
+                           "match). Train the run again.")
+        return prompts, bank
+
+    def history(self) -> pd.DataFrame:
+        return pd.read_csv(self._path(HISTORY_FILE))
+
+    # --- the decoder -------------------------------------------------------------------------------
+
+    def train_decoder(self, force=False, progress=None, log=_quiet) -> dict:
+        """Train the prompt decoder on the run's data (cached embeddings); save it, its
+        history, loss curve and summary. A trained decoder is only replaced with ``force``."""
+        from img2prompt.encoders.embeddings import text_embeddings
+        from img2prompt.encoders.text import metric_encoder
+        from img2prompt.evaluation.scores import cosine_rows
+        from img2prompt.models.decoder import build_decoder, save_decoder
+        from img2prompt.models.training import train_decoder
+        from img2prompt.reports.plots import plot_decoder_history, save_figure
+
+        with self._lock():
+            if self.is_finished(DECODER) and not force:
+                raise RunError(f"{self.root}: already holds a trained decoder. Pass --force to train "
+                               "it anew.")
+            data, config = self.data(progress, log), self.config
+            self.folder.mark_unfinished(DECODER)
+            train_part, val_part = data.part("train"), data.part("val")
+            decoder = build_decoder(config.decoder, data.image_emb.shape[1], train_part["prompts"],
+                                    config.prefix_length, config.decoder_width, config.decoder_layers,
+                                    config.decoder_heads, config.decoder_dropout, config.decoder_tune,
+                                    config.seed)
+            trainable = sum(p.numel() for p in decoder.trainable_parameters())
+            log(f"training the {config.decoder} decoder ({trainable:,} trainable parameters) on "
+                f"{len(train_part['ids'])} images, validating on {len(val_part['ids'])}")
+            metric, greedy = metric_encoder(), config.decode_options("greedy")
+
+            def val_cosine(model):  # what the evaluation measures, on the validation images
+                texts = model.generate(val_part["image_emb"], greedy)
+                return float(cosine_rows(text_embeddings(texts, metric, progress=False),
+                                         val_part["metric_emb"]).mean())
+
+            started = time.perf_counter()
+            history, cut = train_decoder(decoder, train_part["image_emb"], train_part["prompts"],
+                                         val_part["image_emb"], val_part["prompts"], config, progress,
+                                         val_score=val_cosine)
+            save_decoder(decoder, self._path(DECODER_FILE))
+            write_csv(self._path(DECODER_HISTORY_FILE), history)
+            save_figure(plot_decoder_history(history), self._path(FIGURES["decoder_loss"]))
+            best = history[history["best"]].iloc[0]
+            summary = {"decoder": config.decoder, "trainable_parameters": trainable,
+                       "best_epoch": int(best["epoch"]), "epochs": len(history),
+                       "val_cosine": float(best["val_cosine"]), "val_loss": float(best["val_loss"]),
+                       "train_loss": float(best["train_loss"]),
+                       "train_samples_per_s": float(history["samples_per_s"].median()),
+                       "seconds": time.perf_counter() - started, "prompts_cut_to_max_length": cut,
+                       "vocabulary": decoder.tokens.size}
+            self.save_summary("decoder", summary)
+            self.folder.mark_finished(DECODER)
+        log(f"best epoch {summary['best_epoch']} of {summary['epochs']}: validation cosine "
+            f"{summary['val_cosine']:.4f} (greedy); {summary['seconds']:.0f} s; decoder in "
+            f"{self._path(DECODER_FILE)}")
+        return summary
+
+    def decoder(self):
+        from img2prompt.models.decoder import load_decoder
+        self._require(DECODER, "train-decoder --run")
+        return load_decoder(self._path(DECODER_FILE))
+
+    def decoder_history(self) -> pd.DataFrame:
+        return pd.read_csv(self._path(DECODER_HISTORY_FILE))
+
+    # --- evaluation -------------------------------------------------------------------------------
+
+    def evaluate(self, bank=None, data_dir=None, progress=None, log=_quiet) -> Metrics:
+        """Score every method on the test split (the decoder's text too, once trained); write
+        test_results.csv and metrics.json. ``bank`` (train | all) and ``data_dir`` (the
+        dataset moved) apply to this evaluation only."""
+        from img2prompt.encoders.embeddings import text_embeddings
+        from img2prompt.encoders.text import METRIC_ENCODER, metric_encoder
+        from img2prompt.evaluation.analysis import attribute_matches, load_attributes
+        from img2prompt.evaluation.scores import evaluate_methods, fit_linear_map
+
+        with self._lock():
+            self._require(TRAIN, "train --resume --out")
+            if not self._path(SPLITS_FILE).is_file():  # a new split would leak training images into test
+                raise RunError(f"{self._path(SPLITS_FILE)}: not found; the run's split is lost. Train "
+                               "the run again with --force.")
+            config = dataclasses.replace(self.config, bank=bank or self.config.bank,
+                                         data_dir=str(data_dir or self.config.data_dir))
+            config.validate()
+            data = self._prepare(config, progress, log) if data_dir else self.data(progress, log)
+            self.folder.mark_unfinished(EVALUATE)
+            test, train_part = data.part("test"), data.part("train")
+            if not test["ids"]:
+                raise RunError(f"{self.root}: the test split is empty; train with --test-fraction > 0.")
+            bank_mask = np.ones(len(data.splits), bool) if config.bank == "all" else data.splits == "train"
+            prompts, keep = unique_prompts(list(np.asarray(data.dataset.prompts, dtype=object)[bank_mask]))
+            bank_part = {"prompts": prompts, "target_emb": data.target_emb[bank_mask][keep],
+                         "metric_emb": data.metric_emb[bank_mask][keep]}
+            to_metric = (None if config.text_encoder == METRIC_ENCODER
+                         else fit_linear_map(train_part["target_emb"], train_part["metric_emb"]))
+            predicted = self.mapper().predict(test["image_emb"]).numpy()
+            generated = {}
+            if self.is_finished(DECODER):
+                texts = self.decoder().generate(test["image_emb"], config.decode_options())
+                log(f"decoder: {len(texts)} prompts generated ({config.decode_strategy})")
+                generated["decoder"] = (texts, text_embeddings(texts, metric_encoder(), progress=progress))
+            frame, scores = evaluate_methods(test, train_part, bank_part, predicted, to_metric,
+                                             config.bootstrap, config.seed, generated)
+            attributes = load_attributes(config.data_dir, test["ids"])
+            if attributes is not None:  # generated data: which attributes each text method states
+                for name, column in (("retrieval", "predicted_prompt"), *((n, f"{n}_prompt") for n in generated)):
+                    accuracy = attribute_matches(test["prompts"], frame[column]).mean()
+                    scores["methods"][name]["attribute_accuracy"] = accuracy.round(6).to_dict()
+            metrics = {"run_dir": str(self.root), "data_dir": config.data_dir, "n_test": len(test["ids"]),
+                       "n_train": len(train_part["ids"]), "image_encoder": config.image_encoder,
+                       "text_encoder": config.text_encoder, "metric_encoder": "all-MiniLM-L6-v2",
+                       "bank": config.bank, **scores}
+            write_csv(self._path(RESULTS_FILE), frame)
+            write_json(self._path(METRICS_FILE), metrics)
+            self.folder.mark_finished(EVALUATE)
+        return Metrics(metrics)
+
+    def metrics(self) -> Metrics:
+        self._require(EVALUATE, "evaluate --run")
+        return Metrics(json.loads(self._path(METRICS_FILE).read_text()))
+
+    def results(self) -> pd.DataFrame:
+        """Per test image: its prompt, each method's prompt and cosine (test_results.csv)."""
+        self._require(EVALUATE, "evaluate --run")
+        return pd.read_csv(self._path(RESULTS_FILE), keep_default_na=False)
+
+    def image_paths(self, names) -> list:
+        """The dataset files of the test images named in ``results()['image']``."""
+        return [Path(self.config.data_dir) / "images" / name for name in names]
+
+    # --- summaries and prediction -----------------------------------------------------------------
+
+    def save_summary(self, name, summary: dict):
+        """The numbers behind a notebook's conclusions (``SUMMARIES`` names them)."""
+        write_json(self._path(SUMMARIES[name]), summary)
+
+    def summary(self, name) -> dict:
+        path = self._path(SUMMARIES[name])
+        if not path.is_file():
+            raise RunError(f"{path}: not written yet; run the notebook or stage that writes it.")
+        return json.loads(path.read_text())
+
+    def predictor(self, method="retrieval", decode_options=None):
+        from img2prompt.predict import Predictor
+        return Predictor(self, method, decode_options)
+
+    def _require(self, stage, command):
+        if not self.is_finished(stage):
+            raise RunError(f"{self.root}: its {stage} stage did not finish. Run it with 'img2prompt "
+                           f"{command} {self.root}' (or start the run anew).")
