@@ -7,7 +7,6 @@ import re
 import shutil
 import subprocess
 import sys
-from dataclasses import fields
 from pathlib import Path
 
 import nbformat
@@ -15,9 +14,8 @@ import pandas as pd
 import pytest
 
 from img2prompt.cli import main
-from img2prompt.config import StudyConfig
 from img2prompt.errors import RunError
-from img2prompt.reports.notebooks import declared_parameters, find_notebooks, run_notebooks
+from img2prompt.reports.notebooks import find_notebooks, run_notebooks
 
 from .conftest import shared_set
 
@@ -53,18 +51,6 @@ def test_notebooks_are_numbered_and_committed_without_outputs():
         code = [cell for cell in notebook.cells if cell.cell_type == "code"]
         assert "parameters" in code[0].metadata.get("tags", []), f"{path.name}: first code cell"
         assert all(not cell.outputs and cell.execution_count is None for cell in code), path.name
-
-
-def test_notebook_defaults_are_the_config_defaults():
-    """A notebook's parameter that is also a StudyConfig field defaults to the same value,
-    so the notebooks and the CLI run the same study."""
-    config_defaults = {f.name: f.default for f in fields(StudyConfig)}
-    for path in NOTEBOOKS:
-        parameters = declared_parameters(path)
-        assert "quick" in parameters and "run_dir" in parameters, path.name
-        for name, value in parameters.items():
-            if name in config_defaults and name != "data_dir":  # "" there: generate the data
-                assert value == config_defaults[name], f"{path.name}: {name}"
 
 
 def test_unknown_or_mistyped_parameters_are_refused_before_anything_runs(tmp_path):

@@ -214,7 +214,7 @@ class Metrics:
         header = (f"test images: {self.n_test}  (image encoder {self.image_encoder}, target "
                   f"{self.text_encoder}, scored with {self.metric_encoder}; retrieval bank: "
                   f"{self.bank}, {self.method('retrieval')['bank_size']} prompts)")
-        return "\n".join([header, self.table().to_string(float_format=lambda v: f"{v:.4f}"), "",
+        return "\n".join([header, self.table().to_string(float_format=lambda v: f"{v:.4f}", na_rep=""), "",
                           self.comparison_table().to_string(float_format=lambda v: f"{v:+.4f}")])
 
 
