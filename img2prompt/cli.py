@@ -93,7 +93,7 @@ def cmd_synth(args):
 def cmd_embed(args):
     from img2prompt.data.dataset import load_dataset, write_rejects
     from img2prompt.encoders.embeddings import EmbeddingCache, dataset_embeddings
-    config = config_from_args(args, DATA_OPTIONS + ENCODER_OPTIONS, data_dir=args.data)
+    config = config_from_args(args, DATA_OPTIONS + ENCODER_OPTIONS + ("device",), data_dir=args.data)
     dataset = load_dataset(config.data_dir, config.on_error, config.max_pixels)
     if dataset.rejects:
         rejects = args.rejects or EmbeddingCache(config.cache_dir).rejects_path(config.data_dir)
@@ -111,9 +111,9 @@ def cmd_embed(args):
 def cmd_train(args):
     from img2prompt.run import Run
     if args.resume:
-        run = Run.open(args.out)
+        run = Run.open(args.out, args.device)
     else:
-        config = config_from_args(args, DATA_OPTIONS + ENCODER_OPTIONS + TRAINING_OPTIONS,
+        config = config_from_args(args, DATA_OPTIONS + ENCODER_OPTIONS + TRAINING_OPTIONS + ("device",),
                                   data_dir=args.data, run_dir=args.out)
         run = Run.create(config, force=args.force, log=log)
     summary = run.train(resume=args.resume, progress=not args.quiet, log=log)
@@ -125,7 +125,7 @@ def cmd_train(args):
 
 def cmd_evaluate(args):
     from img2prompt.run import Run
-    run = Run.open(args.run)
+    run = Run.open(args.run, args.device)
     metrics = run.evaluate(bank=args.bank, data_dir=args.data, progress=not args.quiet, log=log)
     print(json.dumps(metrics.data, indent=2) if args.json else metrics.text())
     log(f"wrote the per-image results and the metrics into {run.root}")
@@ -134,7 +134,7 @@ def cmd_evaluate(args):
 
 def cmd_train_decoder(args):
     from img2prompt.run import Run
-    run = Run.open(args.run)
+    run = Run.open(args.run, args.device)
     run.update(**chosen_options(args, DECODER_OPTIONS + DECODING_OPTIONS))
     summary = run.train_decoder(force=args.force, progress=not args.quiet, log=log)
     print(json.dumps(summary) if args.json else
@@ -147,7 +147,7 @@ def cmd_train_decoder(args):
 def cmd_predict(args):
     from img2prompt.predict import Predictor
     from img2prompt.run import Run
-    run = Run.open(args.run)
+    run = Run.open(args.run, args.device)
     decoding = dataclasses.replace(run.config, **chosen_options(args, DECODING_OPTIONS))
     predictor = Predictor(run, method=args.method, decode_options=decoding.decode_options())
     results = predictor.predict(args.images, top_k=getattr(args, "top_k", 1), progress=not args.quiet)
@@ -227,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     def command(name, help_text, handler):
         sub = commands.add_parser(name, help=help_text, description=help_text)
         sub.add_argument("--quiet", action="store_true", help="no progress bars")
+        add_config_options(sub, ("device",))
         sub.set_defaults(handler=handler)
         return sub
 

@@ -56,6 +56,8 @@ class StudyConfig:
     embed_batch_size: int = _option(32, "images per batch when extracting embeddings", minimum=1)
     num_workers: int = _option(-1, "DataLoader workers that decode images (-1: one per core beyond "
                                "two, at most 4; 0: decode in the main process)")
+    device: str = _option("auto", "where models run: auto (a CUDA GPU, then Apple MPS, then the CPU) | "
+                          "cpu | cuda | mps", choices=("auto", "cpu", "cuda", "mps"))
     bank: str = _option("train", "prompt bank for retrieval: train (training prompts) or all",
                        choices=("train", "all"))
     bootstrap: int = _option(1000, "bootstrap resamples for the 95% intervals", minimum=0)

@@ -39,7 +39,7 @@ class Predictor:
         self.run = run if isinstance(run, Run) else Run.open(run)
         self.method, self.config, self.num_workers = method, self.run.config, num_workers
         if method == "decoder":
-            self.decoder = self.run.decoder()
+            self.decoder = self.run.decoder().to(self.run.device)
             self.decode_options = decode_options or self.config.decode_options()
             self.in_dim = self.decoder.spec["image_dim"]
         else:
@@ -47,7 +47,7 @@ class Predictor:
             self.bank_prompts, bank_emb = self.run.prompt_bank()
             self.bank_emb = unit_rows(bank_emb)
             self.in_dim = self.mapper.hparams["in_dim"]
-        self.encoder = image_encoder(self.config.image_encoder, self.config.image_weights)
+        self.encoder = image_encoder(self.config.image_encoder, self.config.image_weights, self.config.device)
 
     def predict(self, images, top_k=1, batch_size=32, progress=False) -> list:
         """One dict per image: ``image`` (its path, or its position in the input),

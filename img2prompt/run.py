@@ -84,9 +84,12 @@ class StudyData:
 class Run:
     """A run folder and its stages; make one with ``Run.create`` or ``Run.open``."""
 
-    def __init__(self, folder):
+    def __init__(self, folder, device=None):
         self.folder, self.root = folder, folder.root
-        self.config = dataclasses.replace(StudyConfig.load(self.root), run_dir=str(self.root))
+        config = StudyConfig.load(self.root)
+        # where to run is this session's choice, not the run's: a run trained on a GPU opens anywhere
+        self.config = dataclasses.replace(config, run_dir=str(self.root), device=device or "auto")
+        self.config.validate()
         self._data = None  # prepared data, kept while the settings stay the same
 
     # --- making and opening -------------------------------------------------------------------
@@ -113,15 +116,16 @@ class Run:
             folder.clear()
             folder.set_origin(origin)
             config.save(folder.root)
-            run = cls(folder)
+            run = cls(folder, config.device)
             run._record_rejects(dataset, log)
             run._split(dataset, log)
             folder.mark_finished(SPLIT)
         return run
 
     @classmethod
-    def open(cls, run_dir) -> "Run":
-        """The run in ``run_dir``; RunError when the folder is not a run the project made."""
+    def open(cls, run_dir, device=None) -> "Run":
+        """The run in ``run_dir``, working on ``device`` (default auto); RunError when the
+        folder is not a run the project made."""
         folder = find_owned(run_dir)
         if folder is None or folder.kind != RUN_KIND:
             if (Path(run_dir) / CONFIG_FILE).is_file():
@@ -130,7 +134,12 @@ class Run:
                                "a new folder with 'img2prompt train'.")
             raise RunError(f"{run_dir}: not a run folder. Is it a run folder made by 'img2prompt "
                            "train' (or notebook 01)?")
-        return cls(folder)
+        return cls(folder, device)
+
+    @property
+    def device(self):
+        from img2prompt.devices import resolve_device
+        return resolve_device(self.config.device)
 
     def update(self, **settings) -> StudyConfig:
         """Change settings (StudyConfig fields), checked, and save them with the run."""
@@ -227,7 +236,7 @@ class Run:
                 f"{len(train_part['ids'])} images, validating on {len(val_part['ids'])}")
             model, history = train_mapper(train_part["image_emb"], train_part["target_emb"],
                                           val_part["image_emb"], val_part["target_emb"], config,
-                                          progress, state_path=state, resume=resume)
+                                          progress, state_path=state, resume=resume, device=self.device)
             save_mapper(model, self._path(MODEL_FILE))
             prompts, first = unique_prompts(train_part["prompts"])
             save_tensors(self._path(BANK_FILE), {"target_emb": train_part["target_emb"][first]},
@@ -292,7 +301,7 @@ class Run:
             trainable = sum(p.numel() for p in decoder.trainable_parameters())
             log(f"training the {config.decoder} decoder ({trainable:,} trainable parameters) on "
                 f"{len(train_part['ids'])} images, validating on {len(val_part['ids'])}")
-            metric, greedy = metric_encoder(), config.decode_options("greedy")
+            metric, greedy = metric_encoder(config.device), config.decode_options("greedy")
 
             def val_cosine(model):  # what the evaluation measures, on the validation images
                 texts = model.generate(val_part["image_emb"], greedy)
@@ -302,7 +311,7 @@ class Run:
             started = time.perf_counter()
             history, cut = train_decoder(decoder, train_part["image_emb"], train_part["prompts"],
                                          val_part["image_emb"], val_part["prompts"], config, progress,
-                                         val_score=val_cosine)
+                                         val_score=val_cosine, device=self.device)
             save_decoder(decoder, self._path(DECODER_FILE))
             write_csv(self._path(DECODER_HISTORY_FILE), history)
             save_figure(plot_decoder_history(history), self._path(FIGURES["decoder_loss"]))
@@ -362,9 +371,10 @@ class Run:
             predicted = self.mapper().predict(test["image_emb"]).numpy()
             generated = {}
             if self.is_finished(DECODER):
-                texts = self.decoder().generate(test["image_emb"], config.decode_options())
+                texts = self.decoder().to(self.device).generate(test["image_emb"], config.decode_options())
                 log(f"decoder: {len(texts)} prompts generated ({config.decode_strategy})")
-                generated["decoder"] = (texts, text_embeddings(texts, metric_encoder(), progress=progress))
+                generated["decoder"] = (texts, text_embeddings(texts, metric_encoder(config.device),
+                                                               progress=progress))
             frame, scores = evaluate_methods(test, train_part, bank_part, predicted, to_metric,
                                              config.bootstrap, config.seed, generated)
             attributes = load_attributes(config.data_dir, test["ids"])

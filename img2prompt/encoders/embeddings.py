@@ -20,6 +20,7 @@ import torch
 from img2prompt.storage.checkpoints import load_tensors, save_tensors
 from img2prompt.errors import DataError, RunError
 from img2prompt.data.images import DEFAULT_MAX_PIXELS, open_image
+from img2prompt.devices import pin_memory
 from img2prompt.storage.ownership import claim, lock
 from img2prompt.progress import progress_bar
 
@@ -153,7 +154,7 @@ def extract_image_embeddings(paths, encoder, batch_size=32, num_workers=-1, prog
     workers = decode_workers(num_workers) if len(paths) > batch_size else 0
     loader = torch.utils.data.DataLoader(
         _ImageFiles(paths, encoder.preprocess, max_pixels), batch_size=batch_size, num_workers=workers,
-        collate_fn=_collate, prefetch_factor=2 if workers else None,
+        collate_fn=_collate, prefetch_factor=2 if workers else None, pin_memory=pin_memory(encoder.device),
     )
     with progress_bar(len(paths), "img", enabled=progress, description=encoder.name) as bar:
         for indices, batch, errors in loader:
@@ -228,10 +229,10 @@ def dataset_embeddings(config, dataset, progress=True, log=print, resume=False):
     encoders of ``config`` (a StudyConfig), through its cache; ``resume`` continues an
     interrupted image extraction."""
     from img2prompt.encoders.image import image_encoder
-    from img2prompt.encoders.text import METRIC_ENCODER, metric_encoder, text_encoder
+    from img2prompt.encoders.text import METRIC_ENCODER, metric_encoder, on_device, text_encoder
 
     cache = EmbeddingCache(config.cache_dir)
-    encoder = image_encoder(config.image_encoder, config.image_weights)
+    encoder = image_encoder(config.image_encoder, config.image_weights, config.device)
     image_emb, info = image_embeddings(dataset, encoder, cache, config.embed_batch_size,
                                        config.num_workers, progress, resume)
     if info.get("resumed_rows"):
@@ -241,14 +242,14 @@ def dataset_embeddings(config, dataset, progress=True, log=print, resume=False):
     else:
         log(f"image embeddings ({encoder.name}): {len(dataset)} images in {info['seconds']:.1f} s "
             f"({info['images_per_s']:.1f} images/s), cached in {info['cache_file']}")
-    target = text_encoder(config.text_encoder, config.text_model, config.text_pooling)
+    target = on_device(text_encoder(config.text_encoder, config.text_model, config.text_pooling), config.device)
     truncated = target.count_truncated(dataset.prompts)
     if truncated:
         log(f"{truncated} prompt(s) are longer than {target.name} reads ({target.max_length} tokens): "
             "their embeddings see the beginning only")
     target_emb = text_embeddings(dataset.prompts, target, cache, progress=progress)
     metric_emb = (target_emb if config.text_encoder == METRIC_ENCODER
-                  else text_embeddings(dataset.prompts, metric_encoder(), cache, progress=progress))
+                  else text_embeddings(dataset.prompts, metric_encoder(config.device), cache, progress=progress))
     return image_emb, target_emb, metric_emb
 
 
@@ -257,7 +258,7 @@ def measure_throughput(paths, config) -> float:
     ``paths``, timed after a warm-up batch that loads the model."""
     from img2prompt.encoders.image import image_encoder
 
-    encoder = image_encoder(config.image_encoder, config.image_weights)
+    encoder = image_encoder(config.image_encoder, config.image_weights, config.device)
     extract_image_embeddings(paths[:8], encoder, progress=False, max_pixels=config.max_pixels)
     started = time.perf_counter()
     extract_image_embeddings(paths, encoder, config.embed_batch_size, config.num_workers,

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from img2prompt.devices import resolve_device
 from img2prompt.encoders.allocator import keep_freed_memory
 from img2prompt.errors import ModelUnavailableError
 from img2prompt.progress import progress_bar
@@ -23,7 +24,10 @@ POOLINGS = ("mean", "cls", "max", "pooler")
 
 
 class TextEncoder:
-    """A transformers encoder with pooling: texts -> float32 array (n, dim)."""
+    """A transformers encoder with pooling: texts -> float32 array (n, dim). It runs in
+    float32 on any device: the metric space must not depend on where it was computed."""
+
+    device = torch.device("cpu")  # set by ``text_encoder`` (devices.resolve_device)
 
     def __init__(self, name, path, pooling="mean", normalize=False, max_length=512):
         if pooling not in POOLINGS:
@@ -44,6 +48,7 @@ class TextEncoder:
         try:
             self._tokenizer = AutoTokenizer.from_pretrained(self.path, local_files_only=self._local_only())
             self._model = AutoModel.from_pretrained(self.path, local_files_only=self._local_only()).eval()
+            self._model.to(self.device)
         except (OSError, ValueError, KeyError) as error:
             first_line = str(error).splitlines()[0] if str(error) else ""
             raise ModelUnavailableError(
@@ -85,9 +90,9 @@ class TextEncoder:
             for start in range(0, len(texts), batch_size):
                 index = order[start:start + batch_size]
                 tokens = self.tokenizer([texts[i] for i in index], padding=True, truncation=True,
-                                        max_length=self.max_length, return_tensors="pt")
+                                        max_length=self.max_length, return_tensors="pt").to(self.device)
                 output = model(**tokens)
-                out[index] = self._pool(output, tokens["attention_mask"]).float().numpy()
+                out[index] = self._pool(output, tokens["attention_mask"]).float().cpu().numpy()
                 bar.update(len(index))
         if self.normalize:
             out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
@@ -142,6 +147,12 @@ def text_encoder(name: str = DEFAULT_TEXT_ENCODER, model=None, pooling=None) -> 
     return TextEncoder(name, model or name, pooling=pooling or "mean")
 
 
-def metric_encoder() -> TextEncoder:
+def on_device(encoder: TextEncoder, device) -> TextEncoder:
+    """``encoder`` set to run on ``device`` (a ``--device`` value)."""
+    encoder.device = resolve_device(device)
+    return encoder
+
+
+def metric_encoder(device="cpu") -> TextEncoder:
     """The encoder every method is scored with: all-MiniLM-L6-v2."""
-    return text_encoder(METRIC_ENCODER)
+    return on_device(text_encoder(METRIC_ENCODER), device)

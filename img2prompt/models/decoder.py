@@ -190,6 +190,14 @@ class PromptDecoder:
     def trainable_parameters(self):
         return [p for p in self.model.parameters() if p.requires_grad]
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def to(self, device) -> "PromptDecoder":
+        self.model.to(device)
+        return self
+
     def encode_prompts(self, prompts, max_length):
         """Token lists BOS … EOS, the prompt cut to ``max_length`` tokens (EOS included);
         returns (lists, how many prompts were cut)."""
@@ -210,6 +218,7 @@ class PromptDecoder:
         for row, sequence in enumerate(sequences):
             padded[row, :len(sequence)] = torch.tensor(sequence)
             targets[row, :len(sequence) - 1] = torch.tensor(sequence[1:])
+        padded, targets = padded.to(image_emb.device), targets.to(image_emb.device)
         logits = self.model(image_emb, padded[:, :-1])
         losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                  ignore_index=-100, reduction=reduction)
@@ -220,24 +229,24 @@ class PromptDecoder:
         (end of sequence included), given its image."""
         self.model.eval()
         sequences, _ = self.encode_prompts(texts, max_length=10_000)
-        image_emb = torch.as_tensor(image_emb, dtype=torch.float32)
+        image_emb = torch.as_tensor(image_emb, dtype=torch.float32).to(self.device)
         with torch.inference_mode():
-            losses = self.loss(image_emb, sequences, reduction="none").sum(dim=1)
+            losses = self.loss(image_emb, sequences, reduction="none").sum(dim=1).float().cpu()
         lengths = torch.tensor([len(s) - 1 for s in sequences], dtype=torch.float32)
         return torch.exp(-losses / lengths).numpy()
 
     def generate(self, image_emb, options: DecodeOptions = DecodeOptions(), chunk=64) -> list:
         """Prompt text for each image embedding."""
         self.model.eval()
-        image_emb = torch.as_tensor(image_emb, dtype=torch.float32)
+        image_emb = torch.as_tensor(image_emb, dtype=torch.float32).to(self.device)
         texts = []
         with torch.inference_mode():
             for start in range(0, len(image_emb), chunk):
                 prefix = self.model.prefix_embeds(image_emb[start:start + chunk])
 
-                def scorer(tokens, rows, prefix=prefix):
-                    logits = self.model(None, tokens, prefix=prefix[rows])[:, -1]
-                    return torch.log_softmax(logits.float(), dim=-1)
+                def scorer(tokens, rows, prefix=prefix):  # the search itself runs on the CPU
+                    logits = self.model(None, tokens.to(prefix.device), prefix=prefix[rows])[:, -1]
+                    return torch.log_softmax(logits.float(), dim=-1).cpu()
 
                 ids = generate(scorer, len(prefix), self.tokens.bos, self.tokens.eos, options)
                 texts += [self.tokens.decode(sequence) for sequence in ids]

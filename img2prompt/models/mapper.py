@@ -46,7 +46,7 @@ class Mapper(nn.Module):
     def predict(self, x, batch_size=4096) -> torch.Tensor:
         """Predicted embeddings for a float32 array or tensor, in eval mode."""
         self.eval()
-        x = torch.as_tensor(x, dtype=torch.float32)
+        x = torch.as_tensor(x, dtype=torch.float32).to(self.input_mean.device)
         with torch.inference_mode():
             return torch.cat([self(x[s:s + batch_size]) for s in range(0, len(x), batch_size)])
 

@@ -11,6 +11,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from img2prompt.devices import autocast, rng_state, set_rng_state
 from img2prompt.errors import DataError, RunError
 from img2prompt.storage.files import atomic_path
 from img2prompt.models.mapper import Mapper
@@ -21,11 +22,13 @@ def cosine_loss(predicted, target):
     return 1.0 - F.cosine_similarity(predicted, target, dim=1).mean()
 
 
+CPU = torch.device("cpu")
 CHECKPOINT_SECONDS = 20  # least time between two saves of the training state
 
 
-def train_mapper(x_train, y_train, x_val, y_val, config, progress=True, state_path=None, resume=False):
-    """Train a Mapper; return (best model, history DataFrame).
+def train_mapper(x_train, y_train, x_val, y_val, config, progress=True, state_path=None, resume=False,
+                 device=CPU):
+    """Train a Mapper on ``device``; return (best model, on the CPU; history DataFrame).
 
     Seeded from ``config.seed``: the same inputs and config give the same model.
     ``history`` has one row per epoch: train_loss, val_loss, val_cosine, seconds.
@@ -43,11 +46,13 @@ def train_mapper(x_train, y_train, x_val, y_val, config, progress=True, state_pa
                                       for a in (x_train, y_train, x_val, y_val))
     model = Mapper(x_train.shape[1], y_train.shape[1], config.hidden_size, config.depth, config.dropout)
     model.fit_to_data(x_train, y_train)
+    inputs = _fingerprint(config, x_train, y_train, x_val, y_val)
+    model.to(device)
+    x_train, y_train, x_val, y_val = (a.to(device) for a in (x_train, y_train, x_val, y_val))
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate,
                                   weight_decay=config.weight_decay)
-    shuffler = torch.Generator().manual_seed(config.seed)
+    shuffler = torch.Generator().manual_seed(config.seed)  # on the CPU: the same order anywhere
     best_state, best_cosine, best_epoch, rows, first_epoch = None, -np.inf, 0, [], 1
-    inputs = _fingerprint(config, x_train, y_train, x_val, y_val)
     if resume:
         state = _load_training_state(state_path)
         if state.get("inputs") != inputs:
@@ -57,7 +62,7 @@ def train_mapper(x_train, y_train, x_val, y_val, config, progress=True, state_pa
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         shuffler.set_state(state["shuffler"])
-        torch.set_rng_state(state["dropout_rng"])
+        set_rng_state(state["dropout_rng"], device)
         best_state, best_cosine, best_epoch = state["best_state"], state["best_cosine"], state["best_epoch"]
         rows, first_epoch = state["history"], state["epoch"] + 1
     last_save = time.perf_counter()
@@ -70,7 +75,8 @@ def train_mapper(x_train, y_train, x_val, y_val, config, progress=True, state_pa
             total = 0.0
             for begin in range(0, len(order), config.batch_size):
                 index = order[begin:begin + config.batch_size]
-                loss = cosine_loss(model(x_train[index]), y_train[index])
+                with autocast(device):
+                    loss = cosine_loss(model(x_train[index]), y_train[index])
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
@@ -88,7 +94,7 @@ def train_mapper(x_train, y_train, x_val, y_val, config, progress=True, state_pa
             if state_path and time.perf_counter() - last_save >= CHECKPOINT_SECONDS:
                 _save_training_state(state_path, {
                     "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "shuffler": shuffler.get_state(), "dropout_rng": torch.get_rng_state(),
+                    "shuffler": shuffler.get_state(), "dropout_rng": rng_state(device),
                     "best_state": best_state,
                     "best_cosine": best_cosine, "best_epoch": best_epoch, "history": rows,
                     "epoch": epoch, "inputs": inputs})
@@ -96,7 +102,7 @@ def train_mapper(x_train, y_train, x_val, y_val, config, progress=True, state_pa
     model.load_state_dict(best_state)
     history = pd.DataFrame(rows)
     history["best"] = history["epoch"] == best_epoch
-    return model.eval(), history
+    return model.to(CPU).eval(), history
 
 
 TRAINING_SETTINGS = ("seed", "hidden_size", "depth", "dropout", "learning_rate", "weight_decay",
@@ -121,13 +127,14 @@ def _load_training_state(path):
     if not path or not Path(path).is_file():
         raise RunError(f"{path}: no interrupted training to resume. Train without --resume.")
     try:
-        return torch.load(path, weights_only=True)  # tensors and plain values only, no pickled code
+        # tensors and plain values only, no pickled code; onto the CPU whatever device saved it
+        return torch.load(path, weights_only=True, map_location=CPU)
     except Exception as error:  # noqa: BLE001 - torch raises many types for a bad file
         raise RunError(f"{path}: unreadable training state ({error}). Train without --resume.") from None
 
 
 def train_decoder(decoder, x_train, prompts_train, x_val, prompts_val, config, progress=True,
-                  val_score=None):
+                  val_score=None, device=CPU):
     """Train a PromptDecoder with teacher forcing and cross-entropy; return (history
     DataFrame, how many training prompts were cut to max_length).
 
@@ -144,6 +151,8 @@ def train_decoder(decoder, x_train, prompts_train, x_val, prompts_val, config, p
     train_tokens, cut = decoder.encode_prompts(prompts_train, config.max_length)
     val_tokens, _ = decoder.encode_prompts(prompts_val, config.max_length)
     decoder.model.fit_to_data(x_train)
+    decoder.to(device)
+    x_train, x_val = x_train.to(device), x_val.to(device)
     trainable = decoder.trainable_parameters()
     optimizer = torch.optim.AdamW(trainable, lr=config.decoder_learning_rate, weight_decay=0.01)
     frozen_lm = not any(p.requires_grad for p in decoder.model.lm.parameters())
@@ -160,7 +169,8 @@ def train_decoder(decoder, x_train, prompts_train, x_val, prompts_val, config, p
             total = 0.0
             for begin in range(0, len(order), batch):
                 index = order[begin:begin + batch]
-                loss = decoder.loss(x_train[index], [train_tokens[i] for i in index])
+                with autocast(device):
+                    loss = decoder.loss(x_train[index], [train_tokens[i] for i in index])
                 optimizer.zero_grad()
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(trainable, 1.0)

@@ -23,7 +23,7 @@ def save_tensors(path, tensors: dict, metadata: dict):
         tensors = {name: np.ascontiguousarray(t) for name, t in tensors.items()}
     else:
         from safetensors.torch import save_file
-        tensors = {name: t.detach().contiguous() for name, t in tensors.items()}
+        tensors = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={k: json.dumps(v, default=str) for k, v in metadata.items()})
 
