@@ -11,6 +11,7 @@ the data flow:
     predict.py   Predictor: prompts for new images
     reports/     figures, the notebooks run with papermill, HTML reports
     storage/     atomic writes, the manifest of what was written, checkpoints
+    devices.py   --device auto|cpu|cuda|mps
 
 ``from img2prompt import Run, Predictor, StudyConfig`` gives the entry points.
 """
