@@ -91,15 +91,12 @@ def cmd_synth(args):
 
 
 def cmd_embed(args):
-    from img2prompt.data.dataset import load_dataset, write_rejects
+    from img2prompt.data.dataset import load_dataset, record_rejects
     from img2prompt.encoders.embeddings import EmbeddingCache, dataset_embeddings
     config = config_from_args(args, DATA_OPTIONS + ENCODER_OPTIONS + ("device",), data_dir=args.data)
     dataset = load_dataset(config.data_dir, config.on_error, config.max_pixels)
     if dataset.rejects:
-        rejects = args.rejects or EmbeddingCache(config.cache_dir).rejects_path(config.data_dir)
-        write_rejects(rejects, dataset.rejects)
-        log(f"dataset {dataset.root}: kept {len(dataset)} images, skipped {len(dataset.rejects)} "
-            f"(each with its reason in {rejects})")
+        record_rejects(dataset, args.rejects or EmbeddingCache(config.cache_dir).rejects_path(config.data_dir), log)
     log(f"dataset {dataset.root}: {len(dataset)} images")
     image_emb, target_emb, _ = dataset_embeddings(config, dataset, progress=not args.quiet, log=log,
                                                   resume=args.resume)

@@ -32,7 +32,7 @@ import pandas as pd
 
 from img2prompt.config import CONFIG_FILE, StudyConfig
 from img2prompt.data.dataset import (REJECTS_FILE, ImageDataset, grouped_split, load_dataset,
-                                     load_splits, save_splits, unique_prompts, write_rejects)
+                                     load_splits, record_rejects, save_splits, unique_prompts)
 from img2prompt.errors import RunError
 from img2prompt.evaluation.scores import Metrics
 from img2prompt.storage.checkpoints import load_tensors, save_tensors
@@ -76,7 +76,6 @@ class StudyData:
         return {"ids": list(np.asarray(self.dataset.ids)[mask]),
                 "prompts": list(np.asarray(self.dataset.prompts, dtype=object)[mask]),
                 "images": [p.name for p, keep in zip(self.dataset.paths, mask) if keep],
-                "paths": [p for p, keep in zip(self.dataset.paths, mask) if keep],
                 "image_emb": self.image_emb[mask], "target_emb": self.target_emb[mask],
                 "metric_emb": self.metric_emb[mask]}
 
@@ -117,7 +116,7 @@ class Run:
             folder.set_origin(origin)
             config.save(folder.root)
             run = cls(folder, config.device)
-            run._record_rejects(dataset, log)
+            record_rejects(dataset, run._path(REJECTS_FILE), log)
             run._split(dataset, log)
             folder.mark_finished(SPLIT)
         return run
@@ -170,14 +169,8 @@ class Run:
         listed in the run's rejects.csv."""
         config = config or self.config
         dataset = load_dataset(config.data_dir, config.on_error, config.max_pixels)
-        self._record_rejects(dataset, log)
+        record_rejects(dataset, self._path(REJECTS_FILE), log)
         return dataset
-
-    def _record_rejects(self, dataset, log):
-        if dataset.rejects:
-            write_rejects(self._path(REJECTS_FILE), dataset.rejects)
-            log(f"dataset {dataset.root}: kept {len(dataset)} images, skipped {len(dataset.rejects)} "
-                f"(each with its reason in {self._path(REJECTS_FILE)})")
 
     def _split(self, dataset, log=_quiet) -> np.ndarray:
         """The run's split: reused from splits.csv when there, else made and saved."""

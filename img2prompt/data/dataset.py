@@ -321,6 +321,14 @@ def write_rejects(path, rejects):
                                  columns=["item", "problem", "fix"]))
 
 
+def record_rejects(dataset: ImageDataset, path, log):
+    """List the rows a dataset skipped (if any) in ``path`` and say so."""
+    if dataset.rejects:
+        write_rejects(path, dataset.rejects)
+        log(f"dataset {dataset.root}: kept {len(dataset)} images, skipped {len(dataset.rejects)} "
+            f"(each with its reason in {path})")
+
+
 def validate_dataset(root, max_pixels=DEFAULT_MAX_PIXELS) -> list:
     """Every problem of a dataset folder, images fully decoded."""
     try:

@@ -162,10 +162,11 @@ def _join_metadata(writer, metadata_path, drop_nsfw) -> int:
     except Exception as error:  # noqa: BLE001 - pyarrow raises many types for bad files
         raise DataError(f"{metadata_path}: unreadable metadata table ({type(error).__name__}: "
                         f"{error}); delete it and run again.") from None
-    for name in names[names.duplicated()].unique():
+    repeated = names.duplicated()
+    for name in names[repeated].unique():
         writer.reject(f"{metadata_path}: image_name {shown(name)}", "appears more than once in the "
                       "metadata table; its first row is used.", "")
-    metadata = metadata[~names.duplicated()].set_index(names[~names.duplicated()])
+    metadata = metadata[~repeated].set_index(names[~repeated])
     table = pd.DataFrame(writer.rows)
     if table.empty:
         return 0

@@ -74,7 +74,7 @@ class OwnedFolder:
             self.kind = event["kind"]
         if "origin" in event:
             self.origin = event["origin"]
-        if "wrote" in event:
+        if "wrote" in event and _inside_name(event["wrote"]):
             self.files.add(event["wrote"])
         if "removed" in event:
             self.files.discard(event["removed"])
@@ -122,7 +122,8 @@ class OwnedFolder:
     def remove(self, path):
         """Delete a file the project wrote here (refused for any other file)."""
         name = self.relative(path)
-        if not self.owns(path):
+        self.refresh()
+        if name not in self.files:
             raise FolderError(f"{self.root / name}: not written by img2prompt; not deleting it.")
         target = self.root / name
         if target.is_dir() and not target.is_symlink():
@@ -166,6 +167,13 @@ class OwnedFolder:
     def lock(self, what=None):
         """Hold this folder's advisory lock (re-entrant within the process)."""
         return lock(self.root / LOCK_FILE, what or f"{self.root}")
+
+
+def _inside_name(name) -> bool:
+    """A recorded name must stay inside the folder: an edited manifest naming '../x' or an
+    absolute path must not make ``clear`` delete outside it."""
+    parts = Path(name).parts
+    return bool(parts) and not Path(name).is_absolute() and ".." not in parts
 
 
 def _write_manifest(path, events):
