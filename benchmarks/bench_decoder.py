@@ -35,7 +35,7 @@ def main():
           f"{len(data.part('train')['ids'])} training prompts:")
     print(f"  training: {summary['epochs']} epochs in {summary['seconds']:.0f} s (validation "
           f"included); {summary['train_samples_per_s']:.0f} samples/s (median epoch)")
-    speeds = compare_strategies(decoder, test["image_emb"], test["metric_emb"], config)["prompts/s"]
+    speeds = compare_strategies(decoder, test["decoder_emb"], test["metric_emb"], config)["prompts/s"]
     print(f"  generation on {len(test['ids'])} test images (max {config.max_length} tokens):")
     for strategy, speed in speeds.items():
         label = f"beam (width {config.beam_width})" if strategy == "beam" else strategy

@@ -53,6 +53,21 @@ class StudyConfig:
     batch_size: int = _option(128, "training batch size", minimum=1)
     max_epochs: int = _option(300, "most training epochs", minimum=1)
     patience: int = _option(25, "epochs without validation improvement before stopping", minimum=1)
+    tune: str = _option("head", "what learns: head (the mapper on cached frozen features) or encoder "
+                        "(then the encoder's top blocks with the mapper: LP-FT)", choices=("head", "encoder"))
+    tune_blocks: int = _option(5, "--tune encoder: the encoder's top blocks that learn (its head too); "
+                               "the frozen blocks below run once and are cached", minimum=0)
+    tune_learning_rate: float = _option(1e-4, "--tune encoder: learning rate of the mapper and the top "
+                                        "block", minimum=0)
+    layer_decay: float = _option(0.8, "--tune encoder: each block down learns this times slower", minimum=0)
+    ema_decay: float = _option(0.99, "--tune encoder: exponential moving average of the weights, per "
+                               "step (the average is validated and kept; 0: off)", minimum=0)
+    tune_batch_size: int = _option(32, "--tune encoder: images per step", minimum=1)
+    accumulate_steps: int = _option(1, "--tune encoder: batches whose gradients add up before a step",
+                                    minimum=1)
+    tune_epochs: int = _option(12, "--tune encoder: most epochs", minimum=1)
+    tune_patience: int = _option(3, "--tune encoder: epochs without validation improvement before "
+                                 "stopping", minimum=1)
     embed_batch_size: int = _option(32, "images per batch when extracting embeddings", minimum=1)
     num_workers: int = _option(-1, "DataLoader workers that decode images (-1: one per core beyond "
                                "two, at most 4; 0: decode in the main process)")
@@ -65,6 +80,9 @@ class StudyConfig:
                            "causal LM hub id or folder")
     decoder_tune: str = _option("prefix", "pretrained decoders: prefix (LM frozen) or all (LM tuned too)",
                                 choices=("prefix", "all"))
+    decoder_grid: int = _option(3, "the decoder also reads the image encoder's last feature map "
+                                "averaged over grid x grid cells (where things are); 0: the pooled "
+                                "vector only", minimum=0)
     prefix_length: int = _option(8, "vectors the image embedding becomes at the decoder's input", minimum=1)
     decoder_width: int = _option(256, "tiny decoder: embedding width", minimum=1)
     decoder_layers: int = _option(3, "tiny decoder: transformer layers", minimum=1)
@@ -73,6 +91,8 @@ class StudyConfig:
     decoder_learning_rate: float = _option(5e-4, "decoder AdamW learning rate")
     decoder_batch_size: int = _option(64, "decoder training batch size", minimum=1)
     decoder_epochs: int = _option(60, "most decoder training epochs", minimum=1)
+    decoder_val_images: int = _option(100, "validation images whose generated prompts choose the "
+                                      "decoder's epoch (generating is the slow part; 0: all)", minimum=0)
     decoder_patience: int = _option(6, "epochs without validation improvement before the decoder stops",
                                    minimum=1)
     decode_strategy: str = _option("beam", "greedy | beam | sample", choices=("greedy", "beam", "sample"))
@@ -91,6 +111,8 @@ class StudyConfig:
         problems = [p for spec in fields(self) if (p := _problem(spec, getattr(self, spec.name)))]
         if not 0 <= self.val_fraction + self.test_fraction < 1:
             problems.append("val_fraction + test_fraction must be in [0, 1)")
+        if not self.ema_decay < 1:
+            problems.append(f"ema_decay must be below 1 (got {self.ema_decay!r})")
         if problems:
             raise RunError("; ".join(problems) + ".")
         self.decode_options()

@@ -21,7 +21,6 @@ from PIL import Image
 
 from img2prompt.data.images import open_image, to_rgb
 from img2prompt.encoders.embeddings import extract_image_embeddings
-from img2prompt.encoders.image import image_encoder
 from img2prompt.errors import DataError, RunError
 from img2prompt.evaluation.scores import unit_rows
 from img2prompt.run import Run
@@ -41,13 +40,13 @@ class Predictor:
         if method == "decoder":
             self.decoder = self.run.decoder().to(self.run.device)
             self.decode_options = decode_options or self.config.decode_options()
-            self.in_dim = self.decoder.spec["image_dim"]
+            self.in_dim, self.grid = self.decoder.spec["image_dim"], self.decoder.spec.get("grid", 0)
         else:
             self.mapper = self.run.mapper()
             self.bank_prompts, bank_emb = self.run.prompt_bank()
             self.bank_emb = unit_rows(bank_emb)
-            self.in_dim = self.mapper.hparams["in_dim"]
-        self.encoder = image_encoder(self.config.image_encoder, self.config.image_weights, self.config.device)
+            self.in_dim, self.grid = self.mapper.hparams["in_dim"], 0
+        self.encoder = self.run.image_encoder()  # fine-tuned when the run tuned it
 
     def predict(self, images, top_k=1, batch_size=32, progress=False) -> list:
         """One dict per image: ``image`` (its path, or its position in the input),
@@ -71,14 +70,14 @@ class Predictor:
         return results
 
     def encode(self, images, batch_size=32, progress=False) -> np.ndarray:
-        """The image encoder's features: files decoded in DataLoader workers, images in
-        memory converted and batched here."""
+        """The image encoder's features the method reads (the decoder's with their grid):
+        files decoded in DataLoader workers, images in memory converted and batched here."""
         if all(isinstance(i, (str, Path)) for i in images):
             features = extract_image_embeddings([Path(i) for i in images], self.encoder, batch_size,
-                                                self.num_workers, progress, self.config.max_pixels)
+                                                self.num_workers, progress, self.config.max_pixels, self.grid)
         else:
             tensors = [self.encoder.preprocess(_as_rgb(i, self.config.max_pixels)) for i in images]
-            features = torch.cat([self.encoder.forward(torch.stack(tensors[s:s + batch_size]))
+            features = torch.cat([self.encoder.forward(torch.stack(tensors[s:s + batch_size]), self.grid)
                                   for s in range(0, len(tensors), batch_size)]).numpy()
         if features.shape[1] != self.in_dim:
             raise RunError(f"{self.run.root}: the {self.method} model expects {self.in_dim}-d image "

@@ -13,7 +13,9 @@ a run is finished only when its manifest says so, and starting it anew removes o
 the project wrote there.
 
 Files: config.json, splits.csv, rejects.csv (rows skipped), best_model.safetensors,
-prompt_bank.safetensors, history.csv, training_state.pt (while a training is unfinished),
+prompt_bank.safetensors, history.csv, training_state.pt (while a training is unfinished);
+with ``tune="encoder"`` also encoder.safetensors (the fine-tuned top layers),
+frozen_model.safetensors (the mapper before fine-tuning), tune_history.csv, tune_state.pt;
 decoder.safetensors, decoder_history.csv, test_results.csv, metrics.json, figures/, and the
 summaries behind each notebook's conclusions (``SUMMARIES``).
 
@@ -41,17 +43,22 @@ from img2prompt.storage.ownership import MANIFEST_FILE, claim, find_owned
 
 RUN_KIND = "run"
 # stages recorded as finished in the manifest
-SPLIT, TRAIN, DECODER, EVALUATE = "split", "train", "decoder", "evaluate"
+SPLIT, TRAIN, TUNE, DECODER, EVALUATE = "split", "train", "tune", "decoder", "evaluate"
 SPLITS_FILE = "splits.csv"
 MODEL_FILE = "best_model.safetensors"
 BANK_FILE = "prompt_bank.safetensors"
 HISTORY_FILE = "history.csv"
 TRAINING_STATE_FILE = "training_state.pt"
+FROZEN_MODEL_FILE = "frozen_model.safetensors"  # --tune encoder: the mapper before fine-tuning
+TUNED_ENCODER_FILE = "encoder.safetensors"  # --tune encoder: the encoder's tuned top layers
+TUNE_HISTORY_FILE = "tune_history.csv"
+TUNE_STATE_FILE = "tune_state.pt"
 DECODER_FILE = "decoder.safetensors"
 DECODER_HISTORY_FILE = "decoder_history.csv"
 RESULTS_FILE = "test_results.csv"
 METRICS_FILE = "metrics.json"
-FIGURES = {"loss": "figures/loss_curve.png", "decoder_loss": "figures/decoder_loss.png"}
+FIGURES = {"loss": "figures/loss_curve.png", "tune": "figures/tune_curve.png",
+           "decoder_loss": "figures/decoder_loss.png"}
 SUMMARIES = {"data": "data_summary.json", "embedding": "embedding_summary.json",
              "training": "training_summary.json", "decoder": "decoder_summary.json",
              "error_analysis": "error_analysis.json", "generation": "generation_summary.json"}
@@ -63,13 +70,19 @@ def _quiet(*_args, **_kwargs):
 
 @dataclass
 class StudyData:
-    """A dataset with its split and its embeddings (image, target text, metric text)."""
+    """A dataset with its split and its embeddings (image, target text, metric text, and
+    the decoder's input: the image embedding followed by its feature-map grid)."""
 
     dataset: ImageDataset
     splits: np.ndarray
     image_emb: np.ndarray
     target_emb: np.ndarray
     metric_emb: np.ndarray
+    decoder_emb: np.ndarray = None
+
+    def __post_init__(self):
+        if self.decoder_emb is None:
+            self.decoder_emb = self.image_emb
 
     def part(self, split):
         mask = self.splits == split
@@ -77,7 +90,7 @@ class StudyData:
                 "prompts": list(np.asarray(self.dataset.prompts, dtype=object)[mask]),
                 "images": [p.name for p, keep in zip(self.dataset.paths, mask) if keep],
                 "image_emb": self.image_emb[mask], "target_emb": self.target_emb[mask],
-                "metric_emb": self.metric_emb[mask]}
+                "metric_emb": self.metric_emb[mask], "decoder_emb": self.decoder_emb[mask]}
 
 
 class Run:
@@ -196,20 +209,34 @@ class Run:
             self._data = self._prepare(self.config, progress, log, resume)
         return self._data
 
-    def _prepare(self, config, progress, log, resume=False) -> StudyData:
+    def _prepare(self, config, progress, log, resume=False, tuned=None) -> StudyData:
         from img2prompt.encoders.embeddings import dataset_embeddings
         with self._lock():
             dataset = self.dataset(log, config)
             splits = self._split(dataset, log)
-            return StudyData(dataset, splits, *dataset_embeddings(config, dataset, progress, log, resume))
+            encoder = self.image_encoder(tuned, config)
+            return StudyData(dataset, splits, *dataset_embeddings(config, dataset, progress, log, resume,
+                                                                  encoder))
+
+    def image_encoder(self, tuned=None, config=None):
+        """The run's image encoder: with its fine-tuned top layers once ``--tune encoder``
+        finished (``tuned=False``: the frozen one it started from)."""
+        from img2prompt.encoders.image import image_encoder
+        config = config or self.config
+        encoder = image_encoder(config.image_encoder, config.image_weights, config.device)
+        if self.is_finished(TUNE) if tuned is None else tuned:
+            encoder.use_tuned(self._path(TUNED_ENCODER_FILE))
+        return encoder
 
     # --- the mapper -------------------------------------------------------------------------------
 
     def train(self, resume=False, progress=None, log=_quiet) -> dict:
-        """Train the mapper; save it, the prompt bank (the training prompts, for retrieval),
-        its history and loss curve. The training state is saved as it goes; ``resume``
-        continues an interrupted training (and embedding extraction) instead."""
-        from img2prompt.models.mapper import save_mapper
+        """Train the mapper on frozen features; with ``tune="encoder"`` then fine-tune the
+        encoder's top blocks with it (``models.finetune``). Save the model(s), the prompt bank
+        (the training prompts, for retrieval), the histories and curves. The training state
+        is saved as it goes; ``resume`` continues an interrupted training (and embedding
+        extraction) instead."""
+        from img2prompt.models.mapper import load_mapper, save_mapper
         from img2prompt.models.training import train_mapper
         from img2prompt.reports.plots import plot_history, save_figure
 
@@ -217,36 +244,85 @@ class Run:
             if resume and self.is_finished(TRAIN):
                 raise RunError(f"{self.root}: this run finished; nothing to resume (--force trains "
                                "it anew).")
-            data = self.data(progress, log, resume=resume)
-            state = self._path(TRAINING_STATE_FILE)
-            resume = resume and state.is_file()
-            if resume:
-                log("resuming the training")
             self.folder.mark_unfinished(TRAIN)
+            self.folder.mark_unfinished(TUNE)
+            self._data = None  # the frozen encoder's features
+            data, config = self.data(progress, log, resume=resume), self.config
             train_part, val_part = data.part("train"), data.part("val")
-            config = self.config
-            log(f"training the mapper ({config.depth} hidden layer(s) of {config.hidden_size}) on "
-                f"{len(train_part['ids'])} images, validating on {len(val_part['ids'])}")
-            model, history = train_mapper(train_part["image_emb"], train_part["target_emb"],
-                                          val_part["image_emb"], val_part["target_emb"], config,
-                                          progress, state_path=state, resume=resume, device=self.device)
-            save_mapper(model, self._path(MODEL_FILE))
+            tune = config.tune == "encoder"
+            head_file = self._path(FROZEN_MODEL_FILE if tune else MODEL_FILE)
+            state = self._path(TRAINING_STATE_FILE)
+            if resume and tune and self.folder.owns(head_file) and head_file.is_file():
+                log("resuming: the mapper on frozen features is trained; fine-tuning")
+                model, history = load_mapper(head_file), self.history()
+            else:
+                resumed = resume and state.is_file()
+                if resumed:
+                    log("resuming the training")
+                log(f"training the mapper ({config.depth} hidden layer(s) of {config.hidden_size}) on "
+                    f"{len(train_part['ids'])} images, validating on {len(val_part['ids'])}")
+                model, history = train_mapper(train_part["image_emb"], train_part["target_emb"],
+                                              val_part["image_emb"], val_part["target_emb"], config,
+                                              progress, state_path=state, resume=resumed, device=self.device)
+                save_mapper(model, head_file)
+                write_csv(self._path(HISTORY_FILE), history)
+                save_figure(plot_history(history), self._path(FIGURES["loss"]))
+                if self.folder.owns(state):
+                    self.folder.remove(state)  # only once everything it led to is saved
+            summary = self._summary(history, train_part, val_part)
+            if tune:
+                summary["tuned"] = self._fine_tune(data, model, resume, progress, log)
             prompts, first = unique_prompts(train_part["prompts"])
             save_tensors(self._path(BANK_FILE), {"target_emb": train_part["target_emb"][first]},
                          {"prompts": prompts})
-            write_csv(self._path(HISTORY_FILE), history)
-            save_figure(plot_history(history), self._path(FIGURES["loss"]))
-            if self.folder.owns(state):
-                self.folder.remove(state)  # only once everything it led to is saved
             self.folder.mark_finished(TRAIN)
-        best = history[history["best"]].iloc[0]
-        summary = {"run_dir": str(self.root), "best_epoch": int(best["epoch"]), "epochs": len(history),
-                   "val_cosine": float(best["val_cosine"]), "train_loss_at_best": float(best["train_loss"]),
-                   "val_loss_at_best": float(best["val_loss"]),
-                   "train_images": len(train_part["ids"]), "val_images": len(val_part["ids"])}
         log(f"best epoch {summary['best_epoch']} of {summary['epochs']}: validation cosine "
             f"{summary['val_cosine']:.4f}; model in {self._path(MODEL_FILE)}")
         return summary
+
+    def _summary(self, history, train_part, val_part) -> dict:
+        best = history[history["best"]].iloc[0]
+        return {"run_dir": str(self.root), "best_epoch": int(best["epoch"]), "epochs": len(history),
+                "val_cosine": float(best["val_cosine"]), "train_loss_at_best": float(best["train_loss"]),
+                "val_loss_at_best": float(best["val_loss"]), "seconds": float(history["seconds"].sum()),
+                "train_images": len(train_part["ids"]), "val_images": len(val_part["ids"])}
+
+    def _fine_tune(self, data, mapper, resume, progress, log) -> dict:
+        """Fine-tune the encoder's top blocks with ``mapper``; save them and the tuned mapper,
+        then make the run's features anew with the tuned encoder."""
+        from img2prompt.encoders.embeddings import EmbeddingCache, trunk_features
+        from img2prompt.models.finetune import fine_tune, save_tuned
+        from img2prompt.models.mapper import save_mapper
+        from img2prompt.reports.plots import plot_tune_history, save_figure
+
+        config, encoder = self.config, self.image_encoder(tuned=False)
+        started = time.perf_counter()
+        trunk = trunk_features(data.dataset, encoder, config.tune_blocks, EmbeddingCache(config.cache_dir),
+                               config.embed_batch_size, config.num_workers, progress)
+        trunk_seconds = time.perf_counter() - started
+        state = self._path(TUNE_STATE_FILE)
+        resumed = resume and state.is_file()
+        log(f"fine-tuning the top {config.tune_blocks} block(s) of {encoder.name} with the mapper "
+            f"({'resumed; ' if resumed else ''}frozen blocks run once: {trunk_seconds:.0f} s)")
+        train, val = (data.splits == "train"), (data.splits == "val")
+        model, history = fine_tune(encoder, mapper, trunk[train], data.target_emb[train], trunk[val],
+                                   data.target_emb[val], config, progress, state_path=state,
+                                   resume=resumed, device=self.device)
+        save_tuned(model, self._path(TUNED_ENCODER_FILE))
+        save_mapper(model.mapper, self._path(MODEL_FILE))
+        write_csv(self._path(TUNE_HISTORY_FILE), history)
+        save_figure(plot_tune_history(history, self.history()), self._path(FIGURES["tune"]))
+        if self.folder.owns(state):
+            self.folder.remove(state)
+        self.folder.mark_finished(TUNE)
+        self._data = None  # from now on: the fine-tuned encoder's features
+        self.data(progress, log)
+        best = history[history["best"]].iloc[0]
+        return {"best_epoch": int(best["epoch"]), "epochs": int(history["epoch"].max()),
+                "val_cosine": float(best["val_cosine"]), "start_val_cosine": float(history["val_cosine"].iloc[0]),
+                "tune_blocks": config.tune_blocks, "trunk_seconds": trunk_seconds,
+                "seconds": float(history["seconds"].sum()),
+                "images_per_s": float(history["images_per_s"].median())}
 
     def mapper(self):
         from img2prompt.models.mapper import load_mapper
@@ -266,62 +342,119 @@ class Run:
         return prompts, bank
 
     def history(self) -> pd.DataFrame:
+        """The mapper's training on frozen features, one row per epoch."""
         return pd.read_csv(self._path(HISTORY_FILE))
+
+    def tune_history(self):
+        """Fine-tuning (``tune="encoder"``), one row per epoch (0: before it); None otherwise."""
+        return pd.read_csv(self._path(TUNE_HISTORY_FILE)) if self.is_finished(TUNE) else None
+
+    def frozen_mapper(self):
+        """The mapper trained on frozen features before fine-tuning."""
+        from img2prompt.models.mapper import load_mapper
+        self._require(TUNE, "train --tune encoder --force --out")
+        return load_mapper(self._path(FROZEN_MODEL_FILE))
 
     # --- the decoder -------------------------------------------------------------------------------
 
     def train_decoder(self, force=False, progress=None, log=_quiet) -> dict:
         """Train the prompt decoder on the run's data (cached embeddings); save it, its
         history, loss curve and summary. A trained decoder is only replaced with ``force``."""
-        from img2prompt.encoders.embeddings import text_embeddings
-        from img2prompt.encoders.text import metric_encoder
-        from img2prompt.evaluation.scores import cosine_rows
-        from img2prompt.models.decoder import build_decoder, save_decoder
-        from img2prompt.models.training import train_decoder
+        from img2prompt.models.decoder import save_decoder
         from img2prompt.reports.plots import plot_decoder_history, save_figure
 
         with self._lock():
             if self.is_finished(DECODER) and not force:
                 raise RunError(f"{self.root}: already holds a trained decoder. Pass --force to train "
                                "it anew.")
-            data, config = self.data(progress, log), self.config
+            data = self.data(progress, log)
             self.folder.mark_unfinished(DECODER)
-            train_part, val_part = data.part("train"), data.part("val")
-            decoder = build_decoder(config.decoder, data.image_emb.shape[1], train_part["prompts"],
-                                    config.prefix_length, config.decoder_width, config.decoder_layers,
-                                    config.decoder_heads, config.decoder_dropout, config.decoder_tune,
-                                    config.seed)
-            trainable = sum(p.numel() for p in decoder.trainable_parameters())
-            log(f"training the {config.decoder} decoder ({trainable:,} trainable parameters) on "
-                f"{len(train_part['ids'])} images, validating on {len(val_part['ids'])}")
-            metric, greedy = metric_encoder(config.device), config.decode_options("greedy")
-
-            def val_cosine(model):  # what the evaluation measures, on the validation images
-                texts = model.generate(val_part["image_emb"], greedy)
-                return float(cosine_rows(text_embeddings(texts, metric, progress=False),
-                                         val_part["metric_emb"]).mean())
-
-            started = time.perf_counter()
-            history, cut = train_decoder(decoder, train_part["image_emb"], train_part["prompts"],
-                                         val_part["image_emb"], val_part["prompts"], config, progress,
-                                         val_score=val_cosine, device=self.device)
+            decoder, summary, history = self._fit_decoder(data, self.config, progress, log)
             save_decoder(decoder, self._path(DECODER_FILE))
             write_csv(self._path(DECODER_HISTORY_FILE), history)
             save_figure(plot_decoder_history(history), self._path(FIGURES["decoder_loss"]))
-            best = history[history["best"]].iloc[0]
-            summary = {"decoder": config.decoder, "trainable_parameters": trainable,
-                       "best_epoch": int(best["epoch"]), "epochs": len(history),
-                       "val_cosine": float(best["val_cosine"]), "val_loss": float(best["val_loss"]),
-                       "train_loss": float(best["train_loss"]),
-                       "train_samples_per_s": float(history["samples_per_s"].median()),
-                       "seconds": time.perf_counter() - started, "prompts_cut_to_max_length": cut,
-                       "vocabulary": decoder.tokens.size}
             self.save_summary("decoder", summary)
             self.folder.mark_finished(DECODER)
         log(f"best epoch {summary['best_epoch']} of {summary['epochs']}: validation cosine "
             f"{summary['val_cosine']:.4f} (greedy); {summary['seconds']:.0f} s; decoder in "
             f"{self._path(DECODER_FILE)}")
         return summary
+
+    def _fit_decoder(self, data, config, progress, log):
+        """A decoder of ``config`` trained on ``data`` (its decoder input): (decoder, summary, history)."""
+        from img2prompt.encoders.embeddings import text_embeddings
+        from img2prompt.encoders.text import metric_encoder
+        from img2prompt.evaluation.scores import cosine_rows
+        from img2prompt.models.decoder import build_decoder
+        from img2prompt.models.training import train_decoder
+
+        train_part, val_part = data.part("train"), data.part("val")
+        decoder = build_decoder(config.decoder, data.decoder_emb.shape[1], train_part["prompts"],
+                                config.prefix_length, config.decoder_width, config.decoder_layers,
+                                config.decoder_heads, config.decoder_dropout, config.decoder_tune,
+                                config.seed, config.decoder_grid)
+        trainable = sum(p.numel() for p in decoder.trainable_parameters())
+        reads = f"{config.decoder_grid}x{config.decoder_grid} grid + pooled" if config.decoder_grid else "pooled"
+        log(f"training the {config.decoder} decoder ({trainable:,} trainable parameters, reads the "
+            f"{reads} image features) on {len(train_part['ids'])} images, validating on "
+            f"{len(val_part['ids'])}")
+        metric, greedy = metric_encoder(config.device), config.decode_options("greedy")
+
+        scored = slice(0, config.decoder_val_images or None)
+
+        def val_cosine(model):  # what the evaluation measures, on (some of) the validation images
+            texts = model.generate(val_part["decoder_emb"][scored], greedy)
+            return float(cosine_rows(text_embeddings(texts, metric, progress=False),
+                                     val_part["metric_emb"][scored]).mean())
+
+        started = time.perf_counter()
+        history, cut = train_decoder(decoder, train_part["decoder_emb"], train_part["prompts"],
+                                     val_part["decoder_emb"], val_part["prompts"], config, progress,
+                                     val_score=val_cosine, device=self.device)
+        best = history[history["best"]].iloc[0]
+        summary = {"decoder": config.decoder, "grid": config.decoder_grid, "trainable_parameters": trainable,
+                   "best_epoch": int(best["epoch"]), "epochs": len(history),
+                   "val_cosine": float(best["val_cosine"]), "val_loss": float(best["val_loss"]),
+                   "train_loss": float(best["train_loss"]),
+                   "train_samples_per_s": float(history["samples_per_s"].median()),
+                   "seconds": time.perf_counter() - started, "prompts_cut_to_max_length": cut,
+                   "vocabulary": decoder.tokens.size}
+        return decoder, summary, history
+
+    def compare_decoder_inputs(self, progress=None, log=_quiet) -> pd.DataFrame:
+        """The run's decoder against one trained the same way on the pooled vector alone (or,
+        when the run's decoder reads the pooled vector, on a 3x3 grid): per input, its
+        training, and on the test split its greedy prompts' mean cosine, exact-prompt rate
+        and the attribute families it names right (generated data). Nothing is saved."""
+        from img2prompt.encoders.embeddings import text_embeddings
+        from img2prompt.encoders.text import metric_encoder
+        from img2prompt.evaluation.analysis import attribute_matches, load_attributes
+        from img2prompt.evaluation.scores import cosine_rows, exact_prompt_rate
+
+        self._require(DECODER, "train-decoder --run")
+        grid = self.config.decoder_grid
+        rows = {}
+        for other in (0, grid) if grid else (0, 3):
+            config = dataclasses.replace(self.config, decoder_grid=other)
+            if other == grid:
+                decoder, summary = self.decoder().to(self.device), self.summary("decoder")
+                data = self.data(progress, log)
+            else:
+                with self._lock():
+                    data = self._prepare(config, progress, log)
+                decoder, summary, _ = self._fit_decoder(data, config, progress, log)
+            test = data.part("test")
+            texts = decoder.generate(test["decoder_emb"], config.decode_options("greedy"))
+            cosine = cosine_rows(text_embeddings(texts, metric_encoder(config.device), progress=False),
+                                 test["metric_emb"])
+            name = f"grid {other}x{other} + pooled" if other else "pooled"
+            rows[name] = {"test cosine (greedy)": float(cosine.mean()),
+                          "exact prompts": exact_prompt_rate(texts, test["prompts"]),
+                          "val cosine": summary["val_cosine"], "epochs": summary["epochs"],
+                          "seconds": summary["seconds"], "input width": data.decoder_emb.shape[1]}
+            if load_attributes(config.data_dir, test["ids"]) is not None:
+                rows[name].update(attribute_matches(test["prompts"], texts).mean().to_dict())
+        return pd.DataFrame(rows).T
 
     def decoder(self):
         from img2prompt.models.decoder import load_decoder
@@ -340,7 +473,7 @@ class Run:
         from img2prompt.encoders.embeddings import text_embeddings
         from img2prompt.encoders.text import METRIC_ENCODER, metric_encoder
         from img2prompt.evaluation.analysis import attribute_matches, load_attributes
-        from img2prompt.evaluation.scores import evaluate_methods, fit_linear_map
+        from img2prompt.evaluation.scores import evaluate_methods, fit_linear_map, paired_difference
 
         with self._lock():
             self._require(TRAIN, "train --resume --out")
@@ -364,19 +497,36 @@ class Run:
             predicted = self.mapper().predict(test["image_emb"]).numpy()
             generated = {}
             if self.is_finished(DECODER):
-                texts = self.decoder().to(self.device).generate(test["image_emb"], config.decode_options())
+                texts = self.decoder().to(self.device).generate(test["decoder_emb"], config.decode_options())
                 log(f"decoder: {len(texts)} prompts generated ({config.decode_strategy})")
                 generated["decoder"] = (texts, text_embeddings(texts, metric_encoder(config.device),
                                                                progress=progress))
             frame, scores = evaluate_methods(test, train_part, bank_part, predicted, to_metric,
                                              config.bootstrap, config.seed, generated)
+            text_columns = {"retrieval": "predicted_prompt", **{n: f"{n}_prompt" for n in generated}}
+            if self.is_finished(TUNE):  # the same methods on the frozen features, paired
+                frozen = self._prepare(config, progress, log, tuned=False)
+                frozen_test = frozen.part("test")
+                frozen_frame, frozen_scores = evaluate_methods(
+                    frozen_test, frozen.part("train"), bank_part,
+                    self.frozen_mapper().predict(frozen_test["image_emb"]).numpy(), to_metric,
+                    config.bootstrap, config.seed)
+                for name in ("mapper", "retrieval"):
+                    scores["methods"][f"frozen_{name}"] = frozen_scores["methods"][name]
+                    frame[f"cosine_frozen_{name}"] = frozen_frame[f"cosine_{name}"]
+                    scores["comparisons"][f"{name}_minus_frozen_{name}"] = paired_difference(
+                        frame[f"cosine_{name}"].to_numpy(), frozen_frame[f"cosine_{name}"].to_numpy(),
+                        config.bootstrap, config.seed)
+                frame["frozen_predicted_prompt"] = frozen_frame["predicted_prompt"]
+                text_columns["frozen_retrieval"] = "frozen_predicted_prompt"
             attributes = load_attributes(config.data_dir, test["ids"])
             if attributes is not None:  # generated data: which attributes each text method states
-                for name, column in (("retrieval", "predicted_prompt"), *((n, f"{n}_prompt") for n in generated)):
+                for name, column in text_columns.items():
                     accuracy = attribute_matches(test["prompts"], frame[column]).mean()
                     scores["methods"][name]["attribute_accuracy"] = accuracy.round(6).to_dict()
             metrics = {"run_dir": str(self.root), "data_dir": config.data_dir, "n_test": len(test["ids"]),
                        "n_train": len(train_part["ids"]), "image_encoder": config.image_encoder,
+                       "tune": "encoder" if self.is_finished(TUNE) else "head",
                        "text_encoder": config.text_encoder, "metric_encoder": "all-MiniLM-L6-v2",
                        "bank": config.bank, **scores}
             write_csv(self._path(RESULTS_FILE), frame)

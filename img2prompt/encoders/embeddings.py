@@ -83,12 +83,12 @@ class EmbeddingCache:
         except (RunError, KeyError):
             return None  # unreadable entry: recompute and overwrite it
 
-    def save(self, kind, key, array):
-        self._write(self.path(kind, key), key, array)
+    def save(self, kind, key, array, dtype=np.float32):
+        self._write(self.path(kind, key), key, array, dtype)
 
-    def _write(self, path, key, array):
+    def _write(self, path, key, array, dtype=np.float32):
         self.folder()
-        save_tensors(path, {"embeddings": np.asarray(array, dtype=np.float32)}, {"key": key})
+        save_tensors(path, {"embeddings": np.asarray(array, dtype=dtype)}, {"key": key})
 
     def load_shards(self, kind, key) -> list:
         """The saved chunks of an unfinished extraction, in order (stops at the first gap)."""
@@ -146,11 +146,22 @@ def decode_workers(requested=-1) -> int:
 
 
 def extract_image_embeddings(paths, encoder, batch_size=32, num_workers=-1, progress=True,
-                             max_pixels=DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Features of the images at ``paths`` (float32, one row per path)."""
+                             max_pixels=DEFAULT_MAX_PIXELS, grid=0) -> np.ndarray:
+    """Features of the images at ``paths`` (float32, one row per path); ``grid`` > 0 adds
+    the feature map over grid x grid cells (``ImageEncoder.forward``)."""
+    paths = list(paths)
+    out = np.zeros((len(paths), encoder.grid_dim(grid)), dtype=np.float32)
+    for indices, batch in preprocessed_batches(paths, encoder, batch_size, num_workers, progress, max_pixels):
+        out[indices] = encoder.forward(batch, grid).numpy()
+    return out
+
+
+def preprocessed_batches(paths, encoder, batch_size=32, num_workers=-1, progress=True,
+                         max_pixels=DEFAULT_MAX_PIXELS):
+    """(indices, batch) of the images at ``paths`` preprocessed for ``encoder``, decoded in
+    DataLoader workers; a bad image is a DataError naming it."""
     paths = list(paths)
     _ = encoder.model  # load the weights before the workers fork and the bar starts
-    out = np.zeros((len(paths), encoder.dim), dtype=np.float32)
     workers = decode_workers(num_workers) if len(paths) > batch_size else 0
     loader = torch.utils.data.DataLoader(
         _ImageFiles(paths, encoder.preprocess, max_pixels), batch_size=batch_size, num_workers=workers,
@@ -161,32 +172,34 @@ def extract_image_embeddings(paths, encoder, batch_size=32, num_workers=-1, prog
             if errors:
                 raise DataError(f"{errors[0]}" + (f" (and {len(errors) - 1} more bad image(s) in the "
                                                   "same batch)" if len(errors) > 1 else ""))
-            out[indices] = encoder.forward(batch).numpy()
+            yield indices, batch
             bar.update(len(indices))
-    return out
 
 
 def image_embeddings(dataset, encoder, cache: EmbeddingCache = None, batch_size=32, num_workers=-1,
-                     progress=True, resume=False):
+                     progress=True, resume=False, grid=0):
     """Image embeddings of a dataset, from the cache when the same data and encoder ran before.
 
     With a cache, the rows are saved in a shard every ``RESUME_CHUNK`` images (appended, so
     the I/O stays linear); ``resume`` continues an interrupted extraction from the shards
     instead of starting over. Returns (array, info) where info says whether the cache was
-    used, the cache file, the rows resumed and the extraction throughput.
+    used, the cache file, the rows resumed and the extraction throughput. ``grid`` > 0 adds
+    the feature map over grid x grid cells after the pooled features.
     """
     key = {"kind": "image", "images": dataset.images_fingerprint(), "encoder": encoder.fingerprint()}
+    if grid:  # pooled-only keys stay as they were, so their cache entries stay valid
+        key["grid"] = grid
     info = {"cache_file": str(cache.path("image", key)) if cache else None}
     if cache is None:
-        return _extract(dataset, encoder, None, key, batch_size, num_workers, progress, False, info)
+        return _extract(dataset, encoder, None, key, batch_size, num_workers, progress, False, info, grid)
     cached = cache.load("image", key)
     if cached is not None and cached.shape[0] == len(dataset):
         return cached, {**info, "cached": True}
     with cache.lock("image", key):
-        return _extract(dataset, encoder, cache, key, batch_size, num_workers, progress, resume, info)
+        return _extract(dataset, encoder, cache, key, batch_size, num_workers, progress, resume, info, grid)
 
 
-def _extract(dataset, encoder, cache, key, batch_size, num_workers, progress, resume, info):
+def _extract(dataset, encoder, cache, key, batch_size, num_workers, progress, resume, info, grid):
     parts = cache.load_shards("image", key) if cache is not None and resume else []
     if sum(map(len, parts)) > len(dataset) or any(len(p) != RESUME_CHUNK for p in parts):
         parts = []  # not this extraction's shards: start over
@@ -197,7 +210,7 @@ def _extract(dataset, encoder, cache, key, batch_size, num_workers, progress, re
     for begin in range(resumed, len(dataset), RESUME_CHUNK):
         chunk = dataset.paths[begin:begin + RESUME_CHUNK]
         parts.append(extract_image_embeddings(chunk, encoder, batch_size, num_workers, progress,
-                                              dataset.max_pixels))
+                                              dataset.max_pixels, grid))
         if cache is not None and begin + RESUME_CHUNK < len(dataset):
             cache.save_shard("image", key, begin // RESUME_CHUNK, parts[-1])
     seconds = time.perf_counter() - start
@@ -224,23 +237,47 @@ def text_embeddings(texts, encoder, cache: EmbeddingCache = None, batch_size=64,
     return array
 
 
-def dataset_embeddings(config, dataset, progress=True, log=print, resume=False):
-    """(image, target-space prompt, metric-space prompt) embeddings of a dataset with the
-    encoders of ``config`` (a StudyConfig), through its cache; ``resume`` continues an
-    interrupted image extraction."""
+def trunk_features(dataset, encoder, tune_blocks, cache: EmbeddingCache = None, batch_size=32,
+                   num_workers=-1, progress=True) -> torch.Tensor:
+    """The output of ``encoder``'s frozen trunk (below its top ``tune_blocks`` blocks) for
+    every image of ``dataset``: float16 feature maps, through the cache, for fine-tuning."""
+    key = {"kind": "trunk", "images": dataset.images_fingerprint(), "encoder": encoder.fingerprint(),
+           "tune_blocks": tune_blocks}
+    cached = cache.load("trunk", key) if cache is not None else None
+    if cached is not None and cached.shape[0] == len(dataset):
+        return torch.from_numpy(cached)
+    parts = [encoder.trunk_features(batch, tune_blocks) for _, batch in preprocessed_batches(
+        dataset.paths, encoder, batch_size, num_workers, progress, dataset.max_pixels)]
+    features = torch.cat(parts)
+    if cache is not None:
+        with cache.lock("trunk", key):
+            cache.save("trunk", key, features.numpy(), dtype=np.float16)
+    return features
+
+
+def dataset_embeddings(config, dataset, progress=True, log=print, resume=False, encoder=None):
+    """(image, target-space prompt, metric-space prompt, decoder input) embeddings of a
+    dataset with the encoders of ``config`` (a StudyConfig), through its cache; ``resume``
+    continues an interrupted image extraction.
+
+    The image embedding is the pooled vector; the decoder input adds the grid of
+    ``config.decoder_grid`` (one extraction gives both: the pooled vector leads each row).
+    ``encoder`` replaces the one ``config`` names (a run's fine-tuned encoder)."""
     from img2prompt.encoders.image import image_encoder
     from img2prompt.encoders.text import METRIC_ENCODER, metric_encoder, on_device, text_encoder
 
     cache = EmbeddingCache(config.cache_dir)
-    encoder = image_encoder(config.image_encoder, config.image_weights, config.device)
-    image_emb, info = image_embeddings(dataset, encoder, cache, config.embed_batch_size,
-                                       config.num_workers, progress, resume)
+    encoder = encoder or image_encoder(config.image_encoder, config.image_weights, config.device)
+    decoder_emb, info = image_embeddings(dataset, encoder, cache, config.embed_batch_size,
+                                         config.num_workers, progress, resume, config.decoder_grid)
+    image_emb = decoder_emb[:, :encoder.dim]
     if info.get("resumed_rows"):
         log(f"image embeddings: resumed after {info['resumed_rows']} images done by an earlier run")
+    name = f"{encoder.name}, fine-tuned" if encoder.tuned else encoder.name
     if info["cached"]:
-        log(f"image embeddings ({encoder.name}): from cache {info['cache_file']}")
+        log(f"image embeddings ({name}): from cache {info['cache_file']}")
     else:
-        log(f"image embeddings ({encoder.name}): {len(dataset)} images in {info['seconds']:.1f} s "
+        log(f"image embeddings ({name}): {len(dataset)} images in {info['seconds']:.1f} s "
             f"({info['images_per_s']:.1f} images/s), cached in {info['cache_file']}")
     target = on_device(text_encoder(config.text_encoder, config.text_model, config.text_pooling), config.device)
     truncated = target.count_truncated(dataset.prompts)
@@ -250,7 +287,7 @@ def dataset_embeddings(config, dataset, progress=True, log=print, resume=False):
     target_emb = text_embeddings(dataset.prompts, target, cache, progress=progress)
     metric_emb = (target_emb if config.text_encoder == METRIC_ENCODER
                   else text_embeddings(dataset.prompts, metric_encoder(config.device), cache, progress=progress))
-    return image_emb, target_emb, metric_emb
+    return image_emb, target_emb, metric_emb, decoder_emb
 
 
 def measure_throughput(paths, config) -> float:

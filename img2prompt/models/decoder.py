@@ -1,8 +1,9 @@
 """The prompt decoder: writes prompt text for an image (ClipCap-style prefix conditioning).
 
 The image embedding is mapped by a small MLP to ``prefix_length`` vectors in the language
-model's embedding space; the language model reads them before the prompt's tokens and is
-trained with teacher forcing and cross-entropy. Language models, by name:
+model's embedding space (and, with a grid, each cell of the feature map to one more); the
+language model reads them before the prompt's tokens and is trained with teacher forcing
+and cross-entropy. Language models, by name:
 
 - ``tiny`` (default, offline): a small causal transformer trained from scratch over the
   WordPiece tokenizer that ships with the MiniLM package, restricted to the word pieces the
@@ -153,15 +154,27 @@ class PretrainedCausalLM(nn.Module):
 
 
 class PrefixDecoder(nn.Module):
-    """Image embedding -> ``prefix_length`` vectors -> language model -> next-token logits."""
+    """Image features -> prefix vectors -> language model -> next-token logits.
 
-    def __init__(self, lm, image_dim, prefix_length=8, prefix_hidden=512):
+    The pooled image embedding becomes ``prefix_length`` vectors through a small MLP. With
+    ``grid`` > 0 the features also hold the feature map over grid x grid cells (after the
+    pooled vector, channel-major): each cell becomes one more prefix vector through a shared
+    linear map plus a learned embedding of the cell's place, so the language model attends
+    to *where* as well as *what* (one projection for every cell: few parameters to learn
+    from a small training set)."""
+
+    def __init__(self, lm, image_dim, prefix_length=8, prefix_hidden=512, grid=0):
         super().__init__()
-        self.lm, self.prefix_length = lm, prefix_length
+        self.lm, self.grid = lm, grid
+        self.pooled_dim = image_dim // (1 + grid * grid)
+        self.prefix_length = prefix_length + grid * grid  # vectors before the prompt's tokens
         self.register_buffer("input_mean", torch.zeros(image_dim))
         self.register_buffer("input_scale", torch.ones(()))
-        self.prefix = nn.Sequential(nn.Linear(image_dim, prefix_hidden), nn.GELU(),
+        self.prefix = nn.Sequential(nn.Linear(self.pooled_dim, prefix_hidden), nn.GELU(),
                                     nn.Linear(prefix_hidden, prefix_length * lm.width))
+        if grid:
+            self.cell = nn.Linear(self.pooled_dim, lm.width)
+            self.cell_place = nn.Parameter(torch.randn(grid * grid, lm.width) * 0.02)
 
     def fit_to_data(self, image_emb):
         """Centre and scale inputs with the training images' statistics (as the mapper)."""
@@ -170,7 +183,11 @@ class PrefixDecoder(nn.Module):
 
     def prefix_embeds(self, image_emb):
         x = (image_emb - self.input_mean) / self.input_scale
-        return self.prefix(x).view(len(x), self.prefix_length, self.lm.width)
+        pooled = self.prefix(x[:, :self.pooled_dim]).view(len(x), -1, self.lm.width)
+        if not self.grid:
+            return pooled
+        cells = x[:, self.pooled_dim:].view(len(x), self.pooled_dim, -1).transpose(1, 2)
+        return torch.cat([pooled, self.cell(cells) + self.cell_place], dim=1)
 
     def forward(self, image_emb, tokens, prefix=None):
         """Logits at every position of ``tokens`` (predicting the token after it)."""
@@ -256,13 +273,14 @@ class PromptDecoder:
 def build_decoder(name, image_dim, prompts=(), prefix_length=StudyConfig.prefix_length,
                   width=StudyConfig.decoder_width, layers=StudyConfig.decoder_layers,
                   heads=StudyConfig.decoder_heads, dropout=StudyConfig.decoder_dropout,
-                  tune=StudyConfig.decoder_tune, seed=StudyConfig.seed) -> PromptDecoder:
+                  tune=StudyConfig.decoder_tune, seed=StudyConfig.seed, grid=0) -> PromptDecoder:
     """A new decoder, initialised from ``seed``; ``prompts`` (the training prompts) choose the
-    tiny model's vocabulary."""
+    tiny model's vocabulary; ``grid`` records which image features it reads (the pooled
+    vector, followed by grid x grid cells of the feature map when > 0)."""
     check_setting("decoder_tune", tune)
     torch.manual_seed(seed)
-    spec = {"decoder": name, "image_dim": int(image_dim), "prefix_length": prefix_length,
-            "prefix_hidden": 512, "tune": tune}
+    spec = {"decoder": name, "image_dim": int(image_dim), "grid": int(grid),
+            "prefix_length": prefix_length, "prefix_hidden": 512, "tune": tune}
     if name == TINY:
         tokens = WordPieceTokens.from_prompts(prompts)
         spec.update(width=width, layers=layers, heads=heads, dropout=dropout, pieces=tokens.pieces)
@@ -273,7 +291,7 @@ def build_decoder(name, image_dim, prompts=(), prefix_length=StudyConfig.prefix_
         tokens, lm = PretrainedTokens(tokenizer), PretrainedCausalLM(model)
         if tune == "prefix":
             lm.requires_grad_(False)
-    return PromptDecoder(PrefixDecoder(lm, image_dim, prefix_length, spec["prefix_hidden"]), tokens, spec)
+    return PromptDecoder(PrefixDecoder(lm, image_dim, prefix_length, spec["prefix_hidden"], grid), tokens, spec)
 
 
 def load_pretrained_lm(name):
@@ -338,7 +356,8 @@ def load_decoder(path) -> PromptDecoder:
         else:
             _, tokenizer, model = load_pretrained_lm(spec["source"])
             tokens, lm = PretrainedTokens(tokenizer), PretrainedCausalLM(model)
-        model = PrefixDecoder(lm, spec["image_dim"], spec["prefix_length"], spec["prefix_hidden"])
+        model = PrefixDecoder(lm, spec["image_dim"], spec["prefix_length"], spec["prefix_hidden"],
+                              spec.get("grid", 0))
         missing, unexpected = model.load_state_dict(state, strict=False)
     except (KeyError, TypeError, RuntimeError, ValueError) as error:
         raise foreign(path, "decoder", error, fix) from None

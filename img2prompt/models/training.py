@@ -46,7 +46,7 @@ def train_mapper(x_train, y_train, x_val, y_val, config, progress=True, state_pa
                                       for a in (x_train, y_train, x_val, y_val))
     model = Mapper(x_train.shape[1], y_train.shape[1], config.hidden_size, config.depth, config.dropout)
     model.fit_to_data(x_train, y_train)
-    inputs = _fingerprint(config, x_train, y_train, x_val, y_val)
+    inputs = training_fingerprint(config, TRAINING_SETTINGS, x_train, y_train, x_val, y_val)
     model.to(device)
     x_train, y_train, x_val, y_val = (a.to(device) for a in (x_train, y_train, x_val, y_val))
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate,
@@ -54,7 +54,7 @@ def train_mapper(x_train, y_train, x_val, y_val, config, progress=True, state_pa
     shuffler = torch.Generator().manual_seed(config.seed)  # on the CPU: the same order anywhere
     best_state, best_cosine, best_epoch, rows, first_epoch = None, -np.inf, 0, [], 1
     if resume:
-        state = _load_training_state(state_path)
+        state = load_training_state(state_path)
         if state.get("inputs") != inputs:
             raise RunError(f"{state_path}: this training state was saved for other data or "
                            "settings, so it cannot be resumed here. Train without --resume "
@@ -92,7 +92,7 @@ def train_mapper(x_train, y_train, x_val, y_val, config, progress=True, state_pa
             if epoch - best_epoch >= config.patience:
                 break
             if state_path and time.perf_counter() - last_save >= CHECKPOINT_SECONDS:
-                _save_training_state(state_path, {
+                save_training_state(state_path, {
                     "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "shuffler": shuffler.get_state(), "dropout_rng": rng_state(device),
                     "best_state": best_state,
@@ -109,21 +109,21 @@ TRAINING_SETTINGS = ("seed", "hidden_size", "depth", "dropout", "learning_rate",
                      "batch_size", "max_epochs", "patience")
 
 
-def _fingerprint(config, *arrays) -> str:
+def training_fingerprint(config, settings, *arrays) -> str:
     """What a training state is bound to: the training and validation arrays and settings."""
-    digest = hashlib.sha256(repr([getattr(config, name) for name in TRAINING_SETTINGS]).encode())
+    digest = hashlib.sha256(repr([getattr(config, name) for name in settings]).encode())
     for array in arrays:
         digest.update(repr(tuple(array.shape)).encode())
         digest.update(array.numpy().tobytes())
     return digest.hexdigest()
 
 
-def _save_training_state(path, state):
+def save_training_state(path, state):
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 
 
-def _load_training_state(path):
+def load_training_state(path):
     if not path or not Path(path).is_file():
         raise RunError(f"{path}: no interrupted training to resume. Train without --resume.")
     try:

@@ -56,6 +56,22 @@ def plot_history(history) -> Figure:
     return fig
 
 
+def plot_tune_history(history, frozen=None) -> Figure:
+    """Fine-tuning: training loss and validation cosine per epoch (epoch 0: the mapper on
+    frozen features), the kept epoch marked; ``frozen`` (the mapper's own history) adds
+    its validation cosine, epoch by epoch, for the side-by-side view."""
+    fig, (loss_ax, cos_ax) = _panels(2, 2, width=5, height=3.6)
+    _curves(loss_ax, history.dropna(subset=["train_loss"]), {"train_loss": "train"},
+            "Fine-tuning loss", "loss (1 − cosine)")
+    _curves(cos_ax, history, {"val_cosine": "fine-tuned (validation)"}, "Validation cosine", "cosine",
+            mark="val_cosine")
+    if frozen is not None:
+        cos_ax.axhline(frozen.loc[frozen["best"], "val_cosine"].iloc[0], color="gray", linestyle="--",
+                       label="frozen features (kept epoch)")
+        cos_ax.legend()
+    return fig
+
+
 def plot_decoder_history(history) -> Figure:
     """The decoder's train/val cross-entropy per epoch and, when recorded, the validation
     cosine of its generated prompts; the kept epoch marked."""
