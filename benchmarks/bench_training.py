@@ -96,7 +96,7 @@ def main():
         net = TunedTop(encoder, Mapper(encoder.dim, 384), len(encoder.blocks(model))).to(device).train()
         stem = torch.nn.Sequential(model._conv_stem, model._bn0)
         optimizer = torch.optim.AdamW([*parameter_groups(net, config), {"params": stem.parameters()}])
-        step = train_step(lambda x: net(model._swish(stem(x))), optimizer)
+        step = train_step(lambda x, net=net, stem=stem: net(model._swish(stem(x))), optimizer)
         load_times, step_times = [], []
         for begin in range(0, len(paths), batch):
             started = time.perf_counter()
