@@ -68,6 +68,16 @@ def _quiet(*_args, **_kwargs):
     pass
 
 
+def decoder_input(grid, colors) -> str:
+    """What a decoder reads, in words."""
+    parts = ["the pooled vector"]
+    if grid:
+        parts.append(f"a {grid}x{grid} grid")
+    if colors:
+        parts.append(f"colour histograms ({colors} levels)")
+    return " + ".join(parts)
+
+
 @dataclass
 class StudyData:
     """A dataset with its split and its embeddings (image, target text, metric text, and
@@ -392,12 +402,11 @@ class Run:
         decoder = build_decoder(config.decoder, data.decoder_emb.shape[1], train_part["prompts"],
                                 config.prefix_length, config.decoder_width, config.decoder_layers,
                                 config.decoder_heads, config.decoder_dropout, config.decoder_tune,
-                                config.seed, config.decoder_grid)
+                                config.seed, config.decoder_grid, config.decoder_colors)
         trainable = sum(p.numel() for p in decoder.trainable_parameters())
-        reads = f"{config.decoder_grid}x{config.decoder_grid} grid + pooled" if config.decoder_grid else "pooled"
-        log(f"training the {config.decoder} decoder ({trainable:,} trainable parameters, reads the "
-            f"{reads} image features) on {len(train_part['ids'])} images, validating on "
-            f"{len(val_part['ids'])}")
+        log(f"training the {config.decoder} decoder ({trainable:,} trainable parameters, reads "
+            f"{decoder_input(config.decoder_grid, config.decoder_colors)}) on {len(train_part['ids'])} "
+            f"images, validating on {len(val_part['ids'])}")
         metric, greedy = metric_encoder(config.device), config.decode_options("greedy")
 
         scored = slice(0, config.decoder_val_images or None)
@@ -423,20 +432,21 @@ class Run:
 
     def compare_decoder_inputs(self, progress=None, log=_quiet) -> pd.DataFrame:
         """The run's decoder against one trained the same way on the pooled vector alone (or,
-        when the run's decoder reads the pooled vector, on a 3x3 grid): per input, its
-        training, and on the test split its greedy prompts' mean cosine, exact-prompt rate
-        and the attribute families it names right (generated data). Nothing is saved."""
+        when the run's decoder reads only that, on the default grid and colours): per input,
+        its training, and on the test split its greedy prompts' mean cosine, exact-prompt
+        rate and the attribute families it names right (generated data). Nothing is saved."""
         from img2prompt.encoders.embeddings import text_embeddings
         from img2prompt.encoders.text import metric_encoder
         from img2prompt.evaluation.analysis import attribute_matches, load_attributes
         from img2prompt.evaluation.scores import cosine_rows, exact_prompt_rate
 
         self._require(DECODER, "train-decoder --run")
-        grid = self.config.decoder_grid
+        own = (self.config.decoder_grid, self.config.decoder_colors)
+        default = (StudyConfig.decoder_grid, StudyConfig.decoder_colors)
         rows = {}
-        for other in (0, grid) if grid else (0, 3):
-            config = dataclasses.replace(self.config, decoder_grid=other)
-            if other == grid:
+        for grid, colors in ((0, 0), own if own != (0, 0) else default):
+            config = dataclasses.replace(self.config, decoder_grid=grid, decoder_colors=colors)
+            if (grid, colors) == own:
                 decoder, summary = self.decoder().to(self.device), self.summary("decoder")
                 data = self.data(progress, log)
             else:
@@ -447,7 +457,7 @@ class Run:
             texts = decoder.generate(test["decoder_emb"], config.decode_options("greedy"))
             cosine = cosine_rows(text_embeddings(texts, metric_encoder(config.device), progress=False),
                                  test["metric_emb"])
-            name = f"grid {other}x{other} + pooled" if other else "pooled"
+            name = decoder_input(grid, colors)
             rows[name] = {"test cosine (greedy)": float(cosine.mean()),
                           "exact prompts": exact_prompt_rate(texts, test["prompts"]),
                           "val cosine": summary["val_cosine"], "epochs": summary["epochs"],

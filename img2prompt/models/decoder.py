@@ -161,33 +161,54 @@ class PrefixDecoder(nn.Module):
     pooled vector, channel-major): each cell becomes one more prefix vector through a shared
     linear map plus a learned embedding of the cell's place, so the language model attends
     to *where* as well as *what* (one projection for every cell: few parameters to learn
-    from a small training set)."""
+    from a small training set). With ``colors`` > 0 colour histograms follow
+    (``encoders.colors``): the whole image's joins the pooled vector, each cell's is mapped
+    into its cell's vector.
+    """
 
-    def __init__(self, lm, image_dim, prefix_length=8, prefix_hidden=512, grid=0):
+    def __init__(self, lm, image_dim, prefix_length=8, prefix_hidden=512, grid=0, colors=0):
         super().__init__()
         self.lm, self.grid = lm, grid
-        self.pooled_dim = image_dim // (1 + grid * grid)
+        self.colors = colors ** 3 if colors else 0  # histogram bins per image or cell
+        histograms = self.colors * (1 + grid * grid)
+        self.pooled_dim = (image_dim - histograms) // (1 + grid * grid)
+        self.features_dim = image_dim - histograms
         self.prefix_length = prefix_length + grid * grid  # vectors before the prompt's tokens
         self.register_buffer("input_mean", torch.zeros(image_dim))
         self.register_buffer("input_scale", torch.ones(()))
-        self.prefix = nn.Sequential(nn.Linear(self.pooled_dim, prefix_hidden), nn.GELU(),
+        if self.colors:
+            self.register_buffer("color_scale", torch.ones(()))
+        self.prefix = nn.Sequential(nn.Linear(self.pooled_dim + self.colors, prefix_hidden), nn.GELU(),
                                     nn.Linear(prefix_hidden, prefix_length * lm.width))
         if grid:
             self.cell = nn.Linear(self.pooled_dim, lm.width)
             self.cell_place = nn.Parameter(torch.randn(grid * grid, lm.width) * 0.02)
+            if self.colors:
+                self.cell_colors = nn.Linear(self.colors, lm.width)
 
     def fit_to_data(self, image_emb):
-        """Centre and scale inputs with the training images' statistics (as the mapper)."""
+        """Centre inputs and scale features and histograms (each with one scale) with the
+        training images' statistics (as the mapper)."""
         self.input_mean.copy_(image_emb.mean(dim=0))
-        self.input_scale.fill_(image_emb.std(dim=0).mean().clamp(min=1e-6).item())
+        std = image_emb.std(dim=0)
+        self.input_scale.fill_(std[:self.features_dim].mean().clamp(min=1e-6).item())
+        if self.colors:
+            self.color_scale.fill_(std[self.features_dim:].mean().clamp(min=1e-6).item())
 
     def prefix_embeds(self, image_emb):
-        x = (image_emb - self.input_mean) / self.input_scale
-        pooled = self.prefix(x[:, :self.pooled_dim]).view(len(x), -1, self.lm.width)
+        x = image_emb - self.input_mean
+        features, histograms = x[:, :self.features_dim] / self.input_scale, x[:, self.features_dim:]
+        if self.colors:
+            histograms = histograms / self.color_scale
+        pooled = self.prefix(torch.cat([features[:, :self.pooled_dim], histograms[:, :self.colors]], dim=1))
+        pooled = pooled.view(len(x), -1, self.lm.width)
         if not self.grid:
             return pooled
-        cells = x[:, self.pooled_dim:].view(len(x), self.pooled_dim, -1).transpose(1, 2)
-        return torch.cat([pooled, self.cell(cells) + self.cell_place], dim=1)
+        cells = features[:, self.pooled_dim:].view(len(x), self.pooled_dim, -1).transpose(1, 2)
+        cells = self.cell(cells) + self.cell_place
+        if self.colors:
+            cells = cells + self.cell_colors(histograms[:, self.colors:].view(len(x), -1, self.colors))
+        return torch.cat([pooled, cells], dim=1)
 
     def forward(self, image_emb, tokens, prefix=None):
         """Logits at every position of ``tokens`` (predicting the token after it)."""
@@ -273,13 +294,14 @@ class PromptDecoder:
 def build_decoder(name, image_dim, prompts=(), prefix_length=StudyConfig.prefix_length,
                   width=StudyConfig.decoder_width, layers=StudyConfig.decoder_layers,
                   heads=StudyConfig.decoder_heads, dropout=StudyConfig.decoder_dropout,
-                  tune=StudyConfig.decoder_tune, seed=StudyConfig.seed, grid=0) -> PromptDecoder:
+                  tune=StudyConfig.decoder_tune, seed=StudyConfig.seed, grid=0, colors=0) -> PromptDecoder:
     """A new decoder, initialised from ``seed``; ``prompts`` (the training prompts) choose the
-    tiny model's vocabulary; ``grid`` records which image features it reads (the pooled
-    vector, followed by grid x grid cells of the feature map when > 0)."""
+    tiny model's vocabulary; ``grid`` and ``colors`` say which image features it reads (the
+    pooled vector, then grid x grid cells of the feature map, then colour histograms with
+    ``colors`` levels per channel: ``ImageEncoder.forward``)."""
     check_setting("decoder_tune", tune)
     torch.manual_seed(seed)
-    spec = {"decoder": name, "image_dim": int(image_dim), "grid": int(grid),
+    spec = {"decoder": name, "image_dim": int(image_dim), "grid": int(grid), "colors": int(colors),
             "prefix_length": prefix_length, "prefix_hidden": 512, "tune": tune}
     if name == TINY:
         tokens = WordPieceTokens.from_prompts(prompts)
@@ -291,7 +313,8 @@ def build_decoder(name, image_dim, prompts=(), prefix_length=StudyConfig.prefix_
         tokens, lm = PretrainedTokens(tokenizer), PretrainedCausalLM(model)
         if tune == "prefix":
             lm.requires_grad_(False)
-    return PromptDecoder(PrefixDecoder(lm, image_dim, prefix_length, spec["prefix_hidden"], grid), tokens, spec)
+    return PromptDecoder(PrefixDecoder(lm, image_dim, prefix_length, spec["prefix_hidden"], grid, colors),
+                         tokens, spec)
 
 
 def load_pretrained_lm(name):
@@ -357,7 +380,7 @@ def load_decoder(path) -> PromptDecoder:
             _, tokenizer, model = load_pretrained_lm(spec["source"])
             tokens, lm = PretrainedTokens(tokenizer), PretrainedCausalLM(model)
         model = PrefixDecoder(lm, spec["image_dim"], spec["prefix_length"], spec["prefix_hidden"],
-                              spec.get("grid", 0))
+                              spec.get("grid", 0), spec.get("colors", 0))
         missing, unexpected = model.load_state_dict(state, strict=False)
     except (KeyError, TypeError, RuntimeError, ValueError) as error:
         raise foreign(path, "decoder", error, fix) from None
