@@ -81,7 +81,8 @@ def decoder_input(grid, colors) -> str:
 @dataclass
 class StudyData:
     """A dataset with its split and its embeddings (image, target text, metric text, and
-    the decoder's input: the image embedding followed by its feature-map grid)."""
+    the decoder's input: the image embedding followed by its feature-map grid and colour
+    histograms, ``ImageEncoder.forward``)."""
 
     dataset: ImageDataset
     splits: np.ndarray

@@ -139,6 +139,11 @@ def test_an_encoder_that_cannot_be_tuned_says_so(monkeypatch):
         encoder.blocks(None)
 
 
+def test_more_blocks_than_the_encoder_has_are_refused():
+    with pytest.raises(RunError, match="has 16 blocks"):
+        finetune.TunedTop(image_encoder("efficientnet-lite0"), Mapper(1280, 4), tune_blocks=17)
+
+
 def test_tuned_layers_of_another_encoder_are_refused(tuned_run):
     other = image_encoder("efficientnet-lite2").use_tuned(tuned_run["run"] / "encoder.safetensors")
     with pytest.raises(RunError, match="do not fit"):

@@ -39,6 +39,9 @@ class TunedTop(nn.Module):
 
     def __init__(self, encoder, mapper, tune_blocks):
         super().__init__()
+        available = len(encoder.blocks(encoder.model))
+        if tune_blocks > available:
+            raise RunError(f"--tune-blocks {tune_blocks}: {encoder.name} has {available} blocks.")
         self.encoder, self.tune_blocks = encoder, tune_blocks
         self.layers = nn.ModuleList(encoder.top_layers(encoder.model, tune_blocks))
         self.mapper = mapper
