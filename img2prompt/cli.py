@@ -23,7 +23,8 @@ TRAINING_OPTIONS = ("seed", "val_fraction", "test_fraction", "hidden_size", "dep
                     "learning_rate", "weight_decay", "batch_size", "max_epochs", "patience",
                     "bank", "bootstrap", "tune", "tune_blocks", "tune_learning_rate", "layer_decay",
                     "ema_decay", "tune_batch_size", "accumulate_steps", "tune_epochs", "tune_patience")
-DECODER_OPTIONS = ("decoder", "decoder_tune", "decoder_grid", "decoder_colors", "prefix_length", "decoder_width", "decoder_layers",
+DECODER_OPTIONS = ("decoder", "decoder_tune", "decoder_grid", "decoder_colors", "prefix_length",
+                   "decoder_width", "decoder_layers",
                    "decoder_heads", "decoder_dropout", "decoder_learning_rate",
                    "decoder_batch_size", "decoder_epochs", "decoder_patience", "decoder_val_images")
 DECODING_OPTIONS = ("decode_strategy", "beam_width", "top_p", "temperature", "max_length",

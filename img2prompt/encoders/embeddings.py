@@ -28,7 +28,8 @@ from img2prompt.progress import progress_bar
 RESUME_CHUNK = 512  # images per saved shard of an unfinished extraction
 CACHE_KIND = "cache"
 # every name the cache writes, an older version's partial files and temporary files included
-_CACHE_FILE = re.compile(r"\.?(image|text)-[0-9a-f]{32}(\.part-\d{6}|\.partial)?\.(safetensors|lock)(\.\w+\.tmp)?")
+_CACHE_FILE = re.compile(r"\.?(image|text|trunk)-[0-9a-f]{32}(\.part-\d{6}|\.partial)?"
+                         r"\.(safetensors|lock)(\.\w+\.tmp)?")
 
 
 def _written_by_the_cache(entry: Path) -> bool:
@@ -195,15 +196,18 @@ def image_embeddings(dataset, encoder, cache: EmbeddingCache = None, batch_size=
         key["colors"] = colors
     info = {"cache_file": str(cache.path("image", key)) if cache else None}
     if cache is None:
-        return _extract(dataset, encoder, None, key, batch_size, num_workers, progress, False, info, grid, colors)
+        return _extract(dataset, encoder, None, key, batch_size, num_workers, progress, False, info,
+                        grid, colors)
     cached = cache.load("image", key)
     if cached is not None and cached.shape[0] == len(dataset):
         return cached, {**info, "cached": True}
     with cache.lock("image", key):
-        return _extract(dataset, encoder, cache, key, batch_size, num_workers, progress, resume, info, grid, colors)
+        return _extract(dataset, encoder, cache, key, batch_size, num_workers, progress, resume, info,
+                        grid, colors)
 
 
-def _extract(dataset, encoder, cache, key, batch_size, num_workers, progress, resume, info, grid, colors):
+def _extract(dataset, encoder, cache, key, batch_size, num_workers, progress, resume, info, grid,
+             colors):
     parts = cache.load_shards("image", key) if cache is not None and resume else []
     if sum(map(len, parts)) > len(dataset) or any(len(p) != RESUME_CHUNK for p in parts):
         parts = []  # not this extraction's shards: start over
@@ -247,15 +251,19 @@ def trunk_features(dataset, encoder, tune_blocks, cache: EmbeddingCache = None, 
     every image of ``dataset``: float16 feature maps, through the cache, for fine-tuning."""
     key = {"kind": "trunk", "images": dataset.images_fingerprint(), "encoder": encoder.fingerprint(),
            "tune_blocks": tune_blocks}
-    cached = cache.load("trunk", key) if cache is not None else None
+
+    def compute():
+        return torch.cat([encoder.trunk_features(batch, tune_blocks) for _, batch in preprocessed_batches(
+            dataset.paths, encoder, batch_size, num_workers, progress, dataset.max_pixels)])
+
+    if cache is None:
+        return compute()
+    cached = cache.load("trunk", key)
     if cached is not None and cached.shape[0] == len(dataset):
         return torch.from_numpy(cached)
-    parts = [encoder.trunk_features(batch, tune_blocks) for _, batch in preprocessed_batches(
-        dataset.paths, encoder, batch_size, num_workers, progress, dataset.max_pixels)]
-    features = torch.cat(parts)
-    if cache is not None:
-        with cache.lock("trunk", key):
-            cache.save("trunk", key, features.numpy(), dtype=np.float16)
+    with cache.lock("trunk", key):
+        features = compute()
+        cache.save("trunk", key, features.numpy(), dtype=np.float16)
     return features
 
 

@@ -23,9 +23,9 @@ import pandas as pd
 import torch
 from torch import nn
 
-from img2prompt.devices import autocast, rng_state, set_rng_state
+from img2prompt.devices import autocast, rng_state
 from img2prompt.errors import DataError, RunError
-from img2prompt.models.training import (CHECKPOINT_SECONDS, CPU, cosine_loss, load_training_state,
+from img2prompt.models.training import (CHECKPOINT_SECONDS, CPU, cosine_loss, restore_training_state,
                                         save_training_state, training_fingerprint)
 from img2prompt.progress import progress_bar
 from img2prompt.storage.checkpoints import save_tensors
@@ -99,16 +99,9 @@ def fine_tune(encoder, mapper, trunk_train, y_train, trunk_val, y_val, config, p
     shuffler = torch.Generator().manual_seed(config.seed)
     best_state, best_cosine, best_epoch, rows, first_epoch = None, -np.inf, 0, [], 1
     if resume:
-        state = load_training_state(state_path)
-        if state.get("inputs") != inputs:
-            raise RunError(f"{state_path}: this training state was saved for other data or settings, "
-                           "so it cannot be resumed here. Train without --resume (--force starts anew).")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        state = restore_training_state(state_path, inputs, model, optimizer, shuffler, device)
         if average is not None:
             average.load_state_dict(state["average"])
-        shuffler.set_state(state["shuffler"])
-        set_rng_state(state["dropout_rng"], device)
         best_state, best_cosine, best_epoch = state["best_state"], state["best_cosine"], state["best_epoch"]
         rows, first_epoch = state["history"], state["epoch"] + 1
     else:  # epoch 0: the linear-probed start, so fine-tuning is kept only when it helps

@@ -54,15 +54,7 @@ def train_mapper(x_train, y_train, x_val, y_val, config, progress=True, state_pa
     shuffler = torch.Generator().manual_seed(config.seed)  # on the CPU: the same order anywhere
     best_state, best_cosine, best_epoch, rows, first_epoch = None, -np.inf, 0, [], 1
     if resume:
-        state = load_training_state(state_path)
-        if state.get("inputs") != inputs:
-            raise RunError(f"{state_path}: this training state was saved for other data or "
-                           "settings, so it cannot be resumed here. Train without --resume "
-                           "(--force starts the run anew).")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        shuffler.set_state(state["shuffler"])
-        set_rng_state(state["dropout_rng"], device)
+        state = restore_training_state(state_path, inputs, model, optimizer, shuffler, device)
         best_state, best_cosine, best_epoch = state["best_state"], state["best_cosine"], state["best_epoch"]
         rows, first_epoch = state["history"], state["epoch"] + 1
     last_save = time.perf_counter()
@@ -116,6 +108,21 @@ def training_fingerprint(config, settings, *arrays) -> str:
         digest.update(repr(tuple(array.shape)).encode())
         digest.update(array.numpy().tobytes())
     return digest.hexdigest()
+
+
+def restore_training_state(path, inputs, model, optimizer, shuffler, device) -> dict:
+    """Load the training state saved at ``path`` into the model, the optimiser, the shuffling
+    generator and the dropout generator, and return it; refused when it was saved for other
+    ``inputs`` (``training_fingerprint``)."""
+    state = load_training_state(path)
+    if state.get("inputs") != inputs:
+        raise RunError(f"{path}: this training state was saved for other data or settings, so it "
+                       "cannot be resumed here. Train without --resume (--force starts the run anew).")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    shuffler.set_state(state["shuffler"])
+    set_rng_state(state["dropout_rng"], device)
+    return state
 
 
 def save_training_state(path, state):
