@@ -235,7 +235,9 @@ class Run:
         from img2prompt.encoders.image import image_encoder
         config = config or self.config
         encoder = image_encoder(config.image_encoder, config.image_weights, config.device)
-        if self.is_finished(TUNE) if tuned is None else tuned:
+        if tuned is None:
+            tuned = self.is_finished(TUNE)
+        if tuned:
             encoder.use_tuned(self._path(TUNED_ENCODER_FILE))
         return encoder
 

@@ -52,7 +52,7 @@ class ImageEncoder:
 
     def __init__(self):
         self._model = None
-        self.tuned = None  # a file of fine-tuned top layers (``use_tuned``)
+        self.tuned = self._tuned_digest = None  # a file of fine-tuned top layers (``use_tuned``)
 
     @property
     def model(self) -> torch.nn.Module:
@@ -74,14 +74,14 @@ class ImageEncoder:
         """What determines the features (cache key): name, weights identity, preprocessing,
         the fine-tuned layers when there are, and the precision when it is not float32 (bf16
         on a GPU)."""
-        return self._with_precision({"name": self.name, "weights": self._weights_identity(),
+        return self._keyed({"name": self.name, "weights": self._weights_identity(),
                                      "preprocess": repr(self.preprocess), "normalize": [self.mean, self.std]})
 
-    def _with_precision(self, key: dict) -> dict:
+    def _keyed(self, key: dict) -> dict:
         if precision(self.device) != "fp32":  # float32 keys stay as they were before devices
             key["precision"] = precision(self.device)
         if self.tuned:  # frozen and fine-tuned features never share an entry
-            key["tuned"] = hashlib.sha256(Path(self.tuned).read_bytes()).hexdigest()
+            key["tuned"] = self._tuned_digest
         return key
 
     # --- fine-tuning: a frozen trunk below, tuned top layers above ----------------------------
@@ -106,6 +106,7 @@ class ImageEncoder:
     def use_tuned(self, path):
         """Use the fine-tuned top layers saved in ``path`` (``save_tuned``) from now on."""
         self.tuned, self._model = Path(path), None
+        self._tuned_digest = hashlib.sha256(self.tuned.read_bytes()).hexdigest() if self.tuned.is_file() else None
         return self
 
     def _apply_tuned(self, model):
@@ -387,7 +388,7 @@ class HuggingFaceVisionEncoder(ImageEncoder):
         return f"HuggingFaceVisionEncoder({self.name!r}, processor={self.processor.to_dict()})"
 
     def fingerprint(self):
-        return self._with_precision({"name": self.name, "weights": self._weights_identity(),
+        return self._keyed({"name": self.name, "weights": self._weights_identity(),
                                      "preprocess": repr(self)})
 
     def _weights_identity(self):

@@ -88,10 +88,11 @@ def fine_tune(encoder, mapper, trunk_train, y_train, trunk_val, y_val, config, p
     inputs = training_fingerprint(config, TUNING_SETTINGS, trunk_train, y_train, trunk_val, y_val)
     model = TunedTop(encoder, mapper, config.tune_blocks).to(device)
     encoder.model.requires_grad_(False)
-    trainable = [p for group in parameter_groups(model, config) for p in group["params"]]
-    for parameter in trainable:
-        parameter.requires_grad_(True)
-    optimizer = torch.optim.AdamW(parameter_groups(model, config), weight_decay=0.01)
+    groups = parameter_groups(model, config)
+    for group in groups:
+        for parameter in group["params"]:
+            parameter.requires_grad_(True)
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.01)
     average = (torch.optim.swa_utils.AveragedModel(
         model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(config.ema_decay))
         if config.ema_decay > 0 else None)
