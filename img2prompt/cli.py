@@ -18,12 +18,12 @@ from img2prompt.errors import Img2PromptError, printable
 DATA_OPTIONS = ("on_error", "max_pixels")
 ENCODER_OPTIONS = ("image_encoder", "image_weights", "text_encoder", "text_model", "text_pooling",
                    "cache_dir", "embed_batch_size", "num_workers", "decoder_grid",
-                   "decoder_colors")
+                   "decoder_map", "decoder_colors")
 TRAINING_OPTIONS = ("seed", "val_fraction", "test_fraction", "hidden_size", "depth", "dropout",
                     "learning_rate", "weight_decay", "batch_size", "max_epochs", "patience",
                     "bank", "bootstrap", "tune", "tune_blocks", "tune_learning_rate", "layer_decay",
                     "ema_decay", "tune_batch_size", "accumulate_steps", "tune_epochs", "tune_patience")
-DECODER_OPTIONS = ("decoder", "decoder_tune", "decoder_grid", "decoder_colors", "prefix_length",
+DECODER_OPTIONS = ("decoder", "decoder_tune", "decoder_grid", "decoder_map", "decoder_colors", "prefix_length",
                    "decoder_width", "decoder_layers",
                    "decoder_heads", "decoder_dropout", "decoder_learning_rate",
                    "decoder_batch_size", "decoder_epochs", "decoder_patience", "decoder_val_images")

@@ -80,9 +80,12 @@ class StudyConfig:
                            "causal LM hub id or folder")
     decoder_tune: str = _option("prefix", "pretrained decoders: prefix (LM frozen) or all (LM tuned too)",
                                 choices=("prefix", "all"))
-    decoder_grid: int = _option(3, "the decoder also reads the image encoder's last feature map "
-                                "averaged over grid x grid cells (where things are); 0: the pooled "
+    decoder_grid: int = _option(3, "the decoder also reads a feature map of the image encoder "
+                                "(decoder_map) averaged over grid x grid cells (where things are); 0: the pooled "
                                 "vector only", minimum=0)
+    decoder_map: str = _option("middle", "the feature map the decoder's grid reads: middle (stride 16, "
+                               "before the last downsampling: shapes, counts and places) or last",
+                               choices=("middle", "last"))
     decoder_colors: int = _option(4, "the decoder also reads colour histograms of the image and of "
                                   "its grid cells, with this many levels per channel (0: none)",
                                   minimum=0)

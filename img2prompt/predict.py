@@ -42,11 +42,12 @@ class Predictor:
             self.decode_options = decode_options or self.config.decode_options()
             self.in_dim, self.grid = self.decoder.spec["image_dim"], self.decoder.spec.get("grid", 0)
             self.colors = self.decoder.spec.get("colors", 0)
+            self.grid_map = self.decoder.spec.get("grid_map", "last")
         else:
             self.mapper = self.run.mapper()
             self.bank_prompts, bank_emb = self.run.prompt_bank()
             self.bank_emb = unit_rows(bank_emb)
-            self.in_dim, self.grid, self.colors = self.mapper.hparams["in_dim"], 0, 0
+            self.in_dim, self.grid, self.colors, self.grid_map = self.mapper.hparams["in_dim"], 0, 0, "last"
         self.encoder = self.run.image_encoder()  # fine-tuned when the run tuned it
 
     def predict(self, images, top_k=1, batch_size=32, progress=False) -> list:
@@ -76,11 +77,11 @@ class Predictor:
         if all(isinstance(i, (str, Path)) for i in images):
             features = extract_image_embeddings([Path(i) for i in images], self.encoder, batch_size,
                                                 self.num_workers, progress, self.config.max_pixels, self.grid,
-                                                self.colors)
+                                                self.colors, self.grid_map)
         else:
             tensors = [self.encoder.preprocess(_as_rgb(i, self.config.max_pixels)) for i in images]
             features = torch.cat([self.encoder.forward(torch.stack(tensors[s:s + batch_size]), self.grid,
-                                                       self.colors)
+                                                       self.colors, self.grid_map)
                                   for s in range(0, len(tensors), batch_size)]).numpy()
         if features.shape[1] != self.in_dim:
             raise RunError(f"{self.run.root}: the {self.method} model expects {self.in_dim}-d image "

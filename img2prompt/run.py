@@ -68,11 +68,11 @@ def _quiet(*_args, **_kwargs):
     pass
 
 
-def decoder_input(grid, colors) -> str:
+def decoder_input(grid, colors, grid_map="last") -> str:
     """What a decoder reads, in words."""
     parts = ["the pooled vector"]
     if grid:
-        parts.append(f"a {grid}x{grid} grid")
+        parts.append(f"a {grid}x{grid} grid of the {grid_map} map")
     if colors:
         parts.append(f"colour histograms ({colors} levels)")
     return " + ".join(parts)
@@ -405,10 +405,11 @@ class Run:
         decoder = build_decoder(config.decoder, data.decoder_emb.shape[1], train_part["prompts"],
                                 config.prefix_length, config.decoder_width, config.decoder_layers,
                                 config.decoder_heads, config.decoder_dropout, config.decoder_tune,
-                                config.seed, config.decoder_grid, config.decoder_colors)
+                                config.seed, config.decoder_grid, config.decoder_colors, config.decoder_map,
+                                data.image_emb.shape[1])
         trainable = sum(p.numel() for p in decoder.trainable_parameters())
         log(f"training the {config.decoder} decoder ({trainable:,} trainable parameters, reads "
-            f"{decoder_input(config.decoder_grid, config.decoder_colors)}) on {len(train_part['ids'])} "
+            f"{decoder_input(config.decoder_grid, config.decoder_colors, config.decoder_map)}) on {len(train_part['ids'])} "
             f"images, validating on {len(val_part['ids'])}")
         metric, greedy = metric_encoder(config.device), config.decode_options("greedy")
 
@@ -424,7 +425,8 @@ class Run:
                                      val_part["decoder_emb"], val_part["prompts"], config, progress,
                                      val_score=val_cosine, device=self.device)
         best = history[history["best"]].iloc[0]
-        summary = {"decoder": config.decoder, "grid": config.decoder_grid, "trainable_parameters": trainable,
+        summary = {"decoder": config.decoder, "grid": config.decoder_grid, "grid_map": config.decoder_map,
+                   "trainable_parameters": trainable,
                    "best_epoch": int(best["epoch"]), "epochs": len(history),
                    "val_cosine": float(best["val_cosine"]), "val_loss": float(best["val_loss"]),
                    "train_loss": float(best["train_loss"]),
@@ -444,12 +446,13 @@ class Run:
         from img2prompt.evaluation.scores import cosine_rows, exact_prompt_rate
 
         self._require(DECODER, "train-decoder --run")
-        own = (self.config.decoder_grid, self.config.decoder_colors)
-        default = (StudyConfig.decoder_grid, StudyConfig.decoder_colors)
+        own = (self.config.decoder_grid, self.config.decoder_colors, self.config.decoder_map)
+        default = (StudyConfig.decoder_grid, StudyConfig.decoder_colors, StudyConfig.decoder_map)
         rows = {}
-        for grid, colors in ((0, 0), own if own != (0, 0) else default):
-            config = dataclasses.replace(self.config, decoder_grid=grid, decoder_colors=colors)
-            if (grid, colors) == own:
+        for grid, colors, grid_map in ((0, 0, own[2]), own if own[:2] != (0, 0) else default):
+            config = dataclasses.replace(self.config, decoder_grid=grid, decoder_colors=colors,
+                                         decoder_map=grid_map)
+            if (grid, colors, grid_map) == own:
                 decoder, summary = self.decoder().to(self.device), self.summary("decoder")
                 data = self.data(progress, log)
             else:
@@ -460,7 +463,7 @@ class Run:
             texts = decoder.generate(test["decoder_emb"], config.decode_options("greedy"))
             cosine = cosine_rows(text_embeddings(texts, metric_encoder(config.device), progress=False),
                                  test["metric_emb"])
-            name = decoder_input(grid, colors)
+            name = decoder_input(grid, colors, grid_map)
             rows[name] = {"test cosine (greedy)": float(cosine.mean()),
                           "exact prompts": exact_prompt_rate(texts, test["prompts"]),
                           "val cosine": summary["val_cosine"], "epochs": summary["epochs"],

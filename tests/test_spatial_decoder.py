@@ -21,12 +21,12 @@ from tests.test_decoder import decoder_run  # noqa: F401 - the fixture
 def test_the_grid_follows_the_pooled_vector_it_leaves_unchanged(small_dataset):
     encoder = image_encoder("efficientnet-lite0")
     batch = torch.stack([encoder.preprocess(p) for p in _images(small_dataset, 3)])
-    pooled, with_grid = encoder.forward(batch), encoder.forward(batch, grid=3)
-    assert with_grid.shape == (3, encoder.feature_dim(3)) == (3, 1280 * 10)
+    pooled, with_grid = encoder.forward(batch), encoder.forward(batch, grid=3, grid_map="last")
+    assert with_grid.shape == (3, encoder.feature_dim(3, grid_map="last")) == (3, 1280 * 10)
     assert torch.equal(with_grid[:, :1280], pooled)
     # the cells are the last feature map's averages over a 3 x 3 grid, channel-major
     with torch.inference_mode():
-        feature_map = encoder._feature_map(encoder.model, encoder._on_device(batch))
+        feature_map = encoder.model.extract_features(encoder._on_device(batch))
     assert feature_map.shape[1:] == (1280, 7, 7)
     cells = with_grid[:, 1280:].view(3, 1280, 3, 3)
     assert torch.allclose(cells[:, :, 0, 0], feature_map[:, :, :3, :3].mean(dim=(2, 3)), atol=1e-5)
@@ -34,12 +34,31 @@ def test_the_grid_follows_the_pooled_vector_it_leaves_unchanged(small_dataset):
     assert cells.std(dim=(2, 3)).mean() > 0.01  # where differs from cell to cell
 
 
+def test_the_middle_grid_reads_the_last_map_at_stride_16(small_dataset):
+    encoder = image_encoder("efficientnet-lite0")
+    batch = torch.stack([encoder.preprocess(p) for p in _images(small_dataset, 2)])
+    with_grid = encoder.forward(batch, grid=3, grid_map="middle")
+    assert with_grid.shape == (2, encoder.feature_dim(3, grid_map="middle")) == (2, 1280 + 112 * 9)
+    assert torch.equal(with_grid[:, :1280], encoder.forward(batch))
+    with torch.inference_mode():  # the output of block 10 of 16: blocks 11-15 work at stride 32
+        hidden = encoder.model._swish(encoder.model._bn0(encoder.model._conv_stem(encoder._on_device(batch))))
+        for block in encoder.model._blocks[:11]:
+            hidden = block(hidden)
+    assert hidden.shape[1:] == (112, 14, 14)
+    cells = with_grid[:, 1280:].view(2, 112, 3, 3)
+    # adaptive averaging splits 14 rows into [0, 5), [4, 10), [9, 14)
+    assert torch.allclose(cells[:, :, 0, 2], hidden[:, :, :5, 9:].mean(dim=(2, 3)), atol=1e-5)
+    assert torch.allclose(cells[:, :, 1, 1], hidden[:, :, 4:10, 4:10].mean(dim=(2, 3)), atol=1e-5)
+
+
 def test_grid_features_have_their_own_cache_entry_and_pooled_keys_stay_as_before(small_dataset, tmp_path):
     dataset, encoder = load_dataset(small_dataset), image_encoder("efficientnet-lite0")
     cache = EmbeddingCache(tmp_path / "cache")
     pooled, info = image_embeddings(dataset, encoder, cache, progress=False)
     grid, grid_info = image_embeddings(dataset, encoder, cache, progress=False, grid=2)
-    assert info["cache_file"] != grid_info["cache_file"]
+    middle, middle_info = image_embeddings(dataset, encoder, cache, progress=False, grid=2, grid_map="middle")
+    assert len({info["cache_file"], grid_info["cache_file"], middle_info["cache_file"]}) == 3
+    assert middle.shape == (len(dataset), 1280 + 112 * 4) and np.array_equal(middle[:, :1280], pooled)
     old_key = {"kind": "image", "images": dataset.images_fingerprint(), "encoder": encoder.fingerprint()}
     assert info["cache_file"] == str(cache.path("image", old_key))  # caches made before grids stay valid
     assert grid.shape == (len(dataset), 1280 * 5) and np.array_equal(grid[:, :1280], pooled)
@@ -49,15 +68,17 @@ def test_grid_features_have_their_own_cache_entry_and_pooled_keys_stay_as_before
 
 def test_an_encoder_without_a_feature_map_says_to_use_the_pooled_vector():
     encoder = image_encoder("efficientnet-lite0")
-    encoder._feature_map = super(type(encoder), encoder)._feature_map  # as a ViT-like model
-    with pytest.raises(RunError, match="--decoder-grid 0"):
-        encoder.forward(torch.zeros(1, 3, 224, 224, dtype=torch.uint8), grid=3)
+    encoder._blocks_above_middle = super(type(encoder), encoder)._blocks_above_middle  # as a ViT-like model
+    for grid_map in ("middle", "last"):
+        with pytest.raises(RunError, match="--decoder-grid 0"):
+            encoder.forward(torch.zeros(1, 3, 224, 224, dtype=torch.uint8), grid=3, grid_map=grid_map)
 
 
 def test_the_predictor_reads_what_the_decoder_was_trained_on(decoder_run):  # noqa: F811
     run = Run.open(decoder_run["run"])
     assert run.config.decoder_grid == 3 and run.decoder().spec["grid"] == 3
     assert run.config.decoder_colors == 4 and run.decoder().spec["colors"] == 4
+    assert run.config.decoder_map == "middle" and run.decoder().spec["grid_map"] == "middle"
     test = run.data().part("test")
     greedy = run.config.decode_options("greedy")
     paths = run.image_paths(test["images"][:4])
@@ -69,10 +90,10 @@ def test_the_pooled_and_the_grid_decoder_are_compared(decoder_run, tmp_path):  #
     run = Run.open(decoder_run["run"])
     before = (decoder_run["run"] / "decoder.safetensors").read_bytes()
     table = run.compare_decoder_inputs()
-    both = "the pooled vector + a 3x3 grid + colour histograms (4 levels)"
+    both = "the pooled vector + a 3x3 grid of the middle map + colour histograms (4 levels)"
     assert list(table.index) == ["the pooled vector", both]
     assert table.loc["the pooled vector", "input width"] == 1280
-    assert table.loc[both, "input width"] == 1280 * 10 + 64 * 10
+    assert table.loc[both, "input width"] == 1280 + 112 * 9 + 64 * 10
     assert {"test cosine (greedy)", "exact prompts", "val cosine", "epochs", "seconds", "color",
             "position"} <= set(table.columns)
     assert table["test cosine (greedy)"].between(0, 1).all()
@@ -112,3 +133,48 @@ def test_the_decoder_grid_is_a_checked_option(decoder_run, capsys):  # noqa: F81
 def _images(dataset_dir, count):
     from PIL import Image
     return [Image.open(p).convert("RGB") for p in sorted((dataset_dir / "images").glob("*.png"))[:count]]
+
+
+def test_with_a_layout_the_prefix_reads_every_cell_and_each_part_has_its_scale(tmp_path):
+    from img2prompt.models.decoder import build_decoder, load_decoder, save_decoder
+    pooled, cells, grid = 16, 4, 2
+    width = pooled + cells * grid * grid + 64 * (1 + grid * grid)
+    decoder = build_decoder("tiny", width, ["a red circle"], width=32, layers=1, heads=2, grid=grid,
+                            colors=4, grid_map="middle", pooled_dim=pooled)
+    model = decoder.model
+    assert decoder.spec["layout"] and decoder.spec["pooled_dim"] == pooled and model.cell_dim == cells
+    data = torch.randn(50, width)
+    data[:, pooled:pooled + 16] *= 10  # cells ten times as spread as the pooled vector
+    model.fit_to_data(data)
+    assert model.cell_scale.item() == pytest.approx(10 * model.input_scale.item(), rel=0.3)
+    moved = data[:2].clone()
+    moved[:, pooled + 3] += 5  # one channel of the last cell
+    model.eval()
+    with torch.inference_mode():
+        before, after = model.prefix_embeds(data[:2]), model.prefix_embeds(moved)
+    assert not torch.allclose(before[:, :8], after[:, :8])  # the MLP's vectors see the cell
+    save_decoder(decoder, tmp_path / "decoder.safetensors")
+    loaded = load_decoder(tmp_path / "decoder.safetensors").model
+    with torch.inference_mode():
+        assert torch.equal(loaded.prefix_embeds(moved), after)
+
+
+def test_a_decoder_saved_before_layouts_reads_its_input_as_it_did(tmp_path):
+    from img2prompt.models.decoder import build_decoder, load_decoder, save_decoder
+    width = 8 * 5 + 64 * 5  # pooled vector and cells as wide, as the last map gave them
+    decoder = build_decoder("tiny", width, ["a red circle"], width=32, layers=1, heads=2, grid=2, colors=4)
+    for key in ("layout", "pooled_dim", "grid_map"):
+        del decoder.spec[key]
+    model = decoder.model = type(decoder.model)(decoder.model.lm, width, 8, 512, grid=2, colors=4)
+    data = torch.rand(20, width)
+    model.fit_to_data(data)
+    del model._buffers["cell_scale"]  # one scale for the pooled vector and the cells, then
+    save_decoder(decoder, tmp_path / "old.safetensors")
+    old = load_decoder(tmp_path / "old.safetensors").model
+    assert not old.layout and old.cell_dim == 8 and old.cell_scale == old.input_scale
+    x = (data[:1] - old.input_mean)[:, :40] / old.input_scale
+    with torch.inference_mode():
+        cells = old.prefix_embeds(data[:1])[:, 8:]
+        expected = old.cell(x[:, 8:].view(1, 8, 4).transpose(1, 2)) + old.cell_place
+        expected = expected + old.cell_colors(((data[:1] - old.input_mean)[:, 104:] / old.color_scale).view(1, 4, 64))
+    assert torch.allclose(cells, expected, atol=1e-6)

@@ -147,14 +147,14 @@ def decode_workers(requested=-1) -> int:
 
 
 def extract_image_embeddings(paths, encoder, batch_size=32, num_workers=-1, progress=True,
-                             max_pixels=DEFAULT_MAX_PIXELS, grid=0, colors=0) -> np.ndarray:
+                             max_pixels=DEFAULT_MAX_PIXELS, grid=0, colors=0, grid_map="last") -> np.ndarray:
     """Features of the images at ``paths`` (float32, one row per path); ``grid`` > 0 adds
-    the feature map over grid x grid cells, ``colors`` > 0 colour histograms
+    the ``grid_map`` feature map over grid x grid cells, ``colors`` > 0 colour histograms
     (``ImageEncoder.forward``)."""
     paths = list(paths)
-    out = np.zeros((len(paths), encoder.feature_dim(grid, colors)), dtype=np.float32)
+    out = np.zeros((len(paths), encoder.feature_dim(grid, colors, grid_map)), dtype=np.float32)
     for indices, batch in preprocessed_batches(paths, encoder, batch_size, num_workers, progress, max_pixels):
-        out[indices] = encoder.forward(batch, grid, colors).numpy()
+        out[indices] = encoder.forward(batch, grid, colors, grid_map).numpy()
     return out
 
 
@@ -179,35 +179,37 @@ def preprocessed_batches(paths, encoder, batch_size=32, num_workers=-1, progress
 
 
 def image_embeddings(dataset, encoder, cache: EmbeddingCache = None, batch_size=32, num_workers=-1,
-                     progress=True, resume=False, grid=0, colors=0):
+                     progress=True, resume=False, grid=0, colors=0, grid_map="last"):
     """Image embeddings of a dataset, from the cache when the same data and encoder ran before.
 
     With a cache, the rows are saved in a shard every ``RESUME_CHUNK`` images (appended, so
     the I/O stays linear); ``resume`` continues an interrupted extraction from the shards
     instead of starting over. Returns (array, info) where info says whether the cache was
     used, the cache file, the rows resumed and the extraction throughput. ``grid`` > 0 adds
-    the feature map over grid x grid cells after the pooled features, ``colors`` > 0 colour
-    histograms.
+    the ``grid_map`` feature map over grid x grid cells after the pooled features,
+    ``colors`` > 0 colour histograms.
     """
     key = {"kind": "image", "images": dataset.images_fingerprint(), "encoder": encoder.fingerprint()}
     if grid:  # pooled-only keys stay as they were, so their cache entries stay valid
         key["grid"] = grid
+        if grid_map != "last":  # as grids read the last map before there was a choice
+            key["grid_map"] = grid_map
     if colors:
         key["colors"] = colors
     info = {"cache_file": str(cache.path("image", key)) if cache else None}
     if cache is None:
         return _extract(dataset, encoder, None, key, batch_size, num_workers, progress, False, info,
-                        grid, colors)
+                        grid, colors, grid_map)
     cached = cache.load("image", key)
     if cached is not None and cached.shape[0] == len(dataset):
         return cached, {**info, "cached": True}
     with cache.lock("image", key):
         return _extract(dataset, encoder, cache, key, batch_size, num_workers, progress, resume, info,
-                        grid, colors)
+                        grid, colors, grid_map)
 
 
 def _extract(dataset, encoder, cache, key, batch_size, num_workers, progress, resume, info, grid,
-             colors):
+             colors, grid_map):
     parts = cache.load_shards("image", key) if cache is not None and resume else []
     if sum(map(len, parts)) > len(dataset) or any(len(p) != RESUME_CHUNK for p in parts):
         parts = []  # not this extraction's shards: start over
@@ -218,7 +220,7 @@ def _extract(dataset, encoder, cache, key, batch_size, num_workers, progress, re
     for begin in range(resumed, len(dataset), RESUME_CHUNK):
         chunk = dataset.paths[begin:begin + RESUME_CHUNK]
         parts.append(extract_image_embeddings(chunk, encoder, batch_size, num_workers, progress,
-                                              dataset.max_pixels, grid, colors))
+                                              dataset.max_pixels, grid, colors, grid_map))
         if cache is not None and begin + RESUME_CHUNK < len(dataset):
             cache.save_shard("image", key, begin // RESUME_CHUNK, parts[-1])
     seconds = time.perf_counter() - start
@@ -273,8 +275,9 @@ def dataset_embeddings(config, dataset, progress=True, log=print, resume=False, 
     continues an interrupted image extraction.
 
     The image embedding is the pooled vector; the decoder input adds the grid of
-    ``config.decoder_grid`` and the colour histograms of ``config.decoder_colors`` (one
-    extraction gives both: the pooled vector leads each row).
+    ``config.decoder_grid`` over the ``config.decoder_map`` feature map and the colour
+    histograms of ``config.decoder_colors`` (one extraction gives both: the pooled vector
+    leads each row).
     ``encoder`` replaces the one ``config`` names (a run's fine-tuned encoder)."""
     from img2prompt.encoders.image import image_encoder
     from img2prompt.encoders.text import METRIC_ENCODER, metric_encoder, on_device, text_encoder
@@ -283,7 +286,7 @@ def dataset_embeddings(config, dataset, progress=True, log=print, resume=False, 
     encoder = encoder or image_encoder(config.image_encoder, config.image_weights, config.device)
     decoder_emb, info = image_embeddings(dataset, encoder, cache, config.embed_batch_size,
                                          config.num_workers, progress, resume, config.decoder_grid,
-                                         config.decoder_colors)
+                                         config.decoder_colors, config.decoder_map)
     image_emb = decoder_emb[:, :encoder.dim]
     if info.get("resumed_rows"):
         log(f"image embeddings: resumed after {info['resumed_rows']} images done by an earlier run")

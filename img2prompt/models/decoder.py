@@ -156,55 +156,68 @@ class PretrainedCausalLM(nn.Module):
 class PrefixDecoder(nn.Module):
     """Image features -> prefix vectors -> language model -> next-token logits.
 
-    The pooled image embedding becomes ``prefix_length`` vectors through a small MLP. With
-    ``grid`` > 0 the features also hold the feature map over grid x grid cells (after the
-    pooled vector, channel-major): each cell becomes one more prefix vector through a shared
-    linear map plus a learned embedding of the cell's place, so the language model attends
-    to *where* as well as *what* (one projection for every cell: few parameters to learn
-    from a small training set). With ``colors`` > 0 colour histograms follow
-    (``encoders.colors``): the whole image's joins the pooled vector, each cell's is mapped
-    into its cell's vector.
+    The pooled image embedding (``pooled_dim`` wide) becomes ``prefix_length`` vectors
+    through a small MLP. With ``grid`` > 0 the features also hold a feature map over grid x
+    grid cells (after the pooled vector, channel-major; as wide as the pooled vector unless
+    ``pooled_dim`` says otherwise, as for the middle map): each cell becomes one more prefix
+    vector through a shared linear map plus a learned embedding of the cell's place, so the
+    language model attends to *where* as well as *what*. With ``layout`` the MLP reads the
+    whole grid too: which cell holds the group the prompt names first is a question about all
+    cells at once (README: "The prompt decoder"). With ``colors`` > 0 colour histograms follow (``encoders.colors``): the
+    whole image's joins the MLP's input, each cell's is mapped into its cell's vector. Pooled
+    vector, cells and histograms are each scaled by one number (their mean deviation on the
+    training images), so that none drowns the others.
     """
 
-    def __init__(self, lm, image_dim, prefix_length=8, prefix_hidden=512, grid=0, colors=0):
+    def __init__(self, lm, image_dim, prefix_length=8, prefix_hidden=512, grid=0, colors=0, pooled_dim=None,
+                 layout=False):
         super().__init__()
         self.lm, self.grid = lm, grid
         self.colors = colors ** 3 if colors else 0  # histogram bins per image or cell
-        histograms = self.colors * (1 + grid * grid)
-        self.pooled_dim = (image_dim - histograms) // (1 + grid * grid)
-        self.features_dim = image_dim - histograms
+        self.features_dim = image_dim - self.colors * (1 + grid * grid)
+        self.pooled_dim = pooled_dim or self.features_dim // (1 + grid * grid)
+        self.cell_dim = (self.features_dim - self.pooled_dim) // (grid * grid) if grid else 0
         self.prefix_length = prefix_length + grid * grid  # vectors before the prompt's tokens
         self.register_buffer("input_mean", torch.zeros(image_dim))
         self.register_buffer("input_scale", torch.ones(()))
+        if grid:
+            self.register_buffer("cell_scale", torch.ones(()))
         if self.colors:
             self.register_buffer("color_scale", torch.ones(()))
-        self.prefix = nn.Sequential(nn.Linear(self.pooled_dim + self.colors, prefix_hidden), nn.GELU(),
+        self.layout = layout and grid > 0
+        whole = self.features_dim if self.layout else self.pooled_dim
+        self.prefix = nn.Sequential(nn.Linear(whole + self.colors, prefix_hidden), nn.GELU(),
                                     nn.Linear(prefix_hidden, prefix_length * lm.width))
         if grid:
-            self.cell = nn.Linear(self.pooled_dim, lm.width)
+            self.cell = nn.Linear(self.cell_dim, lm.width)
             self.cell_place = nn.Parameter(torch.randn(grid * grid, lm.width) * 0.02)
             if self.colors:
                 self.cell_colors = nn.Linear(self.colors, lm.width)
 
     def fit_to_data(self, image_emb):
-        """Centre inputs and scale features and histograms (each with one scale) with the
-        training images' statistics (as the mapper)."""
+        """Centre inputs and scale the pooled vector, the cells and the histograms (one scale
+        each) with the training images' statistics (as the mapper)."""
         self.input_mean.copy_(image_emb.mean(dim=0))
         std = image_emb.std(dim=0)
-        self.input_scale.fill_(std[:self.features_dim].mean().clamp(min=1e-6).item())
+        self.input_scale.fill_(std[:self.pooled_dim].mean().clamp(min=1e-6).item())
+        if self.grid:
+            self.cell_scale.fill_(std[self.pooled_dim:self.features_dim].mean().clamp(min=1e-6).item())
         if self.colors:
             self.color_scale.fill_(std[self.features_dim:].mean().clamp(min=1e-6).item())
 
     def prefix_embeds(self, image_emb):
         x = image_emb - self.input_mean
-        features, histograms = x[:, :self.features_dim] / self.input_scale, x[:, self.features_dim:]
+        pooled = x[:, :self.pooled_dim] / self.input_scale
+        grid = x[:, self.pooled_dim:self.features_dim] / (self.cell_scale if self.grid else 1)
+        histograms = x[:, self.features_dim:]
         if self.colors:
             histograms = histograms / self.color_scale
-        pooled = self.prefix(torch.cat([features[:, :self.pooled_dim], histograms[:, :self.colors]], dim=1))
+        whole = [pooled, grid] if self.layout else [pooled]
+        pooled = self.prefix(torch.cat([*whole, histograms[:, :self.colors]], dim=1))
         pooled = pooled.view(len(x), -1, self.lm.width)
         if not self.grid:
             return pooled
-        cells = features[:, self.pooled_dim:].view(len(x), self.pooled_dim, -1).transpose(1, 2)
+        cells = grid.view(len(x), self.cell_dim, -1).transpose(1, 2)
         cells = self.cell(cells) + self.cell_place
         if self.colors:
             cells = cells + self.cell_colors(histograms[:, self.colors:].view(len(x), -1, self.colors))
@@ -294,14 +307,17 @@ class PromptDecoder:
 def build_decoder(name, image_dim, prompts=(), prefix_length=StudyConfig.prefix_length,
                   width=StudyConfig.decoder_width, layers=StudyConfig.decoder_layers,
                   heads=StudyConfig.decoder_heads, dropout=StudyConfig.decoder_dropout,
-                  tune=StudyConfig.decoder_tune, seed=StudyConfig.seed, grid=0, colors=0) -> PromptDecoder:
+                  tune=StudyConfig.decoder_tune, seed=StudyConfig.seed, grid=0, colors=0, grid_map="last",
+                  pooled_dim=None) -> PromptDecoder:
     """A new decoder, initialised from ``seed``; ``prompts`` (the training prompts) choose the
-    tiny model's vocabulary; ``grid`` and ``colors`` say which image features it reads (the
-    pooled vector, then grid x grid cells of the feature map, then colour histograms with
-    ``colors`` levels per channel: ``ImageEncoder.forward``)."""
+    tiny model's vocabulary; ``grid``, ``colors`` and ``grid_map`` say which image features
+    it reads (the pooled vector, ``pooled_dim`` wide, then grid x grid cells of the
+    ``grid_map`` feature map, then colour histograms with ``colors`` levels per channel:
+    ``ImageEncoder.forward``)."""
     check_setting("decoder_tune", tune)
     torch.manual_seed(seed)
     spec = {"decoder": name, "image_dim": int(image_dim), "grid": int(grid), "colors": int(colors),
+            "grid_map": grid_map, "pooled_dim": pooled_dim, "layout": grid > 0,
             "prefix_length": prefix_length, "prefix_hidden": 512, "tune": tune}
     if name == TINY:
         tokens = WordPieceTokens.from_prompts(prompts)
@@ -313,8 +329,8 @@ def build_decoder(name, image_dim, prompts=(), prefix_length=StudyConfig.prefix_
         tokens, lm = PretrainedTokens(tokenizer), PretrainedCausalLM(model)
         if tune == "prefix":
             lm.requires_grad_(False)
-    return PromptDecoder(PrefixDecoder(lm, image_dim, prefix_length, spec["prefix_hidden"], grid, colors),
-                         tokens, spec)
+    return PromptDecoder(PrefixDecoder(lm, image_dim, prefix_length, spec["prefix_hidden"], grid, colors,
+                                       pooled_dim, spec["layout"]), tokens, spec)
 
 
 def load_pretrained_lm(name):
@@ -380,8 +396,12 @@ def load_decoder(path) -> PromptDecoder:
             _, tokenizer, model = load_pretrained_lm(spec["source"])
             tokens, lm = PretrainedTokens(tokenizer), PretrainedCausalLM(model)
         model = PrefixDecoder(lm, spec["image_dim"], spec["prefix_length"], spec["prefix_hidden"],
-                              spec.get("grid", 0), spec.get("colors", 0))
+                              spec.get("grid", 0), spec.get("colors", 0), spec.get("pooled_dim"),
+                              spec.get("layout", False))
         missing, unexpected = model.load_state_dict(state, strict=False)
+        if "cell_scale" in missing:  # saved before cells had their own scale: they shared the input's
+            model.cell_scale.copy_(model.input_scale)
+            missing.remove("cell_scale")
     except (KeyError, TypeError, RuntimeError, ValueError) as error:
         raise foreign(path, "decoder", error, fix) from None
     if unexpected or any(not k.startswith("lm.") for k in missing) or (spec["decoder"] == TINY and missing):
