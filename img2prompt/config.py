@@ -94,10 +94,12 @@ class StudyConfig:
     decoder_layers: int = _option(3, "tiny decoder: transformer layers", minimum=1)
     decoder_heads: int = _option(4, "tiny decoder: attention heads", minimum=1)
     decoder_dropout: float = _option(0.3, "tiny decoder: dropout", minimum=0)
-    decoder_learning_rate: float = _option(5e-4, "decoder AdamW learning rate")
+    decoder_learning_rate: float = _option(1e-3, "decoder AdamW learning rate (at its peak: it rises over "
+                                           "the first epoch and falls along a cosine to 0 at decoder_epochs)")
     decoder_batch_size: int = _option(64, "decoder training batch size", minimum=1)
-    decoder_epochs: int = _option(60, "most decoder training epochs", minimum=1)
-    decoder_val_images: int = _option(100, "validation images whose generated prompts choose the "
+    decoder_epochs: int = _option(24, "decoder training epochs (the learning rate's schedule ends there)",
+                                  minimum=1)
+    decoder_val_images: int = _option(0, "validation images whose generated prompts choose the "
                                       "decoder's epoch (generating is the slow part; 0: all)", minimum=0)
     decoder_patience: int = _option(6, "epochs without validation improvement before the decoder stops",
                                    minimum=1)

@@ -278,3 +278,36 @@ def test_smollm2_loads_from_its_package_offline_and_stays_frozen():
     assert math.isfinite(loss.item())
     texts = decoder.generate(x[:2], DecodeOptions(strategy="greedy", max_length=5))
     assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
+
+
+def test_cached_keys_give_the_numbers_of_the_whole_sequence_as_sequences_end():
+    from img2prompt.models.decoder import CachedScorer
+    x, prompts = toy_data()
+    decoder = build_decoder("tiny", x.shape[1], prompts, 3, 32, 2, 2, 0.1)
+    model = decoder.model.eval()
+    with torch.inference_mode():
+        prefix = model.prefix_embeds(torch.as_tensor(x[:5], dtype=torch.float32))
+
+        def whole(tokens, rows):
+            return torch.log_softmax(model(None, tokens, prefix=prefix[rows])[:, -1], dim=-1)
+
+        cached, tokens, rows = CachedScorer(model, prefix), torch.randint(4, 9, (5, 1)), torch.arange(5)
+        for step, ended in enumerate([[], [1], [], [0, 4], []]):  # sequences end along the way
+            keep = [i for i in range(len(rows)) if i not in ended]
+            tokens, rows = tokens[keep], rows[keep]
+            assert torch.allclose(cached(tokens, rows), whole(tokens, rows), atol=1e-5), step
+            tokens = torch.cat([tokens, torch.randint(4, 9, (len(rows), 1))], dim=1)
+
+
+def test_greedy_and_sampled_prompts_are_the_same_with_the_cache():
+    import img2prompt.models.decoder as decoder_module
+    x, prompts = toy_data()
+    decoder = build_decoder("tiny", x.shape[1], prompts, 3, 32, 2, 2, 0.1)
+    decoder.model.eval()
+    for strategy in ("greedy", "sample"):
+        options = DecodeOptions(strategy=strategy, max_length=12)
+        cached = decoder.generate(x, options)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(decoder_module, "CachedScorer", None)  # would fail if it were used
+            patch.setattr(decoder_module, "TinyCausalLM", type("NotTiny", (), {}))
+            assert decoder.generate(x, options) == cached

@@ -129,13 +129,75 @@ class TinyCausalLM(nn.Module):
 
     def forward(self, embeds):
         length = embeds.shape[1]
-        if length > MAX_POSITIONS:
-            raise RunError(f"the tiny decoder reads at most {MAX_POSITIONS} positions (got {length}); "
-                           "lower --max-length or --prefix-length.")
-        hidden = embeds + self.positions(torch.arange(length, device=embeds.device))
+        hidden = embeds + self._positions(0, length, embeds.device)
         mask = nn.Transformer.generate_square_subsequent_mask(length, device=embeds.device)
         hidden = self.blocks(hidden, mask=mask, is_causal=True)
         return self.norm(hidden) @ self.tokens.weight.T
+
+
+    def extend(self, embeds, cache):
+        """Next-token logits after ``embeds`` appended to the sequences whose keys and values
+        ``cache`` holds (an empty cache: the whole sequence so far). Generation calls it with
+        one new token at a time, so each step costs one position instead of the whole
+        sequence; the numbers equal ``forward``'s (eval mode) up to float rounding."""
+        start = cache.length
+        hidden = embeds + self._positions(start, start + embeds.shape[1], embeds.device)
+        for index, layer in enumerate(self.blocks.layers):
+            attention = layer.self_attn
+            q, k, v = F.linear(layer.norm1(hidden), attention.in_proj_weight,
+                               attention.in_proj_bias).chunk(3, dim=-1)
+            q, k, v = (t.unflatten(-1, (attention.num_heads, -1)).transpose(1, 2) for t in (q, k, v))
+            k, v = cache.add(index, k, v)
+            mixed = F.scaled_dot_product_attention(q, k, v, is_causal=start == 0)  # later: one query, all keys
+            hidden = hidden + attention.out_proj(mixed.transpose(1, 2).flatten(2))
+            hidden = hidden + layer.linear2(layer.activation(layer.linear1(layer.norm2(hidden))))
+        cache.length += embeds.shape[1]
+        return self.norm(hidden[:, -1]) @ self.tokens.weight.T
+
+    def _positions(self, start, end, device):
+        if end > MAX_POSITIONS:
+            raise RunError(f"the tiny decoder reads at most {MAX_POSITIONS} positions (got {end}); "
+                           "lower --max-length or --prefix-length.")
+        return self.positions(torch.arange(start, end, device=device))
+
+
+class KeyValueCache:
+    """Per layer, the attention keys and values of the sequences generated so far."""
+
+    def __init__(self):
+        self.length, self.keys, self.values = 0, {}, {}
+
+    def add(self, layer, keys, values):
+        if layer in self.keys:
+            keys = torch.cat([self.keys[layer], keys], dim=2)
+            values = torch.cat([self.values[layer], values], dim=2)
+        self.keys[layer], self.values[layer] = keys, values
+        return keys, values
+
+    def keep(self, rows):
+        """Keep the sequences at ``rows`` (the ones still being generated)."""
+        for layer in self.keys:
+            self.keys[layer], self.values[layer] = self.keys[layer][rows], self.values[layer][rows]
+
+
+class CachedScorer:
+    """A generation scorer (``models.generation``) over a tiny LM that keeps each sequence's
+    keys and values, for decoding with one sequence per input (greedy, sampling)."""
+
+    def __init__(self, model, prefix):
+        self.model, self.prefix = model, prefix
+        self.cache, self.rows = KeyValueCache(), None
+
+    def __call__(self, tokens, rows):
+        lm, tokens = self.model.lm, tokens.to(self.prefix.device)
+        if self.rows is None:
+            logits = lm.extend(torch.cat([self.prefix[rows], lm.embed(tokens)], dim=1), self.cache)
+        else:
+            if len(rows) != len(self.rows):  # some sequences ended: their rows go
+                self.cache.keep(torch.searchsorted(self.rows, rows).to(self.prefix.device))
+            logits = lm.extend(lm.embed(tokens[:, -1:]), self.cache)
+        self.rows = rows
+        return torch.log_softmax(logits.float(), dim=-1).cpu()
 
 
 class PretrainedCausalLM(nn.Module):
@@ -299,6 +361,8 @@ class PromptDecoder:
                     logits = self.model(None, tokens.to(prefix.device), prefix=prefix[rows])[:, -1]
                     return torch.log_softmax(logits.float(), dim=-1).cpu()
 
+                if options.strategy != "beam" and isinstance(self.model.lm, TinyCausalLM):
+                    scorer = CachedScorer(self.model, prefix)  # one sequence per image: cache its keys
                 ids = generate(scorer, len(prefix), self.tokens.bos, self.tokens.eos, options)
                 texts += [self.tokens.decode(sequence) for sequence in ids]
         return texts
