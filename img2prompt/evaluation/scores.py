@@ -16,6 +16,8 @@ import pandas as pd
 from img2prompt.data.dataset import normalize_prompt
 
 METHODS = ("mapper", "retrieval", "knn", "mean_prompt")
+SIMILARITY_BLOCK = 1 << 24  # query-bank similarities computed at once (64 MB of float32)
+BOOTSTRAP_BLOCK = 1 << 22   # resampled indices drawn at once (32 MB)
 
 
 def unit_rows(a):
@@ -28,10 +30,12 @@ def cosine_rows(a, b) -> np.ndarray:
     return np.sum(unit_rows(a) * unit_rows(b), axis=1)
 
 
-def nearest(queries, bank, chunk=1024) -> np.ndarray:
-    """Index of the most cosine-similar row of ``bank`` for each query."""
+def nearest(queries, bank) -> np.ndarray:
+    """Index of the most cosine-similar row of ``bank`` for each query, a block of queries at
+    a time (never a queries x bank matrix: at most SIMILARITY_BLOCK similarities at once)."""
     bank = unit_rows(bank)
     queries = unit_rows(queries)
+    chunk = max(1, SIMILARITY_BLOCK // max(1, len(bank)))
     return np.concatenate([np.argmax(queries[s:s + chunk] @ bank.T, axis=1)
                            for s in range(0, len(queries), chunk)]) if len(queries) else np.zeros(0, int)
 
@@ -62,7 +66,11 @@ def _bootstrap_interval(values, n_boot, seed):
     if len(values) == 0 or n_boot <= 0:
         return [float("nan"), float("nan")]
     rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, len(values), size=(n_boot, len(values)))].mean(axis=1)
+    # resamples drawn a block at a time (the same numbers as all at once): memory stays
+    # bounded by BOOTSTRAP_BLOCK indices whatever the number of test images
+    rows = max(1, BOOTSTRAP_BLOCK // len(values))
+    means = np.concatenate([values[rng.integers(0, len(values), size=(min(rows, n_boot - done), len(values)))]
+                            .mean(axis=1) for done in range(0, n_boot, rows)])
     return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
 
 

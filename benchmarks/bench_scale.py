@@ -1,0 +1,123 @@
+"""Scale benchmark: seconds per 1,000 images and peak memory of every stage, as the number of
+generated images grows.
+
+    .venv/bin/python benchmarks/bench_scale.py [--sizes 2000,20000,100000] [--top 20000]
+                                               [--epochs 2] [--work DIR]
+
+For each size N a generated dataset of N images is made, then each stage of the study runs
+in a fresh process (so that its peak RSS, the kernel's VmHWM, is its own): generate, load
+(read prompts.csv, list and check the images, split), embed (the run created, the dataset
+loaded again, image features as the study reads them: pooled vector, 3x3 middle-map grid
+and colour histograms; text embeddings),
+train (the mapper, ``--epochs`` epochs: per epoch), evaluate (mapper, retrieval, kNN, mean
+prompt, bootstrap intervals), decoder (``--epochs`` epochs of the tiny decoder with its
+validation prompts: per epoch). A stage's seconds are timed inside its process, after the
+imports. The table gives seconds per 1,000 images (per epoch for the training stages), the
+ratio to the smallest size, and the peak RSS.
+
+Targets (issue 12): at 100,000 images each stage within 1.3x of its seconds per 1,000 at
+2,000, and peak RSS growing by no more than the embeddings themselves plus 10%. ``--top``
+leaves out the sizes above it when time is short (20,000 images take about 20 minutes on
+2 cores, 100,000 about 2 hours).
+"""
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+# One stage in a child process: prints {"seconds": ..., "peak_mb": ...} on its last line.
+CHILD = r'''
+import json, re, sys, time
+stage, data, run_dir, epochs = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+from img2prompt.config import StudyConfig
+from img2prompt.run import Run
+config = StudyConfig(data_dir=data, run_dir=run_dir, cache_dir=run_dir + "-cache", max_epochs=epochs,
+                     patience=epochs, decoder_epochs=epochs, decoder_patience=epochs, bootstrap=1000)
+start = time.perf_counter()
+if stage == "generate":
+    from img2prompt.data.synth import SynthParams, generate_dataset
+    generate_dataset(data, SynthParams(n=int(sys.argv[5])))
+elif stage == "load":
+    from img2prompt.data.dataset import grouped_split, load_dataset
+    dataset = load_dataset(data)
+    grouped_split(dataset.prompts)
+elif stage == "embed":
+    Run.create(config).data(progress=False)
+else:
+    run = Run.open(run_dir)
+    run.data(progress=False)  # the dataset and its embeddings (from the cache): not this stage
+    start = time.perf_counter()
+    if stage == "train":
+        run.train(progress=False)
+    elif stage == "evaluate":
+        run.evaluate(progress=False)
+    elif stage == "decoder":
+        run.train_decoder(progress=False)
+seconds = time.perf_counter() - start
+peak = int(re.search(r"VmHWM:\s+(\d+)", open("/proc/self/status").read()).group(1)) / 1024
+print(json.dumps({"seconds": seconds, "peak_mb": peak}))
+'''
+
+STAGES = ("generate", "load", "embed", "train", "evaluate", "decoder")
+PER_EPOCH = ("train", "decoder")
+
+
+def run_stage(stage, data, run_dir, epochs, n):
+    result = subprocess.run([sys.executable, "-c", CHILD, stage, str(data), str(run_dir), str(epochs), str(n)],
+                            capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    lines = re.findall(r"^\{.*\}$", result.stdout, re.M)
+    if result.returncode or not lines:
+        sys.exit(f"stage {stage} at {n} images failed:\n{result.stderr[-3000:]}")
+    return json.loads(lines[-1])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="2000,20000,100000")
+    parser.add_argument("--top", type=int, default=None, help="leave out the sizes above this")
+    parser.add_argument("--epochs", type=int, default=2, help="epochs of the training stages")
+    parser.add_argument("--work", default=None, help="folder for the datasets, runs and caches "
+                        "(a new temporary one by default, removed at the end)")
+    args = parser.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",") if args.top is None or int(s) <= args.top]
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench-scale-"))
+    rows = []
+    try:
+        for n in sizes:
+            data, run_dir = work / f"synth-{n}", work / f"run-{n}"
+            for stage in STAGES:
+                measured = run_stage(stage, data, run_dir, args.epochs, n)
+                per = 1000 / n / (args.epochs if stage in PER_EPOCH else 1)
+                rows.append({"images": n, "stage": stage, "s_per_1000": measured["seconds"] * per,
+                             "peak_mb": measured["peak_mb"]})
+                print(f"{n:>7} {stage:<9} {rows[-1]['s_per_1000']:8.2f} s/1000 images"
+                      f"{' per epoch' if stage in PER_EPOCH else ''}   peak {measured['peak_mb']:7.0f} MB",
+                      flush=True)
+    finally:
+        if not args.work:
+            shutil.rmtree(work, ignore_errors=True)
+    print_table(rows, sizes, args.epochs)
+
+
+def print_table(rows, sizes, epochs):
+    smallest = {r["stage"]: r["s_per_1000"] for r in rows if r["images"] == sizes[0]}
+    print(f"\n| stage | {' | '.join(f'{n:,} images: s/1000 (ratio), peak MB' for n in sizes)} |")
+    print("|---|" + "---|" * len(sizes))
+    for stage in STAGES:
+        cells = []
+        for n in sizes:
+            row = next(r for r in rows if r["images"] == n and r["stage"] == stage)
+            ratio = row["s_per_1000"] / smallest[stage] if smallest[stage] else float("nan")
+            cells.append(f"{row['s_per_1000']:.2f} ({ratio:.2f}×), {row['peak_mb']:.0f}")
+        name = f"{stage} (per epoch, {epochs} epochs)" if stage in PER_EPOCH else stage
+        print(f"| {name} | {' | '.join(cells)} |")
+
+
+if __name__ == "__main__":
+    main()
