@@ -109,14 +109,21 @@ def cmd_embed(args):
 
 
 def cmd_train(args):
+    from img2prompt import distributed
     from img2prompt.run import Run
-    if args.resume:
-        run = Run.open(args.out, args.device)
-    else:
+
+    def start_run():
+        if args.resume:
+            return Run.open(args.out, args.device)
         config = config_from_args(args, DATA_OPTIONS + ENCODER_OPTIONS + TRAINING_OPTIONS + ("device",),
                                   data_dir=args.data, run_dir=args.out)
-        run = Run.create(config, force=args.force, log=log)
+        return Run.create(config, force=args.force, log=log)
+
+    distributed.start()  # under torchrun: the main process makes the run, the others join it
+    run = distributed.main_first(start_run) or Run.open(args.out, args.device)
     summary = run.train(resume=args.resume, progress=not args.quiet, log=log)
+    if not distributed.is_main():
+        return 0  # the main process reports
     print(json.dumps(summary) if args.json else
           f"trained {summary['run_dir']}: validation cosine {summary['val_cosine']:.4f} "
           f"(epoch {summary['best_epoch']} of {summary['epochs']})")
@@ -133,10 +140,19 @@ def cmd_evaluate(args):
 
 
 def cmd_train_decoder(args):
+    from img2prompt import distributed
     from img2prompt.run import Run
-    run = Run.open(args.run, args.device)
-    run.update(**chosen_options(args, DECODER_OPTIONS + DECODING_OPTIONS))
+
+    def open_run():
+        run = Run.open(args.run, args.device)
+        run.update(**chosen_options(args, DECODER_OPTIONS + DECODING_OPTIONS))
+        return run
+
+    distributed.start()  # under torchrun: the main process saves the settings, the others read them
+    run = distributed.main_first(open_run) or Run.open(args.run, args.device)
     summary = run.train_decoder(force=args.force, progress=not args.quiet, log=log)
+    if not distributed.is_main():
+        return 0  # the main process reports
     print(json.dumps(summary) if args.json else
           f"trained the {summary['decoder']} decoder of {args.run}: validation loss "
           f"{summary['val_loss']:.4f} (epoch {summary['best_epoch']} of {summary['epochs']}, "

@@ -23,9 +23,11 @@ Importing this module loads no training, plotting or notebook code: those load w
 stage runs, so that inference (``predict``) stays light.
 """
 
+import contextlib
 import dataclasses
 import json
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,13 +97,42 @@ class StudyData:
         if self.decoder_emb is None:
             self.decoder_emb = self.image_emb
 
-    def part(self, split):
-        mask = self.splits == split
-        return {"ids": list(np.asarray(self.dataset.ids)[mask]),
-                "prompts": list(np.asarray(self.dataset.prompts, dtype=object)[mask]),
-                "images": [p.name for p, keep in zip(self.dataset.paths, mask) if keep],
-                "image_emb": self.image_emb[mask], "target_emb": self.target_emb[mask],
-                "metric_emb": self.metric_emb[mask], "decoder_emb": self.decoder_emb[mask]}
+    def part(self, split) -> "SplitPart":
+        return SplitPart(self, self.splits == split)
+
+
+class SplitPart(Mapping):
+    """One split's rows of a StudyData, read like a dict: ``ids``, ``prompts``, ``images``
+    and the embeddings. Each field is copied out of the whole arrays when first read, so a
+    stage holds only what it uses (the decoder's input alone is 2,928 numbers per image)."""
+
+    FIELDS = ("ids", "prompts", "images", "image_emb", "target_emb", "metric_emb", "decoder_emb")
+
+    def __init__(self, data: StudyData, mask):
+        self._data, self._mask, self._read = data, mask, {}
+
+    def __getitem__(self, name):
+        if name not in self._read:
+            self._read[name] = self._select(name)
+        return self._read[name]
+
+    def _select(self, name):
+        data, mask = self._data, self._mask
+        if name == "ids":
+            return list(np.asarray(data.dataset.ids)[mask])
+        if name == "prompts":
+            return list(np.asarray(data.dataset.prompts, dtype=object)[mask])
+        if name == "images":
+            return [p.name for p, keep in zip(data.dataset.paths, mask) if keep]
+        if name not in self.FIELDS:
+            raise KeyError(name)
+        return getattr(data, name)[mask]
+
+    def __iter__(self):
+        return iter(self.FIELDS)
+
+    def __len__(self):
+        return len(self.FIELDS)
 
 
 class Run:
@@ -220,11 +251,17 @@ class Run:
             self._data = self._prepare(self.config, progress, log, resume)
         return self._data
 
-    def _prepare(self, config, progress, log, resume=False, tuned=None) -> StudyData:
+    def _prepare(self, config, progress, log, resume=False, tuned=None, lock=True) -> StudyData:
+        """The dataset, split and embeddings; ``lock=False`` only reads (a torchrun follower,
+        while the main process holds the lock)."""
         from img2prompt.encoders.embeddings import dataset_embeddings
-        with self._lock():
-            dataset = self.dataset(log, config)
-            splits = self._split(dataset, log)
+        with self._lock() if lock else contextlib.nullcontext():
+            if lock:
+                dataset = self.dataset(log, config)
+                splits = self._split(dataset, log)
+            else:  # made by the main process: read them
+                dataset = load_dataset(config.data_dir, config.on_error, config.max_pixels)
+                splits = self.splits(dataset)
             encoder = self.image_encoder(tuned, config)
             return StudyData(dataset, splits, *dataset_embeddings(config, dataset, progress, log, resume,
                                                                   encoder))
@@ -249,18 +286,26 @@ class Run:
         (the training prompts, for retrieval), the histories and curves. The training state
         is saved as it goes; ``resume`` continues an interrupted training (and embedding
         extraction) instead."""
+        from img2prompt import distributed
         from img2prompt.models.mapper import load_mapper, save_mapper
         from img2prompt.models.training import train_mapper
         from img2prompt.reports.plots import plot_history, save_figure
 
+        if distributed.world_size() > 1 and self.config.tune == "encoder":
+            raise RunError("--tune encoder does not run under torchrun yet; train in one process.")
+        if not distributed.is_main():
+            return self._follow_training(resume)
         with self._lock():
-            if resume and self.is_finished(TRAIN):
-                raise RunError(f"{self.root}: this run finished; nothing to resume (--force trains "
-                               "it anew).")
-            self.folder.mark_unfinished(TRAIN)
-            self.folder.mark_unfinished(TUNE)
-            self._data = None  # the frozen encoder's features
-            data, config = self.data(progress, log, resume=resume), self.config
+            def prepare():
+                if resume and self.is_finished(TRAIN):
+                    raise RunError(f"{self.root}: this run finished; nothing to resume (--force trains "
+                                   "it anew).")
+                self.folder.mark_unfinished(TRAIN)
+                self.folder.mark_unfinished(TUNE)
+                self._data = None  # the frozen encoder's features
+                return self.data(progress, log, resume=resume)
+
+            data, config = distributed.main_first(prepare), self.config
             train_part, val_part = data.part("train"), data.part("val")
             tune = config.tune == "encoder"
             head_file = self._path(FROZEN_MODEL_FILE if tune else MODEL_FILE)
@@ -292,6 +337,24 @@ class Run:
         log(f"best epoch {summary['best_epoch']} of {summary['epochs']}: validation cosine "
             f"{summary['val_cosine']:.4f}; model in {self._path(MODEL_FILE)}")
         return summary
+
+    def _follow_training(self, resume) -> dict:
+        """A follower under torchrun (``distributed``): once the main process has the
+        embeddings in the cache, train beside it on a share of each batch; write nothing."""
+        from img2prompt.models.training import train_mapper
+        data = self._follower_data()
+        train_part, val_part = data.part("train"), data.part("val")
+        state = self._path(TRAINING_STATE_FILE)
+        _, history = train_mapper(train_part["image_emb"], train_part["target_emb"], val_part["image_emb"],
+                                  val_part["target_emb"], self.config, False, state_path=state,
+                                  resume=resume and state.is_file(), device=self.device)
+        return self._summary(history, train_part, val_part)
+
+    def _follower_data(self) -> StudyData:
+        """A torchrun follower's data: once the main process has it, read from the cache."""
+        from img2prompt import distributed
+        distributed.main_first(None)
+        return self._prepare(self.config, False, _quiet, lock=False)
 
     def _summary(self, history, train_part, val_part) -> dict:
         best = history[history["best"]].iloc[0]
@@ -373,14 +436,20 @@ class Run:
     def train_decoder(self, force=False, progress=None, log=_quiet) -> dict:
         """Train the prompt decoder on the run's data (cached embeddings); save it, its
         history, loss curve and summary. A trained decoder is only replaced with ``force``."""
+        from img2prompt import distributed
         from img2prompt.models.decoder import save_decoder
         from img2prompt.reports.plots import plot_decoder_history, save_figure
 
+        if not distributed.is_main():  # a torchrun follower: train beside the main process, write nothing
+            return self._fit_decoder(self._follower_data(), self.config, False, _quiet)[1]
         with self._lock():
-            if self.is_finished(DECODER) and not force:
-                raise RunError(f"{self.root}: already holds a trained decoder. Pass --force to train "
-                               "it anew.")
-            data = self.data(progress, log)
+            def prepare():
+                if self.is_finished(DECODER) and not force:
+                    raise RunError(f"{self.root}: already holds a trained decoder. Pass --force to train "
+                                   "it anew.")
+                return self.data(progress, log)
+
+            data = distributed.main_first(prepare)
             self.folder.mark_unfinished(DECODER)
             decoder, summary, history = self._fit_decoder(data, self.config, progress, log)
             save_decoder(decoder, self._path(DECODER_FILE))
@@ -408,9 +477,9 @@ class Run:
                                 config.seed, config.decoder_grid, config.decoder_colors, config.decoder_map,
                                 data.image_emb.shape[1])
         trainable = sum(p.numel() for p in decoder.trainable_parameters())
-        log(f"training the {config.decoder} decoder ({trainable:,} trainable parameters, reads "
-            f"{decoder_input(config.decoder_grid, config.decoder_colors, config.decoder_map)}) on {len(train_part['ids'])} "
-            f"images, validating on {len(val_part['ids'])}")
+        reads = decoder_input(config.decoder_grid, config.decoder_colors, config.decoder_map)
+        log(f"training the {config.decoder} decoder ({trainable:,} trainable parameters, reads {reads}) "
+            f"on {len(train_part['ids'])} images, validating on {len(val_part['ids'])}")
         metric, greedy = metric_encoder(config.device), config.decode_options("greedy")
 
         scored = slice(0, config.decoder_val_images or None)

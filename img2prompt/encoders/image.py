@@ -205,7 +205,7 @@ class ImageEncoder:
                        "use --decoder-grid 0 (the pooled vector only) or efficientnet-lite0/2 or resnet50.")
 
     def _middle_channels(self, model) -> int:
-        self._blocks_above_middle(model)
+        self._blocks_above_middle(model)  # a model without feature maps says so here
         raise NotImplementedError
 
 

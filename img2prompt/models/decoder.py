@@ -134,7 +134,6 @@ class TinyCausalLM(nn.Module):
         hidden = self.blocks(hidden, mask=mask, is_causal=True)
         return self.norm(hidden) @ self.tokens.weight.T
 
-
     def extend(self, embeds, cache):
         """Next-token logits after ``embeds`` appended to the sequences whose keys and values
         ``cache`` holds (an empty cache: the whole sequence so far). Generation calls it with
@@ -225,10 +224,10 @@ class PrefixDecoder(nn.Module):
     vector through a shared linear map plus a learned embedding of the cell's place, so the
     language model attends to *where* as well as *what*. With ``layout`` the MLP reads the
     whole grid too: which cell holds the group the prompt names first is a question about all
-    cells at once (README: "The prompt decoder"). With ``colors`` > 0 colour histograms follow (``encoders.colors``): the
-    whole image's joins the MLP's input, each cell's is mapped into its cell's vector. Pooled
-    vector, cells and histograms are each scaled by one number (their mean deviation on the
-    training images), so that none drowns the others.
+    cells at once (README: "Prompt generation"). With ``colors`` > 0 colour histograms follow
+    (``encoders.colors``): the whole image's joins the MLP's input, each cell's is mapped into
+    its cell's vector. Pooled vector, cells and histograms are each scaled by one number
+    (their mean deviation on the training images), so that none drowns the others.
     """
 
     def __init__(self, lm, image_dim, prefix_length=8, prefix_hidden=512, grid=0, colors=0, pooled_dim=None,

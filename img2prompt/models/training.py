@@ -12,6 +12,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from img2prompt import distributed
 from img2prompt.devices import autocast, rng_state, set_rng_state
 from img2prompt.errors import DataError, RunError
 from img2prompt.storage.files import atomic_path
@@ -37,7 +38,8 @@ def train_mapper(x_train, y_train, x_val, y_val, config, progress=True, state_pa
     history, random generators) is saved there every ``CHECKPOINT_SECONDS``; ``resume``
     continues from it, giving the same result as an uninterrupted run, and refuses a state
     saved for other data or settings. The caller removes the file once the model it leads
-    to is saved.
+    to is saved. Under torchrun each process trains on its share of every batch and the
+    gradients are summed (``distributed``); only the main process saves the state.
     """
     if len(x_train) == 0 or len(x_val) == 0:
         raise DataError(f"training needs images in both the train and val splits (got "
@@ -68,12 +70,17 @@ def train_mapper(x_train, y_train, x_val, y_val, config, progress=True, state_pa
             total = 0.0
             for begin in range(0, len(order), config.batch_size):
                 index = order[begin:begin + config.batch_size]
+                mine = distributed.share(index)  # the whole batch in one process
                 with autocast(device):
-                    loss = cosine_loss(model(x_train[index]), y_train[index])
+                    # this share's part of the batch's mean loss: the parts add up to it
+                    cosines = F.cosine_similarity(model(x_train[mine]), y_train[mine], dim=1)
+                    loss = (1.0 - cosines).sum() / len(index)
                 optimizer.zero_grad()
                 loss.backward()
+                distributed.sum_gradients(model.parameters())
                 optimizer.step()
                 total += loss.item() * len(index)
+            total = distributed.sum_number(total)
             val_loss = cosine_loss(model.predict(x_val), y_val).item()
             rows.append({"epoch": epoch, "train_loss": total / len(x_train), "val_loss": val_loss,
                          "val_cosine": 1.0 - val_loss, "seconds": time.perf_counter() - start})
@@ -84,7 +91,7 @@ def train_mapper(x_train, y_train, x_val, y_val, config, progress=True, state_pa
             bar.set_postfix(val_cos=f"{1.0 - val_loss:.4f}", best=best_epoch)
             if epoch - best_epoch >= config.patience:
                 break
-            if state_path and time.perf_counter() - last_save >= CHECKPOINT_SECONDS:
+            if state_path and distributed.is_main() and time.perf_counter() - last_save >= CHECKPOINT_SECONDS:
                 save_training_state(state_path, {
                     "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "shuffler": shuffler.get_state(), "dropout_rng": rng_state(device),
@@ -107,7 +114,7 @@ def training_fingerprint(config, settings, *arrays) -> str:
     digest = hashlib.sha256(repr([getattr(config, name) for name in settings]).encode())
     for array in arrays:
         digest.update(repr(tuple(array.shape)).encode())
-        digest.update(array.numpy().tobytes())
+        digest.update(np.ascontiguousarray(array.numpy()))  # its buffer, not a copy of it
     return digest.hexdigest()
 
 
@@ -150,6 +157,8 @@ def train_decoder(decoder, x_train, prompts_train, x_val, prompts_val, config, p
     passes the validation cosine of generated prompts: the validation loss bottoms out long
     before the generated text stops improving), else the lowest validation loss. ``history``
     has one row per epoch: train_loss, val_loss, [val_cosine,] seconds, samples_per_s, best.
+    Under torchrun each process trains on its share of every batch and the gradients are
+    summed (``distributed``); each validates on the whole validation set.
     """
     if len(x_train) == 0 or len(x_val) == 0:
         raise DataError(f"the decoder needs images in both the train and val splits (got "
@@ -178,14 +187,21 @@ def train_decoder(decoder, x_train, prompts_train, x_val, prompts_val, config, p
             total = 0.0
             for begin in range(0, len(order), batch):
                 index = order[begin:begin + batch]
-                with autocast(device):
-                    loss = decoder.loss(x_train[index], [train_tokens[i] for i in index])
+                mine = distributed.share(index)  # the whole batch in one process
                 optimizer.zero_grad()
-                loss.backward()
+                loss = torch.zeros(())
+                if mine:
+                    with autocast(device):
+                        # this share's part of the batch's mean token loss: the parts add up to it
+                        losses = decoder.loss(x_train[mine], [train_tokens[i] for i in mine], reduction="none")
+                        loss = losses.sum() / sum(len(train_tokens[i]) - 1 for i in index)
+                    loss.backward()
+                distributed.sum_gradients(trainable)
                 torch.nn.utils.clip_grad_norm_(trainable, 1.0)
                 optimizer.step()
                 scheduler.step()
                 total += loss.item() * len(index)
+            total = distributed.sum_number(total)
             train_seconds = time.perf_counter() - start
             row = {"epoch": epoch, "train_loss": total / len(x_train),
                    "val_loss": _decoder_loss(decoder, x_val, val_tokens, batch)}
