@@ -40,7 +40,7 @@ def test_the_middle_grid_reads_the_last_map_at_stride_16(small_dataset):
     with_grid = encoder.forward(batch, grid=3, grid_map="middle")
     assert with_grid.shape == (2, encoder.feature_dim(3, grid_map="middle")) == (2, 1280 + 112 * 9)
     assert torch.equal(with_grid[:, :1280], encoder.forward(batch))
-    with torch.inference_mode():  # the output of block 10 of 16: blocks 11-15 work at stride 32
+    with torch.inference_mode():  # the output of the 11th block of 16: the last 5 work at stride 32
         hidden = encoder.model._swish(encoder.model._bn0(encoder.model._conv_stem(encoder._on_device(batch))))
         for block in encoder.model._blocks[:11]:
             hidden = block(hidden)
