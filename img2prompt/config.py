@@ -83,9 +83,9 @@ class StudyConfig:
     decoder_grid: int = _option(3, "the decoder also reads a feature map of the image encoder "
                                 "(decoder_map) averaged over grid x grid cells (where things are); 0: the pooled "
                                 "vector only", minimum=0)
-    decoder_map: str = _option("middle", "the feature map the decoder's grid reads: middle (stride 16, "
-                               "before the last downsampling: shapes, counts and places) or last",
-                               choices=("middle", "last"))
+    decoder_map: str = _option("both", "the feature map(s) the decoder's grid reads: middle (stride 16, "
+                               "before the last downsampling: counts, colours and places), last (shapes) "
+                               "or both", choices=("middle", "last", "both"))
     decoder_colors: int = _option(4, "the decoder also reads colour histograms of the image and of "
                                   "its grid cells, with this many levels per channel (0: none)",
                                   minimum=0)

