@@ -289,7 +289,6 @@ class Run:
         extraction) instead."""
         from img2prompt import distributed
         from img2prompt.models.mapper import load_mapper, save_mapper
-        from img2prompt.models.training import train_mapper
         from img2prompt.reports.plots import plot_history, save_figure
 
         if distributed.world_size() > 1 and self.config.tune == "encoder":
@@ -315,14 +314,11 @@ class Run:
                 log("resuming: the mapper on frozen features is trained; fine-tuning")
                 model, history = load_mapper(head_file), self.history()
             else:
-                resumed = resume and state.is_file()
-                if resumed:
+                if resume and state.is_file():
                     log("resuming the training")
                 log(f"training the mapper ({config.depth} hidden layer(s) of {config.hidden_size}) on "
                     f"{len(train_part['ids'])} images, validating on {len(val_part['ids'])}")
-                model, history = train_mapper(train_part["image_emb"], train_part["target_emb"],
-                                              val_part["image_emb"], val_part["target_emb"], config,
-                                              progress, state_path=state, resume=resumed, device=self.device)
+                model, history = self._train_mapper(train_part, val_part, progress, resume)
                 save_mapper(model, head_file)
                 write_csv(self._path(HISTORY_FILE), history)
                 save_figure(plot_history(history), self._path(FIGURES["loss"]))
@@ -339,16 +335,20 @@ class Run:
             f"{summary['val_cosine']:.4f}; model in {self._path(MODEL_FILE)}")
         return summary
 
+    def _train_mapper(self, train_part, val_part, progress, resume):
+        """(mapper, history) on frozen features, continuing a saved training state if ``resume``."""
+        from img2prompt.models.training import train_mapper
+        state = self._path(TRAINING_STATE_FILE)
+        return train_mapper(train_part["image_emb"], train_part["target_emb"], val_part["image_emb"],
+                            val_part["target_emb"], self.config, progress, state_path=state,
+                            resume=resume and state.is_file(), device=self.device)
+
     def _follow_training(self, resume) -> dict:
         """A follower under torchrun (``distributed``): once the main process has the
         embeddings in the cache, train beside it on a share of each batch; write nothing."""
-        from img2prompt.models.training import train_mapper
         data = self._follower_data()
         train_part, val_part = data.part("train"), data.part("val")
-        state = self._path(TRAINING_STATE_FILE)
-        _, history = train_mapper(train_part["image_emb"], train_part["target_emb"], val_part["image_emb"],
-                                  val_part["target_emb"], self.config, False, state_path=state,
-                                  resume=resume and state.is_file(), device=self.device)
+        _, history = self._train_mapper(train_part, val_part, False, resume)
         return self._summary(history, train_part, val_part)
 
     def _follower_data(self) -> StudyData:

