@@ -17,7 +17,7 @@ from img2prompt.errors import Img2PromptError, printable
 
 DATA_OPTIONS = ("on_error", "max_pixels")
 ENCODER_OPTIONS = ("image_encoder", "image_weights", "text_encoder", "text_model", "text_pooling",
-                   "cache_dir", "embed_batch_size", "num_workers", "decoder_grid",
+                   "cache_dir", "embed_batch_size", "num_workers", "engine", "ray_address", "decoder_grid",
                    "decoder_map", "decoder_colors")
 TRAINING_OPTIONS = ("seed", "val_fraction", "test_fraction", "hidden_size", "depth", "dropout",
                     "learning_rate", "weight_decay", "batch_size", "max_epochs", "patience",

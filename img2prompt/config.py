@@ -71,6 +71,11 @@ class StudyConfig:
     embed_batch_size: int = _option(32, "images per batch when extracting embeddings", minimum=1)
     num_workers: int = _option(-1, "DataLoader workers that decode images (-1: one per core beyond "
                                "two, at most 4; 0: decode in the main process)")
+    engine: str = _option("local", "where image embeddings are extracted: local (this process) or ray "
+                          "(a Ray Data pipeline: images decoded in CPU tasks, encoded in an actor pool, one "
+                          "actor per GPU; the same cache entry)", choices=("local", "ray"))
+    ray_address: str = _option("", "engine ray: the cluster's address (e.g. auto, or host:6379); empty: "
+                               "a local Ray instance on this machine's cores, started for the job")
     device: str = _option("auto", "where models run: auto (a CUDA GPU, then Apple MPS, then the CPU) | "
                           "cpu | cuda | mps", choices=("auto", "cpu", "cuda", "mps"))
     bank: str = _option("train", "prompt bank for retrieval: train (training prompts) or all",

@@ -38,7 +38,7 @@ def test_cache_is_reused_and_keyed_by_content(tmp_path, small_dataset, encoder, 
     def must_not_run(*args, **kwargs):
         raise AssertionError("extraction ran although the cache holds the result")
 
-    monkeypatch.setattr(embeddings, "extract_image_embeddings", must_not_run)
+    monkeypatch.setattr(embeddings, "feature_batches", must_not_run)
     again, info = image_embeddings(load_dataset(data), encoder, cache, progress=False)
     assert info["cached"] and np.array_equal(first, again)
 

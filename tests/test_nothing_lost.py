@@ -350,7 +350,7 @@ def test_an_unfinished_extraction_appends_shards_instead_of_rewriting(small_data
     monkeypatch.setattr(safetensors.numpy, "save_file", spy)
     dataset = load_dataset(small_dataset)  # 24 images: 2 saved chunks, then the whole entry
     embeddings.image_embeddings(dataset, image_encoder("efficientnet-lite0"),
-                                embeddings.EmbeddingCache(tmp_path), progress=False)
+                                embeddings.EmbeddingCache(tmp_path), batch_size=4, progress=False)
     assert written == [8, 8, 24]
 
 

@@ -19,25 +19,23 @@ def test_an_interrupted_extraction_resumes_from_the_saved_rows(small_dataset, tm
     encoder = image_encoder("efficientnet-lite0")
     expected, _ = image_embeddings(dataset, encoder, progress=False)  # no cache: one pass
     monkeypatch.setattr(embeddings, "RESUME_CHUNK", 8)
-    real_extract, seen = embeddings.extract_image_embeddings, []
+    real_batches, seen = embeddings.feature_batches, []
 
-    def interrupted_on_second_chunk(paths, *args, **kwargs):
-        if len(seen) == 8:
-            raise KeyboardInterrupt
-        seen.extend(paths)
-        return real_extract(paths, *args, **kwargs)
+    def interrupted_in_the_second_chunk(paths, *args, **kwargs):
+        seen.append(list(paths))
+        for indices, features in real_batches(paths, *args, **kwargs):
+            if len(seen) == 1 and indices[0] >= 10:
+                raise KeyboardInterrupt
+            yield indices, features
 
     cache = EmbeddingCache(tmp_path / "cache")
-    monkeypatch.setattr(embeddings, "extract_image_embeddings", interrupted_on_second_chunk)
+    monkeypatch.setattr(embeddings, "feature_batches", interrupted_in_the_second_chunk)
     with pytest.raises(KeyboardInterrupt):
-        image_embeddings(dataset, encoder, cache, progress=False)
+        image_embeddings(dataset, encoder, cache, batch_size=5, progress=False)
     assert len(list((tmp_path / "cache" / "embeddings").glob("*.part-*.safetensors"))) == 1
 
-    seen.clear()
-    monkeypatch.setattr(embeddings, "extract_image_embeddings",
-                        lambda paths, *a, **k: seen.extend(paths) or real_extract(paths, *a, **k))
-    array, info = image_embeddings(dataset, encoder, cache, progress=False, resume=True)
-    assert info["resumed_rows"] == 8 and seen == dataset.paths[8:]  # only the rest was extracted
+    array, info = image_embeddings(dataset, encoder, cache, batch_size=5, progress=False, resume=True)
+    assert info["resumed_rows"] == 8 and seen[1] == dataset.paths[8:]  # only the rest was extracted
     np.testing.assert_allclose(array, expected, atol=1e-5)
     assert not list((tmp_path / "cache" / "embeddings").glob("*.part-*.safetensors"))
 

@@ -7,6 +7,7 @@ Results are cached in one safetensors file per key (dataset content + encoder +
 preprocessing), written atomically, outside the dataset.
 """
 
+import functools
 import hashlib
 import json
 import os
@@ -153,9 +154,17 @@ def extract_image_embeddings(paths, encoder, batch_size=32, num_workers=-1, prog
     (``ImageEncoder.forward``)."""
     paths = list(paths)
     out = np.zeros((len(paths), encoder.feature_dim(grid, colors, grid_map)), dtype=np.float32)
-    for indices, batch in preprocessed_batches(paths, encoder, batch_size, num_workers, progress, max_pixels):
-        out[indices] = encoder.forward(batch, grid, colors, grid_map).numpy()
+    for indices, features in feature_batches(paths, encoder, batch_size, num_workers, progress, max_pixels,
+                                             grid, colors, grid_map):
+        out[indices] = features
     return out
+
+
+def feature_batches(paths, encoder, batch_size=32, num_workers=-1, progress=True,
+                    max_pixels=DEFAULT_MAX_PIXELS, grid=0, colors=0, grid_map="last"):
+    """(indices, float32 features) of the images at ``paths``, in order, in this process."""
+    for indices, batch in preprocessed_batches(paths, encoder, batch_size, num_workers, progress, max_pixels):
+        yield indices, encoder.forward(batch, grid, colors, grid_map).numpy()
 
 
 def preprocessed_batches(paths, encoder, batch_size=32, num_workers=-1, progress=True,
@@ -179,7 +188,7 @@ def preprocessed_batches(paths, encoder, batch_size=32, num_workers=-1, progress
 
 
 def image_embeddings(dataset, encoder, cache: EmbeddingCache = None, batch_size=32, num_workers=-1,
-                     progress=True, resume=False, grid=0, colors=0, grid_map="last"):
+                     progress=True, resume=False, grid=0, colors=0, grid_map="last", engine=None):
     """Image embeddings of a dataset, from the cache when the same data and encoder ran before.
 
     With a cache, the rows are saved in a shard every ``RESUME_CHUNK`` images (appended, so
@@ -187,7 +196,8 @@ def image_embeddings(dataset, encoder, cache: EmbeddingCache = None, batch_size=
     instead of starting over. Returns (array, info) where info says whether the cache was
     used, the cache file, the rows resumed and the extraction throughput. ``grid`` > 0 adds
     the ``grid_map`` feature map over grid x grid cells after the pooled features,
-    ``colors`` > 0 colour histograms.
+    ``colors`` > 0 colour histograms. ``engine`` (a ``ray_engine.RayEngine``, with the
+    encoder it prepared) extracts on Ray instead of in this process, into the same entry.
     """
     key = {"kind": "image", "images": dataset.images_fingerprint(), "encoder": encoder.fingerprint()}
     if grid:  # pooled-only keys stay as they were, so their cache entries stay valid
@@ -197,34 +207,44 @@ def image_embeddings(dataset, encoder, cache: EmbeddingCache = None, batch_size=
     if colors:
         key["colors"] = colors
     info = {"cache_file": str(cache.path("image", key)) if cache else None}
+    if engine is not None:
+        batches = functools.partial(engine.feature_batches, encoder=encoder, batch_size=batch_size,
+                                    progress=progress, max_pixels=dataset.max_pixels, grid=grid,
+                                    colors=colors, grid_map=grid_map)
+    else:
+        batches = functools.partial(feature_batches, encoder=encoder, batch_size=batch_size,
+                                    num_workers=num_workers, progress=progress,
+                                    max_pixels=dataset.max_pixels, grid=grid, colors=colors, grid_map=grid_map)
     if cache is None:
-        return _extract(dataset, encoder, None, key, batch_size, num_workers, progress, False, info,
-                        grid, colors, grid_map)
+        return _extract(dataset, batches, encoder.feature_dim(grid, colors, grid_map), None, key, False, info)
     cached = cache.load("image", key)
     if cached is not None and cached.shape[0] == len(dataset):
-        return cached, {**info, "cached": True}
+        return cached, {**info, "cached": True}  # the weights never load
     with cache.lock("image", key):
-        return _extract(dataset, encoder, cache, key, batch_size, num_workers, progress, resume, info,
-                        grid, colors, grid_map)
+        return _extract(dataset, batches, encoder.feature_dim(grid, colors, grid_map), cache, key, resume, info)
 
 
-def _extract(dataset, encoder, cache, key, batch_size, num_workers, progress, resume, info, grid,
-             colors, grid_map):
-    parts = cache.load_shards("image", key) if cache is not None and resume else []
-    if sum(map(len, parts)) > len(dataset) or any(len(p) != RESUME_CHUNK for p in parts):
-        parts = []  # not this extraction's shards: start over
-    resumed = len(parts) * RESUME_CHUNK
+def _extract(dataset, batches, width, cache, key, resume, info):
+    """Rows of every image from ``batches(paths)`` (in order), saved in a shard as each
+    ``RESUME_CHUNK`` completes, after the rows of the shards resumed."""
+    shards = cache.load_shards("image", key) if cache is not None and resume else []
+    if sum(map(len, shards)) > len(dataset) or any(len(p) != RESUME_CHUNK for p in shards):
+        shards = []  # not this extraction's shards: start over
+    resumed = len(shards) * RESUME_CHUNK
     if cache is not None and not resume:
         cache.remove_shards("image", key)
-    start = time.perf_counter()
-    for begin in range(resumed, len(dataset), RESUME_CHUNK):
-        chunk = dataset.paths[begin:begin + RESUME_CHUNK]
-        parts.append(extract_image_embeddings(chunk, encoder, batch_size, num_workers, progress,
-                                              dataset.max_pixels, grid, colors, grid_map))
-        if cache is not None and begin + RESUME_CHUNK < len(dataset):
-            cache.save_shard("image", key, begin // RESUME_CHUNK, parts[-1])
+    array = np.zeros((len(dataset), width), dtype=np.float32)
+    for index, rows in enumerate(shards):
+        array[index * RESUME_CHUNK:(index + 1) * RESUME_CHUNK] = rows
+    del shards
+    start, done = time.perf_counter(), resumed
+    for indices, features in batches(dataset.paths[resumed:]):
+        array[resumed + np.asarray(indices)] = features
+        done += len(indices)
+        if cache is not None and done < len(dataset):  # the chunks completed (batches come in order)
+            for shard in range((done - len(indices)) // RESUME_CHUNK, done // RESUME_CHUNK):
+                cache.save_shard("image", key, shard, array[shard * RESUME_CHUNK:(shard + 1) * RESUME_CHUNK])
     seconds = time.perf_counter() - start
-    array = np.concatenate(parts)
     if cache is not None:
         cache.save("image", key, array)
         cache.remove_shards("image", key)
@@ -284,17 +304,23 @@ def dataset_embeddings(config, dataset, progress=True, log=print, resume=False, 
 
     cache = EmbeddingCache(config.cache_dir)
     encoder = encoder or image_encoder(config.image_encoder, config.image_weights, config.device)
+    engine = None
+    if config.engine == "ray":
+        from img2prompt.encoders.ray_engine import RayEngine
+        engine = RayEngine(config.ray_address)
+        encoder = engine.prepare(encoder, config.device)
     decoder_emb, info = image_embeddings(dataset, encoder, cache, config.embed_batch_size,
                                          config.num_workers, progress, resume, config.decoder_grid,
-                                         config.decoder_colors, config.decoder_map)
+                                         config.decoder_colors, config.decoder_map, engine)
     image_emb = decoder_emb[:, :encoder.dim]
     if info.get("resumed_rows"):
         log(f"image embeddings: resumed after {info['resumed_rows']} images done by an earlier run")
     name = f"{encoder.name}, fine-tuned" if encoder.tuned else encoder.name
+    name += " on Ray" if engine else ""
     if info["cached"]:
         log(f"image embeddings ({name}): from cache {info['cache_file']}")
     else:
-        log(f"image embeddings ({name}): {len(dataset)} images in {info['seconds']:.1f} s "
+        log(f"image embeddings ({name}): {len(dataset) - info['resumed_rows']} images in {info['seconds']:.1f} s "
             f"({info['images_per_s']:.1f} images/s), cached in {info['cache_file']}")
     target = on_device(text_encoder(config.text_encoder, config.text_model, config.text_pooling), config.device)
     truncated = target.count_truncated(dataset.prompts)

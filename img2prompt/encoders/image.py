@@ -21,6 +21,7 @@ packages), ``resnet50`` (torchvision architecture; ImageNet weights from torchvi
 cache or a file), or a Hugging Face vision model id / local folder (e.g. a CLIP model).
 """
 
+import copy
 import hashlib
 import os
 from pathlib import Path
@@ -74,6 +75,21 @@ class ImageEncoder:
                 model = model.to(memory_format=torch.channels_last)
             self._model = model.to(self.device)
         return self._model
+
+    def for_device(self, device) -> "ImageEncoder":
+        """A copy that will run on ``device`` (its fingerprint says that device's precision),
+        its weights loaded on the CPU to travel to another process or machine (a Ray actor,
+        where ``place`` puts them on ``device``)."""
+        twin = copy.copy(self)
+        twin.device = torch.device(device)
+        model = self.model
+        twin._model = model if next(model.parameters()).device.type == "cpu" else copy.deepcopy(model).cpu()
+        return twin
+
+    def place(self) -> "ImageEncoder":
+        """Put the loaded weights on this encoder's device."""
+        self._model = self.model.to(self.device)
+        return self
 
     @property
     def dim(self) -> int:
