@@ -219,7 +219,7 @@ def image_embeddings(dataset, encoder, cache: EmbeddingCache = None, batch_size=
         return _extract(dataset, batches, encoder.feature_dim(grid, colors, grid_map), None, key, False, info)
     cached = cache.load("image", key)
     if cached is not None and cached.shape[0] == len(dataset):
-        return cached, {**info, "cached": True}  # the weights never load
+        return cached, {**info, "cached": True}
     with cache.lock("image", key):
         return _extract(dataset, batches, encoder.feature_dim(grid, colors, grid_map), cache, key, resume, info)
 
@@ -298,7 +298,8 @@ def dataset_embeddings(config, dataset, progress=True, log=print, resume=False, 
     ``config.decoder_grid`` over the ``config.decoder_map`` feature map and the colour
     histograms of ``config.decoder_colors`` (one extraction gives both: the pooled vector
     leads each row).
-    ``encoder`` replaces the one ``config`` names (a run's fine-tuned encoder)."""
+    ``encoder`` replaces the one ``config`` names (a run's fine-tuned encoder). With
+    ``config.engine`` ray the images are encoded on Ray (``ray_engine``), into the same entry."""
     from img2prompt.encoders.image import image_encoder
     from img2prompt.encoders.text import METRIC_ENCODER, metric_encoder, on_device, text_encoder
 

@@ -55,9 +55,12 @@ def train_mapper(x_train, y_train, x_val, y_val, config, progress=True, state_pa
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate,
                                   weight_decay=config.weight_decay)
     shuffler = torch.Generator().manual_seed(config.seed)  # on the CPU: the same order anywhere
+    dropper = torch.Generator().manual_seed(config.seed + 1)  # dropout masks, alike in every process
     best_state, best_cosine, best_epoch, rows, first_epoch = None, -np.inf, 0, [], 1
     if resume:
         state = restore_training_state(state_path, inputs, model, optimizer, shuffler, device)
+        if "dropper" in state:  # (states saved before the masks were shared have none)
+            dropper.set_state(state["dropper"])
         best_state, best_cosine, best_epoch = state["best_state"], state["best_cosine"], state["best_epoch"]
         rows, first_epoch = state["history"], state["epoch"] + 1
     last_save = time.perf_counter()
@@ -71,9 +74,10 @@ def train_mapper(x_train, y_train, x_val, y_val, config, progress=True, state_pa
             for begin in range(0, len(order), config.batch_size):
                 index = order[begin:begin + config.batch_size]
                 mine = distributed.share(index)  # the whole batch in one process
+                keep = [distributed.share(mask).to(device) for mask in model.dropout_masks(len(index), dropper)]
                 with autocast(device):
                     # this share's part of the batch's mean loss: the parts add up to it
-                    cosines = F.cosine_similarity(model(x_train[mine]), y_train[mine], dim=1)
+                    cosines = F.cosine_similarity(model(x_train[mine], keep), y_train[mine], dim=1)
                     loss = (1.0 - cosines).sum() / len(index)
                 optimizer.zero_grad()
                 loss.backward()
@@ -94,7 +98,8 @@ def train_mapper(x_train, y_train, x_val, y_val, config, progress=True, state_pa
             if state_path and distributed.is_main() and time.perf_counter() - last_save >= CHECKPOINT_SECONDS:
                 save_training_state(state_path, {
                     "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "shuffler": shuffler.get_state(), "dropout_rng": rng_state(device),
+                    "shuffler": shuffler.get_state(), "dropper": dropper.get_state(),
+                    "dropout_rng": rng_state(device),
                     "best_state": best_state,
                     "best_cosine": best_cosine, "best_epoch": best_epoch, "history": rows,
                     "epoch": epoch, "inputs": inputs})
