@@ -94,16 +94,19 @@ def main():
     parser.add_argument("--sizes", default="2000,20000,100000")
     parser.add_argument("--top", type=int, default=None, help="leave out the sizes above this")
     parser.add_argument("--epochs", type=int, default=2, help="epochs of the training stages")
+    parser.add_argument("--stages", default=",".join(STAGES), help="the stages to run (generate, load and "
+                        "embed make what the others read)")
     parser.add_argument("--work", default=None, help="folder for the datasets, runs and caches "
                         "(a new temporary one by default, removed at the end)")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",") if args.top is None or int(s) <= args.top]
+    stages = [s for s in STAGES if s in args.stages.split(",")]
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench-scale-"))
     rows = []
     try:
         for n in sizes:
             data, run_dir = work / f"synth-{n}", work / f"run-{n}"
-            for stage in STAGES:
+            for stage in stages:
                 measured = run_stage(stage, data, run_dir, args.epochs, n)
                 per = 1000 / n / (args.epochs if stage in PER_EPOCH else 1)
                 rows.append({"images": n, "stage": stage, "s_per_1000": measured["seconds"] * per,
@@ -115,14 +118,14 @@ def main():
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
-    print_table(rows, sizes, args.epochs)
+    print_table(rows, sizes, stages, args.epochs)
 
 
-def print_table(rows, sizes, epochs):
+def print_table(rows, sizes, stages, epochs):
     smallest = {r["stage"]: r["s_per_1000"] for r in rows if r["images"] == sizes[0]}
     print(f"\n| stage | {' | '.join(f'{n:,} images: s/1000 (ratio), peak MB' for n in sizes)} |")
     print("|---|" + "---|" * len(sizes))
-    for stage in STAGES:
+    for stage in stages:
         cells = []
         for n in sizes:
             row = next(r for r in rows if r["images"] == n and r["stage"] == stage)
@@ -130,9 +133,10 @@ def print_table(rows, sizes, epochs):
             cells.append(f"{row['s_per_1000']:.2f} ({ratio:.2f}×), {row['peak_mb']:.0f}")
         name = f"{stage} (per epoch, {epochs} epochs)" if stage in PER_EPOCH else stage
         print(f"| {name} | {' | '.join(cells)} |")
-    print("\nRay-local extraction (embed-ray) against in-process (embed), throughput ratio: "
-          + "; ".join(f"{n:,} images {ray_ratio(rows, n, False):.2f} (without the instance's start "
-                      f"{ray_ratio(rows, n, True):.2f})" for n in sizes))
+    if {"embed", "embed-ray"} <= set(stages):
+        print("\nRay-local extraction (embed-ray) against in-process (embed), throughput ratio: "
+              + "; ".join(f"{n:,} images {ray_ratio(rows, n, False):.2f} (without the instance's start "
+                          f"{ray_ratio(rows, n, True):.2f})" for n in sizes))
 
 
 def ray_ratio(rows, n, without_start):

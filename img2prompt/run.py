@@ -25,9 +25,10 @@ stage runs, so that inference (``predict``) stays light.
 
 import contextlib
 import dataclasses
+import functools
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,18 +86,18 @@ def decoder_input(grid, colors, grid_map="last") -> str:
 class StudyData:
     """A dataset with its split and its embeddings (image, target text, metric text, and
     the decoder's input: the image embedding followed by its feature-map grid and colour
-    histograms, ``ImageEncoder.forward``)."""
+    histograms, ``ImageEncoder.forward``, read by ``decoder_input`` when first used)."""
 
     dataset: ImageDataset
     splits: np.ndarray
     image_emb: np.ndarray
     target_emb: np.ndarray
     metric_emb: np.ndarray
-    decoder_emb: np.ndarray = None
+    decoder_input: Callable = None
 
-    def __post_init__(self):
-        if self.decoder_emb is None:
-            self.decoder_emb = self.image_emb
+    @functools.cached_property
+    def decoder_emb(self) -> np.ndarray:
+        return self.image_emb if self.decoder_input is None else self.decoder_input()
 
     def part(self, split) -> "SplitPart":
         return SplitPart(self, self.splits == split)

@@ -46,10 +46,10 @@ def test_ray_extracts_the_in_process_features_into_the_same_cache_entry(local_ra
     dataset = load_dataset(small_dataset)
     config = StudyConfig(data_dir=str(small_dataset), cache_dir=str(tmp_path / "ray"), embed_batch_size=5,
                          engine="ray")  # the default decoder input: pooled, grid of both maps, colours
-    *_, on_ray = dataset_embeddings(config, dataset, progress=False, log=lambda _: None)
+    on_ray = dataset_embeddings(config, dataset, progress=False, log=lambda _: None)[3]()
     assert ray.is_initialized()  # a running instance is left running
     local = StudyConfig(data_dir=str(small_dataset), cache_dir=str(tmp_path / "local"))
-    *_, in_process = dataset_embeddings(local, dataset, progress=False, log=lambda _: None)
+    in_process = dataset_embeddings(local, dataset, progress=False, log=lambda _: None)[3]()
     np.testing.assert_allclose(on_ray, in_process, atol=1e-5)
     names = [sorted(p.name for p in (tmp_path / side / "embeddings").glob("*.safetensors"))
              for side in ("ray", "local")]

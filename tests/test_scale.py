@@ -1,5 +1,6 @@
 """Flat cost per image: evaluation works in blocks of bounded size, whatever the number of
-test images and the size of the bank (issue 12)."""
+test images and the size of the bank, and a stage reads only the embeddings it uses
+(issue 12)."""
 
 import tracemalloc
 
@@ -38,3 +39,22 @@ def test_evaluation_memory_stays_bounded_as_the_test_set_grows(measure):
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert peak < 120e6, f"{measure}: peak {peak / 1e6:.0f} MB"
+
+
+def test_the_decoder_input_is_read_only_by_the_stages_that_use_it(trained_run):
+    from img2prompt.encoders.embeddings import EmbeddingCache, image_embeddings
+    from img2prompt.run import Run
+    run = Run.open(trained_run["run"])  # the default decoder input: pooled, grid of both maps, colours
+    data = run.data(progress=False)  # what the mapper's training and evaluation read
+    assert data.image_emb.shape[1] == 1280 and "decoder_emb" not in vars(data)  # not read yet
+    np.testing.assert_array_equal(data.decoder_emb[:, :1280], data.image_emb)  # read now, whole
+    whole_rows = data.decoder_emb.nbytes
+    assert whole_rows == len(data.image_emb) * run.image_encoder().feature_dim(3, 4, "both") * 4
+
+    tracemalloc.start()  # the pooled columns come from the cache entry without its other columns
+    pooled, info = image_embeddings(data.dataset, run.image_encoder(), EmbeddingCache(run.config.cache_dir),
+                                    grid=3, colors=4, grid_map="both", columns=slice(0, 1280))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert info["cached"] and peak < whole_rows / 4
+    np.testing.assert_array_equal(pooled, data.image_emb)

@@ -73,15 +73,16 @@ class EmbeddingCache:
         return lock(self.root / f".{self.path(kind, key).stem}.lock",
                     f"embedding cache entry {self.path(kind, key)}")
 
-    def load(self, kind, key):
-        return self._read(self.path(kind, key))
+    def load(self, kind, key, columns=None):
+        """The entry's array (``columns``: only those columns, read from the file), or None."""
+        return self._read(self.path(kind, key), columns)
 
     @staticmethod
-    def _read(path):
+    def _read(path, columns=None):
         if not path.is_file():
             return None
         try:
-            return load_tensors(path, "cache entry", "", framework="numpy")[0]["embeddings"]
+            return load_tensors(path, "cache entry", "", framework="numpy", columns=columns)[0]["embeddings"]
         except (RunError, KeyError):
             return None  # unreadable entry: recompute and overwrite it
 
@@ -188,7 +189,8 @@ def preprocessed_batches(paths, encoder, batch_size=32, num_workers=-1, progress
 
 
 def image_embeddings(dataset, encoder, cache: EmbeddingCache = None, batch_size=32, num_workers=-1,
-                     progress=True, resume=False, grid=0, colors=0, grid_map="last", engine=None):
+                     progress=True, resume=False, grid=0, colors=0, grid_map="last", engine=None,
+                     columns=None):
     """Image embeddings of a dataset, from the cache when the same data and encoder ran before.
 
     With a cache, the rows are saved in a shard every ``RESUME_CHUNK`` images (appended, so
@@ -198,6 +200,7 @@ def image_embeddings(dataset, encoder, cache: EmbeddingCache = None, batch_size=
     the ``grid_map`` feature map over grid x grid cells after the pooled features,
     ``colors`` > 0 colour histograms. ``engine`` (a ``ray_engine.RayEngine``, with the
     encoder it prepared) extracts on Ray instead of in this process, into the same entry.
+    ``columns`` (a slice) returns only those columns: a cached entry is read only there.
     """
     key = {"kind": "image", "images": dataset.images_fingerprint(), "encoder": encoder.fingerprint()}
     if grid:  # pooled-only keys stay as they were, so their cache entries stay valid
@@ -215,13 +218,16 @@ def image_embeddings(dataset, encoder, cache: EmbeddingCache = None, batch_size=
         batches = functools.partial(feature_batches, encoder=encoder, batch_size=batch_size,
                                     num_workers=num_workers, progress=progress,
                                     max_pixels=dataset.max_pixels, grid=grid, colors=colors, grid_map=grid_map)
+    columns = columns or slice(None)
     if cache is None:
-        return _extract(dataset, batches, encoder.feature_dim(grid, colors, grid_map), None, key, False, info)
-    cached = cache.load("image", key)
+        array, info = _extract(dataset, batches, encoder.feature_dim(grid, colors, grid_map), None, key, False, info)
+        return np.ascontiguousarray(array[:, columns]), info
+    cached = cache.load("image", key, columns)
     if cached is not None and cached.shape[0] == len(dataset):
         return cached, {**info, "cached": True}
     with cache.lock("image", key):
-        return _extract(dataset, batches, encoder.feature_dim(grid, colors, grid_map), cache, key, resume, info)
+        array, info = _extract(dataset, batches, encoder.feature_dim(grid, colors, grid_map), cache, key, resume, info)
+    return np.ascontiguousarray(array[:, columns]), info  # the other columns are freed
 
 
 def _extract(dataset, batches, width, cache, key, resume, info):
@@ -290,14 +296,16 @@ def trunk_features(dataset, encoder, tune_blocks, cache: EmbeddingCache = None, 
 
 
 def dataset_embeddings(config, dataset, progress=True, log=print, resume=False, encoder=None):
-    """(image, target-space prompt, metric-space prompt, decoder input) embeddings of a
-    dataset with the encoders of ``config`` (a StudyConfig), through its cache; ``resume``
-    continues an interrupted image extraction.
+    """(image, target-space prompt, metric-space prompt) embeddings of a dataset with the
+    encoders of ``config`` (a StudyConfig), through its cache, and a function that reads the
+    decoder's input (None when it is the image embedding); ``resume`` continues an
+    interrupted image extraction.
 
     The image embedding is the pooled vector; the decoder input adds the grid of
     ``config.decoder_grid`` over the ``config.decoder_map`` feature map and the colour
     histograms of ``config.decoder_colors`` (one extraction gives both: the pooled vector
-    leads each row).
+    leads each row). Only the pooled columns are read at first: the whole rows are ten
+    times wider, and only the decoder's stages read them.
     ``encoder`` replaces the one ``config`` names (a run's fine-tuned encoder). With
     ``config.engine`` ray the images are encoded on Ray (``ray_engine``), into the same entry."""
     from img2prompt.encoders.image import image_encoder
@@ -310,10 +318,17 @@ def dataset_embeddings(config, dataset, progress=True, log=print, resume=False, 
         from img2prompt.encoders.ray_engine import RayEngine
         engine = RayEngine(config.ray_address)
         encoder = engine.prepare(encoder, config.device)
-    decoder_emb, info = image_embeddings(dataset, encoder, cache, config.embed_batch_size,
-                                         config.num_workers, progress, resume, config.decoder_grid,
-                                         config.decoder_colors, config.decoder_map, engine)
-    image_emb = decoder_emb[:, :encoder.dim]
+
+    def image_columns(columns, resume=False):
+        return image_embeddings(dataset, encoder, cache, config.embed_batch_size, config.num_workers, progress,
+                                resume, config.decoder_grid, config.decoder_colors, config.decoder_map, engine,
+                                columns)
+
+    image_emb, info = image_columns(slice(0, encoder.dim), resume)  # the pooled vector leads each row
+    decoder_input = None
+    if config.decoder_grid or config.decoder_colors:  # the whole rows, read when a decoder stage needs them
+        def decoder_input():
+            return image_columns(None)[0]
     if info.get("resumed_rows"):
         log(f"image embeddings: resumed after {info['resumed_rows']} images done by an earlier run")
     name = f"{encoder.name}, fine-tuned" if encoder.tuned else encoder.name
@@ -331,7 +346,7 @@ def dataset_embeddings(config, dataset, progress=True, log=print, resume=False, 
     target_emb = text_embeddings(dataset.prompts, target, cache, progress=progress)
     metric_emb = (target_emb if config.text_encoder == METRIC_ENCODER
                   else text_embeddings(dataset.prompts, metric_encoder(config.device), cache, progress=progress))
-    return image_emb, target_emb, metric_emb, decoder_emb
+    return image_emb, target_emb, metric_emb, decoder_input
 
 
 def measure_throughput(paths, config) -> float:

@@ -28,16 +28,18 @@ def save_tensors(path, tensors: dict, metadata: dict):
         save_file(tensors, str(tmp), metadata={k: json.dumps(v, default=str) for k, v in metadata.items()})
 
 
-def load_tensors(path, what, fix, framework="pt", required=()) -> tuple:
+def load_tensors(path, what, fix, framework="pt", required=(), columns=None) -> tuple:
     """(tensors, metadata) of a file written by ``save_tensors``; RunError naming the file
-    when it is missing or unreadable, or lacks one of the ``required`` metadata keys."""
+    when it is missing or unreadable, or lacks one of the ``required`` metadata keys.
+    ``columns`` (a slice) reads only those columns of 2-D tensors, straight from the file."""
     path = Path(path)
     if not path.is_file():
         raise RunError(f"{path}: no {what}. {fix}")
     try:
         with safe_open(str(path), framework=framework) as handle:
             metadata = {key: json.loads(value) for key, value in (handle.metadata() or {}).items()}
-            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+            tensors = {name: handle.get_tensor(name) if columns is None else handle.get_slice(name)[:, columns]
+                       for name in handle.keys()}
     except (SafetensorError, OSError, ValueError) as error:  # ValueError: JSON of the metadata
         raise RunError(f"{path}: not a readable {what} ({type(error).__name__}: {error}). {fix}") from None
     missing = [key for key in required if key not in metadata]
