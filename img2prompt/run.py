@@ -292,8 +292,6 @@ class Run:
         from img2prompt.models.mapper import load_mapper, save_mapper
         from img2prompt.reports.plots import plot_history, save_figure
 
-        if distributed.world_size() > 1 and self.config.tune == "encoder":
-            raise RunError("--tune encoder does not run under torchrun yet; train in one process.")
         if not distributed.is_main():
             return self._follow_training(resume)
         with self._lock():
@@ -311,7 +309,7 @@ class Run:
             tune = config.tune == "encoder"
             head_file = self._path(FROZEN_MODEL_FILE if tune else MODEL_FILE)
             state = self._path(TRAINING_STATE_FILE)
-            if resume and tune and self.folder.owns(head_file) and head_file.is_file():
+            if self._head_trained(resume):
                 log("resuming: the mapper on frozen features is trained; fine-tuning")
                 model, history = load_mapper(head_file), self.history()
             else:
@@ -344,12 +342,24 @@ class Run:
                             val_part["target_emb"], self.config, progress, state_path=state,
                             resume=resume and state.is_file(), device=self.device)
 
+    def _head_trained(self, resume) -> bool:
+        """Whether a resumed ``--tune encoder`` run has its mapper on frozen features already."""
+        head_file = self._path(FROZEN_MODEL_FILE)
+        return resume and self.config.tune == "encoder" and self.folder.owns(head_file) and head_file.is_file()
+
     def _follow_training(self, resume) -> dict:
         """A follower under torchrun (``distributed``): once the main process has the
-        embeddings in the cache, train beside it on a share of each batch; write nothing."""
+        embeddings in the cache, train beside it on a share of each batch (the mapper, then
+        the encoder's top with it); write nothing."""
+        from img2prompt.models.mapper import load_mapper
         data = self._follower_data()
         train_part, val_part = data.part("train"), data.part("val")
-        _, history = self._train_mapper(train_part, val_part, False, resume)
+        if self._head_trained(resume):  # as the main process does
+            model, history = load_mapper(self._path(FROZEN_MODEL_FILE)), self.history()
+        else:
+            model, history = self._train_mapper(train_part, val_part, False, resume)
+        if self.config.tune == "encoder":
+            self._fine_tune(data, model, resume, False, _quiet)
         return self._summary(history, train_part, val_part)
 
     def _follower_data(self) -> StudyData:
@@ -367,7 +377,9 @@ class Run:
 
     def _fine_tune(self, data, mapper, resume, progress, log) -> dict:
         """Fine-tune the encoder's top blocks with ``mapper``; save them and the tuned mapper,
-        then make the run's features anew with the tuned encoder."""
+        then make the run's features anew with the tuned encoder (a torchrun follower only
+        trains beside the main process: None)."""
+        from img2prompt import distributed
         from img2prompt.encoders.embeddings import EmbeddingCache, trunk_features
         from img2prompt.models.finetune import fine_tune, save_tuned
         from img2prompt.models.mapper import save_mapper
@@ -375,8 +387,14 @@ class Run:
 
         config, encoder = self.config, self.image_encoder(tuned=False)
         started = time.perf_counter()
-        trunk = trunk_features(data.dataset, encoder, config.tune_blocks, EmbeddingCache(config.cache_dir),
-                               config.embed_batch_size, config.num_workers, progress)
+
+        def trunk_of_every_image():
+            return trunk_features(data.dataset, encoder, config.tune_blocks, EmbeddingCache(config.cache_dir),
+                                  config.embed_batch_size, config.num_workers, progress)
+
+        trunk = distributed.main_first(trunk_of_every_image)
+        if trunk is None:  # a follower: from the cache, once the main process has put it there
+            trunk = trunk_of_every_image()
         trunk_seconds = time.perf_counter() - started
         state = self._path(TUNE_STATE_FILE)
         resumed = resume and state.is_file()
@@ -386,6 +404,8 @@ class Run:
         model, history = fine_tune(encoder, mapper, trunk[train], data.target_emb[train], trunk[val],
                                    data.target_emb[val], config, progress, state_path=state,
                                    resume=resumed, device=self.device)
+        if not distributed.is_main():
+            return None
         save_tuned(model, self._path(TUNED_ENCODER_FILE))
         save_mapper(model.mapper, self._path(MODEL_FILE))
         write_csv(self._path(TUNE_HISTORY_FILE), history)

@@ -76,3 +76,21 @@ def test_two_processes_train_the_decoder_one_process_trains(one_and_two_processe
     weights = [load_decoder(run / "decoder.safetensors").model.state_dict() for run in (one, two)]
     for name, tensor in weights[0].items():
         np.testing.assert_allclose(tensor.numpy(), weights[1][name].numpy(), atol=1e-4, err_msg=name)
+
+
+def test_two_processes_fine_tune_the_encoder_as_one_process(trained_run, cache_dir, tmp_path):
+    from img2prompt.storage.checkpoints import load_tensors
+    options = ["--data", str(trained_run["data"]), "--cache-dir", str(cache_dir), "--max-epochs", "6",
+               "--batch-size", "32", "--tune", "encoder", "--tune-blocks", "2", "--tune-epochs", "3",
+               "--tune-batch-size", "16", "--tune-patience", "3", "--quiet"]
+    assert main(["train", "--out", str(tmp_path / "one"), *options]) == 0
+    result = torchrun("train", "--out", str(tmp_path / "two"), *options)
+    assert result.returncode == 0, result.stderr[-3000:]
+    histories = [pd.read_csv(tmp_path / run / "tune_history.csv") for run in ("one", "two")]
+    assert len(histories[0]) == len(histories[1]) == 4  # epoch 0 (the frozen start) and three more
+    for column in ("train_loss", "val_cosine"):
+        np.testing.assert_allclose(histories[0][column], histories[1][column], atol=1e-5, err_msg=column)
+    tuned = [load_tensors(tmp_path / run / "encoder.safetensors", "tuned", "")[0] for run in ("one", "two")]
+    assert tuned[0].keys() == tuned[1].keys()
+    for name, tensor in tuned[0].items():
+        np.testing.assert_allclose(tensor.numpy(), tuned[1][name].numpy(), atol=1e-4, err_msg=name)

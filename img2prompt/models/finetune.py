@@ -21,8 +21,10 @@ import time
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from img2prompt import distributed
 from img2prompt.devices import autocast, rng_state
 from img2prompt.errors import DataError, RunError
 from img2prompt.models.training import (CHECKPOINT_SECONDS, CPU, cosine_loss, restore_training_state,
@@ -52,8 +54,8 @@ class TunedTop(nn.Module):
             hidden = hidden.contiguous(memory_format=torch.channels_last)
         return self.encoder.top(self.encoder.model, hidden, self.tune_blocks).mean(dim=(2, 3))
 
-    def forward(self, hidden):
-        return self.mapper(self.features(hidden))
+    def forward(self, hidden, keep=None):
+        return self.mapper(self.features(hidden), keep)
 
     def train(self, mode=True):
         super().train(mode)
@@ -80,7 +82,9 @@ def fine_tune(encoder, mapper, trunk_train, y_train, trunk_val, y_val, config, p
     with one row per epoch: train_loss, val_cosine, seconds, images_per_s, best).
 
     Seeded from ``config.seed``. With ``state_path`` the training state is saved as it goes
-    and ``resume`` continues it (refused for other data or settings), as for the mapper."""
+    and ``resume`` continues it (refused for other data or settings), as for the mapper.
+    Under torchrun each process trains on its share of every batch (``distributed``), with
+    the mapper's dropout masks of one process, and the gradients are summed before each step."""
     if len(trunk_train) == 0 or len(trunk_val) == 0:
         raise DataError("fine-tuning needs images in both the train and val splits.")
     torch.manual_seed(config.seed)
@@ -98,9 +102,12 @@ def fine_tune(encoder, mapper, trunk_train, y_train, trunk_val, y_val, config, p
         if config.ema_decay > 0 else None)
     kept = lambda: average.module if average is not None else model  # noqa: E731 - what is validated
     shuffler = torch.Generator().manual_seed(config.seed)
+    dropper = torch.Generator().manual_seed(config.seed + 1)  # the mapper's dropout masks, alike everywhere
     best_state, best_cosine, best_epoch, rows, first_epoch = None, -np.inf, 0, [], 1
     if resume:
         state = restore_training_state(state_path, inputs, model, optimizer, shuffler, device)
+        if "dropper" in state:  # (states saved before the masks were shared have none)
+            dropper.set_state(state["dropper"])
         if average is not None:
             average.load_state_dict(state["average"])
         best_state, best_cosine, best_epoch = state["best_state"], state["best_cosine"], state["best_epoch"]
@@ -122,17 +129,22 @@ def fine_tune(encoder, mapper, trunk_train, y_train, trunk_val, y_val, config, p
             optimizer.zero_grad()
             for number, begin in enumerate(range(0, len(order), batch), start=1):
                 index = order[begin:begin + batch]
-                hidden, target = trunk_train[index].to(device), y_train[index].to(device)
+                mine = distributed.share(index)  # the whole batch in one process
+                keep = [distributed.share(mask).to(device) for mask in model.mapper.dropout_masks(len(index), dropper)]
+                hidden, target = trunk_train[mine].to(device), y_train[mine].to(device)
                 with autocast(device):
-                    loss = cosine_loss(model(hidden), target)
+                    # this share's part of the batch's mean loss: the parts add up to it
+                    loss = (1.0 - F.cosine_similarity(model(hidden, keep), target, dim=1)).sum() / len(index)
                 (loss / steps).backward()
                 total += loss.item() * len(index)
                 if number % steps == 0 or begin + batch >= len(order):
+                    distributed.sum_gradients(model.parameters())
                     optimizer.step()
                     optimizer.zero_grad()
                     if average is not None:
                         average.update_parameters(model)
             seconds = time.perf_counter() - start
+            total = distributed.sum_number(total)
             val_cosine = _val_cosine(kept(), trunk_val, y_val, device)
             rows.append({"epoch": epoch, "train_loss": total / len(trunk_train), "val_cosine": val_cosine,
                          "seconds": time.perf_counter() - start, "images_per_s": len(trunk_train) / seconds})
@@ -143,11 +155,12 @@ def fine_tune(encoder, mapper, trunk_train, y_train, trunk_val, y_val, config, p
             bar.set_postfix(val_cos=f"{val_cosine:.4f}", best=best_epoch)
             if epoch - best_epoch >= config.tune_patience:
                 break
-            if state_path and time.perf_counter() - last_save >= CHECKPOINT_SECONDS:
+            if state_path and distributed.is_main() and time.perf_counter() - last_save >= CHECKPOINT_SECONDS:
                 save_training_state(state_path, {
                     "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "average": average.state_dict() if average is not None else {},
-                    "shuffler": shuffler.get_state(), "dropout_rng": rng_state(device),
+                    "shuffler": shuffler.get_state(), "dropper": dropper.get_state(),
+                    "dropout_rng": rng_state(device),
                     "best_state": best_state, "best_cosine": best_cosine, "best_epoch": best_epoch,
                     "history": rows, "epoch": epoch, "inputs": inputs})
                 last_save = time.perf_counter()
