@@ -21,14 +21,13 @@ import time
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from img2prompt import distributed
 from img2prompt.devices import autocast, rng_state
 from img2prompt.errors import DataError, RunError
-from img2prompt.models.training import (CHECKPOINT_SECONDS, CPU, cosine_loss, restore_training_state,
-                                        save_training_state, training_fingerprint)
+from img2prompt.models.training import (CHECKPOINT_SECONDS, CPU, batch_share_loss, cosine_loss,
+                                        restore_training_state, save_training_state, training_fingerprint)
 from img2prompt.progress import progress_bar
 from img2prompt.storage.checkpoints import save_tensors
 
@@ -129,12 +128,7 @@ def fine_tune(encoder, mapper, trunk_train, y_train, trunk_val, y_val, config, p
             optimizer.zero_grad()
             for number, begin in enumerate(range(0, len(order), batch), start=1):
                 index = order[begin:begin + batch]
-                mine = distributed.share(index)  # the whole batch in one process
-                keep = [distributed.share(mask).to(device) for mask in model.mapper.dropout_masks(len(index), dropper)]
-                hidden, target = trunk_train[mine].to(device), y_train[mine].to(device)
-                with autocast(device):
-                    # this share's part of the batch's mean loss: the parts add up to it
-                    loss = (1.0 - F.cosine_similarity(model(hidden, keep), target, dim=1)).sum() / len(index)
+                loss = batch_share_loss(model, model.mapper, trunk_train, y_train, index, dropper, device)
                 (loss / steps).backward()
                 total += loss.item() * len(index)
                 if number % steps == 0 or begin + batch >= len(order):

@@ -24,6 +24,17 @@ def cosine_loss(predicted, target):
     return 1.0 - F.cosine_similarity(predicted, target, dim=1).mean()
 
 
+def batch_share_loss(model, mapper, inputs, targets, index, dropper, device):
+    """This process's part of the mean 1 − cosine of the batch ``index`` (the parts of all
+    processes add up to it; the whole of it in one process), with ``mapper``'s dropout
+    masks drawn for the whole batch from ``dropper`` (``Mapper.dropout_masks``)."""
+    mine = distributed.share(index)
+    keep = [distributed.share(mask).to(device) for mask in mapper.dropout_masks(len(index), dropper)]
+    with autocast(device):
+        cosines = F.cosine_similarity(model(inputs[mine].to(device), keep), targets[mine].to(device), dim=1)
+        return (1.0 - cosines).sum() / len(index)
+
+
 CPU = torch.device("cpu")
 CHECKPOINT_SECONDS = 20  # least time between two saves of the training state
 
@@ -73,12 +84,7 @@ def train_mapper(x_train, y_train, x_val, y_val, config, progress=True, state_pa
             total = 0.0
             for begin in range(0, len(order), config.batch_size):
                 index = order[begin:begin + config.batch_size]
-                mine = distributed.share(index)  # the whole batch in one process
-                keep = [distributed.share(mask).to(device) for mask in model.dropout_masks(len(index), dropper)]
-                with autocast(device):
-                    # this share's part of the batch's mean loss: the parts add up to it
-                    cosines = F.cosine_similarity(model(x_train[mine], keep), y_train[mine], dim=1)
-                    loss = (1.0 - cosines).sum() / len(index)
+                loss = batch_share_loss(model, model, x_train, y_train, index, dropper, device)
                 optimizer.zero_grad()
                 loss.backward()
                 distributed.sum_gradients(model.parameters())

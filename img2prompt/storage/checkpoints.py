@@ -14,6 +14,9 @@ from safetensors import SafetensorError, safe_open
 from img2prompt.errors import RunError
 from img2prompt.storage.files import atomic_path
 
+NUMPY_TYPES = {"F16": np.float16, "F32": np.float32, "F64": np.float64}  # safetensors' names
+ROWS_PER_READ = 64  # a block of rows read at once when only some columns are wanted
+
 
 def save_tensors(path, tensors: dict, metadata: dict):
     """Write ``tensors`` (all torch tensors or all numpy arrays) with ``metadata`` (each
@@ -38,7 +41,7 @@ def load_tensors(path, what, fix, framework="pt", required=(), columns=None) -> 
     try:
         with safe_open(str(path), framework=framework) as handle:
             metadata = {key: json.loads(value) for key, value in (handle.metadata() or {}).items()}
-            tensors = {name: handle.get_tensor(name) if columns is None else handle.get_slice(name)[:, columns]
+            tensors = {name: handle.get_tensor(name) if columns is None else _read_columns(path, name, columns)
                        for name in handle.keys()}
     except (SafetensorError, OSError, ValueError) as error:  # ValueError: JSON of the metadata
         raise RunError(f"{path}: not a readable {what} ({type(error).__name__}: {error}). {fix}") from None
@@ -46,6 +49,27 @@ def load_tensors(path, what, fix, framework="pt", required=(), columns=None) -> 
     if missing:
         raise RunError(f"{path}: not an img2prompt {what} (no {', '.join(missing)} in its metadata). {fix}")
     return tensors, metadata
+
+
+def _read_columns(path, name, columns):
+    """``columns`` (a slice) of the 2-D tensor ``name``, read a block of rows at a time with
+    plain reads, so that memory holds the result and one block: a memory map (safetensors'
+    slices) touches every row, which makes the whole tensor resident. The file layout is
+    safetensors' own: an 8-byte little-endian header length, the JSON header, the data."""
+    with open(path, "rb") as file:
+        size = int.from_bytes(file.read(8), "little")
+        spec = json.loads(file.read(size))[name]
+        rows, width = spec["shape"]
+        dtype = np.dtype(NUMPY_TYPES[spec["dtype"]]).newbyteorder("<")
+        out = np.empty((rows, len(range(width)[columns])), dtype=dtype.newbyteorder("="))
+        block = np.empty((min(ROWS_PER_READ, rows), width), dtype=dtype)
+        file.seek(8 + size + spec["data_offsets"][0])
+        for start in range(0, rows, len(block)):
+            part = block[:min(len(block), rows - start)]
+            if file.readinto(memoryview(part).cast("B")) != part.nbytes:
+                raise ValueError(f"the data of '{name}' ends early")
+            out[start:start + len(part)] = part[:, columns]
+    return out
 
 
 def foreign(path, what, error, fix) -> RunError:
