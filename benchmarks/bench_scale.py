@@ -42,7 +42,7 @@ from img2prompt.config import StudyConfig
 from img2prompt.run import Run
 config = StudyConfig(data_dir=data, run_dir=run_dir, cache_dir=run_dir + "-cache", max_epochs=epochs,
                      patience=epochs, decoder_epochs=epochs, decoder_patience=epochs, bootstrap=1000)
-start = time.perf_counter()
+start, started = time.perf_counter(), 0.0  # started: a local Ray instance's start (embed-ray)
 if stage == "generate":
     from img2prompt.data.synth import SynthParams, generate_dataset
     generate_dataset(data, SynthParams(n=int(sys.argv[5])))
@@ -73,7 +73,7 @@ else:
         run.train_decoder(progress=False)
 seconds = time.perf_counter() - start
 peak = int(re.search(r"VmHWM:\s+(\d+)", open("/proc/self/status").read()).group(1)) / 1024
-print(json.dumps({"seconds": seconds, "peak_mb": peak, "start_s": locals().get("started", 0.0)}))
+print(json.dumps({"seconds": seconds, "peak_mb": peak, "start_s": started}))
 '''
 
 STAGES = ("generate", "load", "embed", "embed-ray", "train", "evaluate", "decoder")

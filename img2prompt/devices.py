@@ -54,16 +54,3 @@ def pin_memory(device: torch.device) -> bool:
     """Whether DataLoaders should pin their batches (only worth it for a GPU)."""
     return device.type == "cuda"
 
-
-def rng_state(device: torch.device) -> dict:
-    """The random generators a training step draws from on ``device`` (dropout), to resume."""
-    state = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state: dict, device: torch.device):
-    torch.set_rng_state(state["cpu"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)

@@ -86,18 +86,18 @@ def decoder_input(grid, colors, grid_map="last") -> str:
 class StudyData:
     """A dataset with its split and its embeddings (image, target text, metric text, and
     the decoder's input: the image embedding followed by its feature-map grid and colour
-    histograms, ``ImageEncoder.forward``, read by ``decoder_input`` when first used)."""
+    histograms, ``ImageEncoder.forward``, read by ``load_decoder_emb`` when first used)."""
 
     dataset: ImageDataset
     splits: np.ndarray
     image_emb: np.ndarray
     target_emb: np.ndarray
     metric_emb: np.ndarray
-    decoder_input: Callable = None
+    load_decoder_emb: Callable = None
 
     @functools.cached_property
     def decoder_emb(self) -> np.ndarray:
-        return self.image_emb if self.decoder_input is None else self.decoder_input()
+        return self.image_emb if self.load_decoder_emb is None else self.load_decoder_emb()
 
     def part(self, split) -> "SplitPart":
         return SplitPart(self, self.splits == split)
@@ -106,7 +106,7 @@ class StudyData:
 class SplitPart(Mapping):
     """One split's rows of a StudyData, read like a dict: ``ids``, ``prompts``, ``images``
     and the embeddings. Each field is copied out of the whole arrays when first read, so a
-    stage holds only what it uses (the decoder's input alone is 2,928 numbers per image)."""
+    stage holds only what it uses (the decoder's input alone is 14,448 numbers per image)."""
 
     FIELDS = ("ids", "prompts", "images", "image_emb", "target_emb", "metric_emb", "decoder_emb")
 

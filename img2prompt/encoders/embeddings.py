@@ -210,14 +210,10 @@ def image_embeddings(dataset, encoder, cache: EmbeddingCache = None, batch_size=
     if colors:
         key["colors"] = colors
     info = {"cache_file": str(cache.path("image", key)) if cache else None}
-    if engine is not None:
-        batches = functools.partial(engine.feature_batches, encoder=encoder, batch_size=batch_size,
-                                    progress=progress, max_pixels=dataset.max_pixels, grid=grid,
-                                    colors=colors, grid_map=grid_map)
-    else:
-        batches = functools.partial(feature_batches, encoder=encoder, batch_size=batch_size,
-                                    num_workers=num_workers, progress=progress,
-                                    max_pixels=dataset.max_pixels, grid=grid, colors=colors, grid_map=grid_map)
+    in_process = functools.partial(feature_batches, num_workers=num_workers)
+    batches = functools.partial(engine.feature_batches if engine is not None else in_process, encoder=encoder,
+                                batch_size=batch_size, progress=progress, max_pixels=dataset.max_pixels,
+                                grid=grid, colors=colors, grid_map=grid_map)
     columns = columns or slice(None)
     if cache is None:
         array, info = _extract(dataset, batches, encoder.feature_dim(grid, colors, grid_map), None, key, False, info)
@@ -325,9 +321,9 @@ def dataset_embeddings(config, dataset, progress=True, log=print, resume=False, 
                                 columns)
 
     image_emb, info = image_columns(slice(0, encoder.dim), resume)  # the pooled vector leads each row
-    decoder_input = None
+    load_decoder_emb = None
     if config.decoder_grid or config.decoder_colors:  # the whole rows, read when a decoder stage needs them
-        def decoder_input():
+        def load_decoder_emb():
             return image_columns(None)[0]
     if info.get("resumed_rows"):
         log(f"image embeddings: resumed after {info['resumed_rows']} images done by an earlier run")
@@ -346,7 +342,7 @@ def dataset_embeddings(config, dataset, progress=True, log=print, resume=False, 
     target_emb = text_embeddings(dataset.prompts, target, cache, progress=progress)
     metric_emb = (target_emb if config.text_encoder == METRIC_ENCODER
                   else text_embeddings(dataset.prompts, metric_encoder(config.device), cache, progress=progress))
-    return image_emb, target_emb, metric_emb, decoder_input
+    return image_emb, target_emb, metric_emb, load_decoder_emb
 
 
 def measure_throughput(paths, config) -> float:

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from img2prompt import distributed
-from img2prompt.devices import autocast, rng_state
+from img2prompt.devices import autocast
 from img2prompt.errors import DataError, RunError
 from img2prompt.models.training import (CHECKPOINT_SECONDS, CPU, batch_share_loss, cosine_loss,
                                         restore_training_state, save_training_state, training_fingerprint)
@@ -104,9 +104,7 @@ def fine_tune(encoder, mapper, trunk_train, y_train, trunk_val, y_val, config, p
     dropper = torch.Generator().manual_seed(config.seed + 1)  # the mapper's dropout masks, alike everywhere
     best_state, best_cosine, best_epoch, rows, first_epoch = None, -np.inf, 0, [], 1
     if resume:
-        state = restore_training_state(state_path, inputs, model, optimizer, shuffler, device)
-        if "dropper" in state:  # (states saved before the masks were shared have none)
-            dropper.set_state(state["dropper"])
+        state = restore_training_state(state_path, inputs, model, optimizer, shuffler, dropper)
         if average is not None:
             average.load_state_dict(state["average"])
         best_state, best_cosine, best_epoch = state["best_state"], state["best_cosine"], state["best_epoch"]
@@ -154,7 +152,6 @@ def fine_tune(encoder, mapper, trunk_train, y_train, trunk_val, y_val, config, p
                     "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "average": average.state_dict() if average is not None else {},
                     "shuffler": shuffler.get_state(), "dropper": dropper.get_state(),
-                    "dropout_rng": rng_state(device),
                     "best_state": best_state, "best_cosine": best_cosine, "best_epoch": best_epoch,
                     "history": rows, "epoch": epoch, "inputs": inputs})
                 last_save = time.perf_counter()

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from img2prompt import distributed
-from img2prompt.devices import autocast, rng_state, set_rng_state
+from img2prompt.devices import autocast
 from img2prompt.errors import DataError, RunError
 from img2prompt.storage.files import atomic_path
 from img2prompt.models.mapper import Mapper
@@ -69,9 +69,7 @@ def train_mapper(x_train, y_train, x_val, y_val, config, progress=True, state_pa
     dropper = torch.Generator().manual_seed(config.seed + 1)  # dropout masks, alike in every process
     best_state, best_cosine, best_epoch, rows, first_epoch = None, -np.inf, 0, [], 1
     if resume:
-        state = restore_training_state(state_path, inputs, model, optimizer, shuffler, device)
-        if "dropper" in state:  # (states saved before the masks were shared have none)
-            dropper.set_state(state["dropper"])
+        state = restore_training_state(state_path, inputs, model, optimizer, shuffler, dropper)
         best_state, best_cosine, best_epoch = state["best_state"], state["best_cosine"], state["best_epoch"]
         rows, first_epoch = state["history"], state["epoch"] + 1
     last_save = time.perf_counter()
@@ -105,7 +103,6 @@ def train_mapper(x_train, y_train, x_val, y_val, config, progress=True, state_pa
                 save_training_state(state_path, {
                     "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "shuffler": shuffler.get_state(), "dropper": dropper.get_state(),
-                    "dropout_rng": rng_state(device),
                     "best_state": best_state,
                     "best_cosine": best_cosine, "best_epoch": best_epoch, "history": rows,
                     "epoch": epoch, "inputs": inputs})
@@ -129,10 +126,10 @@ def training_fingerprint(config, settings, *arrays) -> str:
     return digest.hexdigest()
 
 
-def restore_training_state(path, inputs, model, optimizer, shuffler, device) -> dict:
+def restore_training_state(path, inputs, model, optimizer, shuffler, dropper) -> dict:
     """Load the training state saved at ``path`` into the model, the optimiser, the shuffling
-    generator and the dropout generator, and return it; refused when it was saved for other
-    ``inputs`` (``training_fingerprint``)."""
+    generator and the dropout masks' generator, and return it; refused when it was saved for
+    other ``inputs`` (``training_fingerprint``)."""
     state = load_training_state(path)
     if state.get("inputs") != inputs:
         raise RunError(f"{path}: this training state was saved for other data or settings, so it "
@@ -140,7 +137,8 @@ def restore_training_state(path, inputs, model, optimizer, shuffler, device) -> 
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     shuffler.set_state(state["shuffler"])
-    set_rng_state(state["dropout_rng"], device)
+    if "dropper" in state:  # (states saved before the masks were shared have none)
+        dropper.set_state(state["dropper"])
     return state
 
 
