@@ -98,12 +98,12 @@ def cmd_embed(args):
     from img2prompt.encoders.embeddings import EmbeddingCache, dataset_embeddings
     config = config_from_args(args, DATA_OPTIONS + ENCODER_OPTIONS + ("device",), data_dir=args.data)
     dataset = load_dataset(config.data_dir, config.on_error, config.max_pixels)
-    if dataset.rejects:
-        record_rejects(dataset, args.rejects or EmbeddingCache(config.cache_dir).rejects_path(config.data_dir), log)
     log(f"dataset {dataset.root}: {len(dataset)} images")
-    image_emb, target_emb, *_ = dataset_embeddings(config, dataset, progress=not args.quiet, log=log,
-                                                  resume=args.resume)
-    print(f"image embeddings: {image_emb.shape}, prompt embeddings: {target_emb.shape} "
+    found = dataset_embeddings(config, dataset, progress=not args.quiet, log=log, resume=args.resume)
+    if found.dataset.rejects:  # the rows refused on loading and the images that did not decode
+        record_rejects(found.dataset, args.rejects or EmbeddingCache(config.cache_dir).rejects_path(config.data_dir),
+                       log)
+    print(f"image embeddings: {found.image_emb.shape}, prompt embeddings: {found.target_emb.shape} "
           f"(cache: {config.cache_dir})")
     return 0
 

@@ -264,9 +264,11 @@ class Run:
             else:  # made by the main process: read them
                 dataset = load_dataset(config.data_dir, config.on_error, config.max_pixels)
                 splits = self.splits(dataset)
-            encoder = self.image_encoder(tuned, config)
-            return StudyData(dataset, splits, *dataset_embeddings(config, dataset, progress, log, resume,
-                                                                  encoder))
+            found = dataset_embeddings(config, dataset, progress, log, resume, self.image_encoder(tuned, config))
+            if lock and found.dataset.rejects != dataset.rejects:  # images found unreadable while embedded
+                record_rejects(found.dataset, self._path(REJECTS_FILE), log)
+            return StudyData(found.dataset, splits[found.kept], found.image_emb, found.target_emb,
+                             found.metric_emb, found.load_decoder_emb)
 
     def image_encoder(self, tuned=None, config=None):
         """The run's image encoder: with its fine-tuned top layers once ``--tune encoder``

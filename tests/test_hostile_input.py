@@ -71,8 +71,10 @@ def test_fail_policy_names_every_problem(hostile_dataset):
 
 def test_skip_policy_keeps_the_good_rows_and_records_the_rest(hostile_dataset):
     dataset = load_dataset(hostile_dataset, on_error="skip")
-    assert dataset.ids == ["good0", "good1", "good2", "good3"]
-    assert len(dataset.rejects) == 9  # 4 bad files, 2 unsafe ids, missing, blank, duplicate
+    # a cut PNG whose header reads is kept here: its pixels are first decoded when it is embedded,
+    # which leaves it out then (next test)
+    assert dataset.ids == ["good0", "good1", "good2", "good3", "cut_png"]
+    assert len(dataset.rejects) == 8  # 3 bad files, 2 unsafe ids, missing, blank, duplicate
     assert all(p.severity == "error" for p in dataset.rejects)
 
 
@@ -93,7 +95,7 @@ def test_cli_skip_writes_rejects_and_a_summary(hostile_dataset, tmp_path, cache_
     assert "kept 4 images, skipped 9" in captured.err
     table = pd.read_csv(rejects)
     assert list(table.columns) == ["item", "problem", "fix"] and len(table) == 9
-    assert table["problem"].str.contains("unreadable image").sum() == 4
+    assert table["problem"].str.contains("not a readable image").sum() == 4  # 3 by the header, 1 decoded
     assert main(["embed", "--data", str(hostile_dataset), "--cache-dir", str(cache_dir), "--quiet"]) == 2
     assert "error:" in capsys.readouterr().err
 
@@ -152,3 +154,27 @@ def test_prompts_over_the_token_limit_are_counted(tmp_path):
     long_prompt = "a very detailed " * 200
     assert encoder.count_truncated([long_prompt, "a short prompt", long_prompt]) == 2
     assert encoder.encode([long_prompt]).shape == (1, 384)  # truncated, not an error
+
+
+def test_the_data_notebook_shows_an_image_that_does_not_decode_as_its_reason(tmp_path):
+    from img2prompt.reports.plots import image_grid
+    (tmp_path / "good.png").write_bytes(png_bytes())
+    whole = png_bytes((64, 64))
+    (tmp_path / "cut.png").write_bytes(whole[:len(whole) - 30])  # passes the header check of loading
+    figure = image_grid([tmp_path / "good.png", tmp_path / "cut.png"], ["one", "two"])
+    texts = [text.get_text() for ax in figure.axes for text in ax.texts]
+    assert len(texts) == 1 and "unreadable image" in texts[0] and "cut.png" in texts[0]
+
+
+def test_an_image_found_unreadable_by_a_skip_run_is_named_by_a_fail_run_from_the_cache(tmp_path, capsys):
+    root = tmp_path / "data"
+    (root / "images").mkdir(parents=True)
+    whole = png_bytes((64, 64))
+    (root / "images" / "a.png").write_bytes(png_bytes())
+    (root / "images" / "b.png").write_bytes(whole[:len(whole) - 30])
+    (root / "prompts.csv").write_text("imgId,prompt\na,one\nb,two\n")
+    cache = ["--cache-dir", str(tmp_path / "cache"), "--quiet"]
+    assert main(["embed", "--data", str(root), "--on-error", "skip", *cache]) == 0
+    assert "kept 1 images, skipped 1" in capsys.readouterr().err
+    assert main(["embed", "--data", str(root), *cache]) == 2
+    assert "b.png: not a readable image" in capsys.readouterr().err

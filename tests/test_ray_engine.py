@@ -46,10 +46,10 @@ def test_ray_extracts_the_in_process_features_into_the_same_cache_entry(local_ra
     dataset = load_dataset(small_dataset)
     config = StudyConfig(data_dir=str(small_dataset), cache_dir=str(tmp_path / "ray"), embed_batch_size=5,
                          engine="ray")  # the default decoder input: pooled, grid of both maps, colours
-    on_ray = dataset_embeddings(config, dataset, progress=False, log=lambda _: None)[3]()
+    on_ray = dataset_embeddings(config, dataset, progress=False, log=lambda _: None).load_decoder_emb()
     assert ray.is_initialized()  # a running instance is left running
     local = StudyConfig(data_dir=str(small_dataset), cache_dir=str(tmp_path / "local"))
-    in_process = dataset_embeddings(local, dataset, progress=False, log=lambda _: None)[3]()
+    in_process = dataset_embeddings(local, dataset, progress=False, log=lambda _: None).load_decoder_emb()
     np.testing.assert_allclose(on_ray, in_process, atol=1e-5)
     names = [sorted(p.name for p in (tmp_path / side / "embeddings").glob("*.safetensors"))
              for side in ("ray", "local")]
@@ -84,12 +84,19 @@ def test_an_interrupted_ray_extraction_resumes_shard_by_shard(local_ray, small_d
     assert not list((tmp_path / "cache" / "embeddings").glob("*.part-*.safetensors"))
 
 
-def test_a_bad_image_is_named_as_in_process(local_ray, small_dataset, tmp_path):
+def test_a_bad_image_is_named_or_skipped_as_in_process(local_ray, small_dataset, tmp_path):
     copy = tmp_path / "data"
     shutil.copytree(small_dataset, copy)
     dataset = load_dataset(copy)
     dataset.paths[7].write_bytes(b"not a png")  # broken after the dataset was checked
     engine = RayEngine()
+    encoder = engine.prepare(image_encoder("efficientnet-lite0"))
     with pytest.raises(DataError, match=f"{dataset.paths[7].name}: not a readable image"):
-        image_embeddings(dataset, engine.prepare(image_encoder("efficientnet-lite0")), progress=False,
-                         batch_size=4, engine=engine)
+        image_embeddings(dataset, encoder, progress=False, batch_size=4, engine=engine)
+    on_ray, info = image_embeddings(dataset, encoder, progress=False, batch_size=4, engine=engine,
+                                    on_error="skip")
+    in_process, local_info = image_embeddings(dataset, image_encoder("efficientnet-lite0"), progress=False,
+                                              batch_size=4, on_error="skip")
+    assert set(info["unreadable"]) == set(local_info["unreadable"]) == {7}
+    assert dataset.paths[7].name in info["unreadable"][7]
+    np.testing.assert_allclose(on_ray, in_process, atol=1e-5)

@@ -11,6 +11,7 @@ from img2prompt.config import StudyConfig
 from img2prompt.data.dataset import load_dataset
 from img2prompt.encoders.embeddings import EmbeddingCache, image_embeddings
 from img2prompt.encoders.image import image_encoder
+from img2prompt.errors import DataError
 from img2prompt.models.mapper import Mapper
 
 
@@ -74,3 +75,34 @@ def test_resume_refuses_a_finished_run(trained_run, capsys):
             "--quiet"]
     assert main(args) == 2
     assert "this run finished; nothing to resume" in capsys.readouterr().err
+
+
+def test_images_found_unreadable_before_an_interruption_are_still_left_out_after_it(
+        small_dataset, tmp_path, monkeypatch):
+    import shutil
+    root = tmp_path / "data"
+    shutil.copytree(small_dataset, root)
+    dataset = load_dataset(root)
+    dataset.paths[3].write_bytes(b"not an image")  # in the first shard
+    dataset.paths[12].write_bytes(b"not an image either")  # after the interruption
+    encoder = image_encoder("efficientnet-lite0")
+    monkeypatch.setattr(embeddings, "RESUME_CHUNK", 8)
+    real_batches = embeddings.feature_batches
+
+    def interrupted_in_the_second_chunk(paths, *args, **kwargs):
+        for indices, features in real_batches(paths, *args, **kwargs):
+            if len(paths) == len(dataset) and indices[0] >= 10:
+                raise KeyboardInterrupt
+            yield indices, features
+
+    cache = EmbeddingCache(tmp_path / "cache")
+    monkeypatch.setattr(embeddings, "feature_batches", interrupted_in_the_second_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        image_embeddings(dataset, encoder, cache, batch_size=5, progress=False, on_error="skip")
+    _, info = image_embeddings(dataset, encoder, cache, batch_size=5, progress=False, resume=True,
+                               on_error="skip")
+    assert info["resumed_rows"] == 8 and set(info["unreadable"]) == {3, 12}
+    _, cached = image_embeddings(dataset, encoder, cache, progress=False, on_error="skip")
+    assert cached["cached"] and cached["unreadable"] == info["unreadable"]
+    with pytest.raises(DataError, match="2 image.*could not be decoded.*--on-error skip"):
+        image_embeddings(dataset, encoder, cache, progress=False)  # the same entry, with --on-error fail

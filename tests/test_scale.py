@@ -2,9 +2,11 @@
 test images and the size of the bank, and a stage reads only the embeddings it uses
 (issue 12)."""
 
+import dataclasses
 import subprocess
 import sys
 import tracemalloc
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -70,3 +72,54 @@ print(peak() - before)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert int(result.stdout.split()[-1]) < 16e6  # the 6.4 MB asked for and a block of rows, not 64 MB
+
+
+@pytest.fixture
+def dataset_with_unreadable_images(small_dataset, tmp_path):
+    """The small dataset with one image cut short (its header reads, its pixels do not) and
+    one that is text: a bad image found only by decoding it, and one found by its header."""
+    import shutil
+    root = tmp_path / "data"
+    shutil.copytree(small_dataset, root)
+    cut = root / "images" / "synth_000003.png"
+    cut.write_bytes(cut.read_bytes()[:-200])
+    (root / "images" / "synth_000007.png").write_text("not an image\n")
+    return root
+
+
+def count_decodes(monkeypatch):
+    """{file: how many times its pixels were decoded} (a PIL image whose tiles are still
+    to be read is decoded by ``load``)."""
+    from PIL import ImageFile
+    decoded, real_load = {}, ImageFile.ImageFile.load
+
+    def counting_load(image):
+        if image.tile:
+            decoded[Path(image.filename).name] = decoded.get(Path(image.filename).name, 0) + 1
+        return real_load(image)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", counting_load)
+    return decoded
+
+
+def test_with_skip_each_image_is_decoded_once_and_the_bad_ones_are_recorded_while_embedding(
+        dataset_with_unreadable_images, tmp_path, monkeypatch):
+    import pandas as pd
+    from img2prompt import Run, StudyConfig
+    decoded = count_decodes(monkeypatch)
+    config = StudyConfig(data_dir=str(dataset_with_unreadable_images), run_dir=str(tmp_path / "run"),
+                         cache_dir=str(tmp_path / "cache"), on_error="skip", num_workers=0)
+    run = Run.create(config)
+    data = run.data(progress=False)
+    assert decoded and max(decoded.values()) == 1, decoded  # no separate checking pass
+    assert "synth_000003.png" in decoded  # the cut image was found by decoding it, while embedding
+    assert {"synth_000003", "synth_000007"}.isdisjoint(data.dataset.ids) and len(data.dataset) == 22
+    assert len(data.splits) == len(data.image_emb) == len(data.target_emb) == len(data.decoder_emb) == 22
+    rejects = pd.read_csv(run.root / "rejects.csv")
+    assert rejects["item"].str.endswith("synth_000003.png").sum() == 1
+    assert rejects["item"].str.endswith("synth_000007.png").sum() == 1
+
+    decoded.clear()  # a second run on the same data: from the cache, nothing decoded, same rejects
+    again = Run.create(dataclasses.replace(config, run_dir=str(tmp_path / "again"))).data(progress=False)
+    assert not decoded and again.dataset.ids == data.dataset.ids
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "again" / "rejects.csv"), rejects)

@@ -1,7 +1,9 @@
 """Datasets on disk: ``images/<imgId>.<ext>`` + ``prompts.csv`` (``imgId,prompt``).
 
 Loading checks the folder and refuses bad data with messages that name the file or CSV
-line and say how to fix it; ``validate_dataset`` also decodes every image. Splits are
+line and say how to fix it; it reads each image's header only, so that an image is decoded
+once per run, when it is embedded (``without_unreadable`` drops those that fail then, with
+``--on-error skip``). ``validate_dataset`` decodes every image. Splits are
 grouped by prompt text so that one prompt never lands in two splits.
 """
 
@@ -71,6 +73,21 @@ class ImageDataset:
             [self.paths[i] for i in keep],
             max_pixels=self.max_pixels,
         )
+
+    def without_unreadable(self, unreadable: dict) -> tuple:
+        """(this dataset without the rows whose image could not be decoded, the mask of the
+        rows kept): ``unreadable`` maps a row to its image's error message; the rows dropped
+        join ``rejects``."""
+        kept = np.ones(len(self), dtype=bool)
+        kept[list(unreadable)] = False
+        if not kept.any():
+            raise DataError(f"{self.root / PROMPTS_FILE}: no usable rows (no image could be decoded; "
+                            f"the first: {next(iter(unreadable.values()))}).")
+        dataset = self.subset(kept)
+        # the message (``open_image``'s) names the file first and ends with the fix
+        dataset.rejects = self.rejects + [Problem(str(self.paths[i]), message.removeprefix(f"{self.paths[i]}: "), "")
+                                          for i, message in sorted(unreadable.items())]
+        return dataset, kept
 
     def images_fingerprint(self) -> str:
         """Hash of the ids and the bytes of every image: the image-embedding cache key."""
@@ -294,12 +311,14 @@ def load_dataset(root, on_error="fail", max_pixels=DEFAULT_MAX_PIXELS) -> ImageD
     """Load a dataset folder.
 
     ``on_error="fail"``: raise DataError listing what is wrong and how to fix it.
-    ``on_error="skip"``: keep the good rows (images fully decoded, so nothing fails later)
-    and record every skipped one in ``dataset.rejects``.
+    ``on_error="skip"``: keep the good rows and record every skipped one in
+    ``dataset.rejects``. Either way an image is checked by its header here (format, size);
+    one whose pixels do not decode is found when it is embedded, which stops (fail) or
+    leaves it out (skip): each image is decoded once.
     """
     check_setting("on_error", on_error)
     root = Path(root)
-    rows, problems = find_problems(root, on_error == "skip", max_pixels)
+    rows, problems = find_problems(root, False, max_pixels)
     errors = [p for p in problems if p.severity == "error"]
     if errors and on_error == "fail":
         listed = "\n  ".join(str(p) for p in errors[:MAX_LISTED_PROBLEMS])
@@ -329,10 +348,11 @@ def record_rejects(dataset: ImageDataset, path, log):
             f"(each with its reason in {path})")
 
 
-def validate_dataset(root, max_pixels=DEFAULT_MAX_PIXELS) -> list:
-    """Every problem of a dataset folder, images fully decoded."""
+def validate_dataset(root, max_pixels=DEFAULT_MAX_PIXELS, decode=True) -> list:
+    """Every problem of a dataset folder, images fully decoded (``decode=False``: their
+    headers only, as loading checks them)."""
     try:
-        _, problems = find_problems(root, True, max_pixels)
+        _, problems = find_problems(root, decode, max_pixels)
     except DataError as error:
         return [Problem(str(root), str(error), "", "error")]
     return problems

@@ -13,6 +13,8 @@ import json
 import os
 import re
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -75,33 +77,43 @@ class EmbeddingCache:
 
     def load(self, kind, key, columns=None):
         """The entry's array (``columns``: only those columns, read from the file), or None."""
+        return self.load_rows(kind, key, columns)[0]
+
+    def load_rows(self, kind, key, columns=None) -> tuple:
+        """(the entry's array or None, {row: error message} of the images that could not be
+        decoded when it was extracted with ``--on-error skip``)."""
         return self._read(self.path(kind, key), columns)
 
     @staticmethod
     def _read(path, columns=None):
         if not path.is_file():
-            return None
+            return None, {}
         try:
-            return load_tensors(path, "cache entry", "", framework="numpy", columns=columns)[0]["embeddings"]
-        except (RunError, KeyError):
-            return None  # unreadable entry: recompute and overwrite it
+            tensors, metadata = load_tensors(path, "cache entry", "", framework="numpy", columns=columns)
+            unreadable = {int(row): message for row, message in metadata.get("unreadable", {}).items()}
+            return tensors["embeddings"], unreadable
+        except (RunError, KeyError, ValueError, AttributeError):
+            return None, {}  # unreadable entry: recompute and overwrite it
 
-    def save(self, kind, key, array, dtype=np.float32):
-        self._write(self.path(kind, key), key, array, dtype)
+    def save(self, kind, key, array, dtype=np.float32, unreadable=None):
+        self._write(self.path(kind, key), key, array, dtype, unreadable)
 
-    def _write(self, path, key, array, dtype=np.float32):
+    def _write(self, path, key, array, dtype=np.float32, unreadable=None):
         self.folder()
-        save_tensors(path, {"embeddings": np.asarray(array, dtype=dtype)}, {"key": key})
+        metadata = {"key": key, **({"unreadable": unreadable} if unreadable else {})}
+        save_tensors(path, {"embeddings": np.asarray(array, dtype=dtype)}, metadata)
 
-    def load_shards(self, kind, key) -> list:
-        """The saved chunks of an unfinished extraction, in order (stops at the first gap)."""
-        shards = []
-        while (rows := self._read(self.shard_path(kind, key, len(shards)))) is not None:
-            shards.append(rows)
-        return shards
+    def load_shards(self, kind, key) -> tuple:
+        """(the saved chunks of an unfinished extraction, in order (up to the first gap),
+        their rows' {row: error message} of the images that could not be decoded)."""
+        shards, unreadable = [], {}
+        while (found := self._read(self.shard_path(kind, key, len(shards))))[0] is not None:
+            shards.append(found[0])
+            unreadable.update(found[1])
+        return shards, unreadable
 
-    def save_shard(self, kind, key, index, array):
-        self._write(self.shard_path(kind, key, index), key, array)
+    def save_shard(self, kind, key, index, array, unreadable=None):
+        self._write(self.shard_path(kind, key, index), key, array, unreadable=unreadable)
 
     def remove_shards(self, kind, key):
         folder = self.folder()
@@ -117,7 +129,7 @@ class EmbeddingCache:
 
 
 class _ImageFiles(torch.utils.data.Dataset):
-    """Decodes and preprocesses one image per item; a bad file becomes an error message."""
+    """Decodes and preprocesses one image per item; a bad file becomes its error message."""
 
     def __init__(self, paths, preprocess, max_pixels):
         self.paths, self.preprocess, self.max_pixels = list(paths), preprocess, max_pixels
@@ -133,10 +145,20 @@ class _ImageFiles(torch.utils.data.Dataset):
 
 
 def _collate(items):
-    indices = [i for i, _ in items]
-    errors = [value for _, value in items if isinstance(value, str)]
-    tensors = [value for _, value in items if not isinstance(value, str)]
-    return indices, (torch.stack(tensors) if not errors else None), errors
+    """(indices of the decoded images, their batch or None, {index: message} of the others)."""
+    decoded = [(i, value) for i, value in items if not isinstance(value, str)]
+    errors = {i: value for i, value in items if isinstance(value, str)}
+    return [i for i, _ in decoded], (torch.stack([v for _, v in decoded]) if decoded else None), errors
+
+
+def unreadable_found(errors: dict, unreadable):
+    """Record the images of a batch that could not be decoded in ``unreadable`` ({index:
+    message}, ``--on-error skip``), or, when it is None, stop with a DataError naming them."""
+    if errors and unreadable is None:
+        first, more = next(iter(errors.values())), len(errors) - 1
+        raise DataError(first + (f" (and {more} more bad image(s) in the same batch)" if more else ""))
+    if errors:
+        unreadable.update(errors)
 
 
 def decode_workers(requested=-1) -> int:
@@ -162,16 +184,19 @@ def extract_image_embeddings(paths, encoder, batch_size=32, num_workers=-1, prog
 
 
 def feature_batches(paths, encoder, batch_size=32, num_workers=-1, progress=True,
-                    max_pixels=DEFAULT_MAX_PIXELS, grid=0, colors=0, grid_map="last"):
-    """(indices, float32 features) of the images at ``paths``, in order, in this process."""
-    for indices, batch in preprocessed_batches(paths, encoder, batch_size, num_workers, progress, max_pixels):
+                    max_pixels=DEFAULT_MAX_PIXELS, grid=0, colors=0, grid_map="last", unreadable=None):
+    """(indices, float32 features) of the images at ``paths``, in order, in this process; a
+    bad image is a DataError naming it, or with ``unreadable`` (a dict) recorded there and left out."""
+    for indices, batch in preprocessed_batches(paths, encoder, batch_size, num_workers, progress, max_pixels,
+                                               unreadable):
         yield indices, encoder.forward(batch, grid, colors, grid_map).numpy()
 
 
 def preprocessed_batches(paths, encoder, batch_size=32, num_workers=-1, progress=True,
-                         max_pixels=DEFAULT_MAX_PIXELS):
+                         max_pixels=DEFAULT_MAX_PIXELS, unreadable=None):
     """(indices, batch) of the images at ``paths`` preprocessed for ``encoder``, decoded in
-    DataLoader workers; a bad image is a DataError naming it."""
+    DataLoader workers; a bad image is a DataError naming it, or with ``unreadable`` (a
+    dict) recorded there ({index: message}) and left out of the batches."""
     paths = list(paths)
     _ = encoder.model  # load the weights before the workers fork and the bar starts
     workers = decode_workers(num_workers) if len(paths) > batch_size else 0
@@ -181,16 +206,15 @@ def preprocessed_batches(paths, encoder, batch_size=32, num_workers=-1, progress
     )
     with progress_bar(len(paths), "img", enabled=progress, description=encoder.name) as bar:
         for indices, batch, errors in loader:
-            if errors:
-                raise DataError(f"{errors[0]}" + (f" (and {len(errors) - 1} more bad image(s) in the "
-                                                  "same batch)" if len(errors) > 1 else ""))
-            yield indices, batch
-            bar.update(len(indices))
+            unreadable_found(errors, unreadable)
+            if indices:
+                yield indices, batch
+            bar.update(len(indices) + len(errors))
 
 
 def image_embeddings(dataset, encoder, cache: EmbeddingCache = None, batch_size=32, num_workers=-1,
                      progress=True, resume=False, grid=0, colors=0, grid_map="last", engine=None,
-                     columns=None):
+                     columns=None, on_error="fail"):
     """Image embeddings of a dataset, from the cache when the same data and encoder ran before.
 
     With a cache, the rows are saved in a shard every ``RESUME_CHUNK`` images (appended, so
@@ -201,6 +225,9 @@ def image_embeddings(dataset, encoder, cache: EmbeddingCache = None, batch_size=
     ``colors`` > 0 colour histograms. ``engine`` (a ``ray_engine.RayEngine``, with the
     encoder it prepared) extracts on Ray instead of in this process, into the same entry.
     ``columns`` (a slice) returns only those columns: a cached entry is read only there.
+    An image that cannot be decoded stops the extraction with a DataError naming it, or with
+    ``on_error="skip"`` is recorded in info["unreadable"] ({row: message}; its row is zeros),
+    in the cache entry too: a cached entry stops (fail) or skips (skip) the same images.
     """
     key = {"kind": "image", "images": dataset.images_fingerprint(), "encoder": encoder.fingerprint()}
     if grid:  # pooled-only keys stay as they were, so their cache entries stay valid
@@ -214,24 +241,29 @@ def image_embeddings(dataset, encoder, cache: EmbeddingCache = None, batch_size=
     batches = functools.partial(engine.feature_batches if engine is not None else in_process, encoder=encoder,
                                 batch_size=batch_size, progress=progress, max_pixels=dataset.max_pixels,
                                 grid=grid, colors=colors, grid_map=grid_map)
-    columns = columns or slice(None)
+    columns, skip = columns or slice(None), on_error == "skip"
+    width = encoder.feature_dim(grid, colors, grid_map)
     if cache is None:
-        array, info = _extract(dataset, batches, encoder.feature_dim(grid, colors, grid_map), None, key, False, info)
+        array, info = _extract(dataset, batches, width, None, key, False, info, skip)
         return np.ascontiguousarray(array[:, columns]), info
-    cached = cache.load("image", key, columns)
+    cached, unreadable = cache.load_rows("image", key, columns)
     if cached is not None and cached.shape[0] == len(dataset):
-        return cached, {**info, "cached": True}
+        if unreadable and not skip:  # found by an extraction with --on-error skip
+            raise DataError(f"{len(unreadable)} image(s) of {dataset.root} could not be decoded when they "
+                            f"were embedded with --on-error skip; the first: {next(iter(unreadable.values()))}")
+        return cached, {**info, "cached": True, "unreadable": unreadable}
     with cache.lock("image", key):
-        array, info = _extract(dataset, batches, encoder.feature_dim(grid, colors, grid_map), cache, key, resume, info)
+        array, info = _extract(dataset, batches, width, cache, key, resume, info, skip)
     return np.ascontiguousarray(array[:, columns]), info  # the other columns are freed
 
 
-def _extract(dataset, batches, width, cache, key, resume, info):
+def _extract(dataset, batches, width, cache, key, resume, info, skip=False):
     """Rows of every image from ``batches(paths)`` (in order), saved in a shard as each
-    ``RESUME_CHUNK`` completes, after the rows of the shards resumed."""
-    shards = cache.load_shards("image", key) if cache is not None and resume else []
+    ``RESUME_CHUNK`` completes, after the rows of the shards resumed. With ``skip`` the
+    images that cannot be decoded are recorded (in the shards and the entry too)."""
+    shards, unreadable = cache.load_shards("image", key) if cache is not None and resume else ([], {})
     if sum(map(len, shards)) > len(dataset) or any(len(p) != RESUME_CHUNK for p in shards):
-        shards = []  # not this extraction's shards: start over
+        shards, unreadable = [], {}  # not this extraction's shards: start over
     resumed = len(shards) * RESUME_CHUNK
     if cache is not None and not resume:
         cache.remove_shards("image", key)
@@ -239,19 +271,32 @@ def _extract(dataset, batches, width, cache, key, resume, info):
     for index, rows in enumerate(shards):
         array[index * RESUME_CHUNK:(index + 1) * RESUME_CHUNK] = rows
     del shards
-    start, done = time.perf_counter(), resumed
-    for indices, features in batches(dataset.paths[resumed:]):
-        array[resumed + np.asarray(indices)] = features
-        done += len(indices)
-        if cache is not None and done < len(dataset):  # the chunks completed (batches come in order)
-            for shard in range((done - len(indices)) // RESUME_CHUNK, done // RESUME_CHUNK):
-                cache.save_shard("image", key, shard, array[shard * RESUME_CHUNK:(shard + 1) * RESUME_CHUNK])
+    found = {} if skip else None  # the images of this extraction that could not be decoded
+    start, saved = time.perf_counter(), resumed // RESUME_CHUNK
+    for indices, features in batches(dataset.paths[resumed:], unreadable=found):
+        rows = resumed + np.asarray(indices)
+        array[rows] = features
+        done = int(rows[-1]) + 1  # every row before it is in (batches come in order)
+        _take_found(found, resumed, unreadable)
+        while cache is not None and (saved + 1) * RESUME_CHUNK <= done < len(dataset):
+            chunk = range(saved * RESUME_CHUNK, (saved + 1) * RESUME_CHUNK)
+            cache.save_shard("image", key, saved, array[chunk.start:chunk.stop],
+                             {i: m for i, m in unreadable.items() if i in chunk})
+            saved += 1
+    _take_found(found, resumed, unreadable)  # the last batches may have had no image to yield
     seconds = time.perf_counter() - start
     if cache is not None:
-        cache.save("image", key, array)
+        cache.save("image", key, array, unreadable=unreadable)
         cache.remove_shards("image", key)
     return array, {**info, "cached": False, "resumed_rows": resumed, "seconds": seconds,
-                   "images_per_s": (len(dataset) - resumed) / max(seconds, 1e-9)}
+                   "images_per_s": (len(dataset) - resumed) / max(seconds, 1e-9), "unreadable": unreadable}
+
+
+def _take_found(found, offset, unreadable):
+    """Move the images ``batches`` found unreadable (rows from ``offset``) into ``unreadable``."""
+    if found:
+        unreadable.update({offset + i: message for i, message in found.items()})
+        found.clear()
 
 
 def text_embeddings(texts, encoder, cache: EmbeddingCache = None, batch_size=64, progress=True):
@@ -291,11 +336,24 @@ def trunk_features(dataset, encoder, tune_blocks, cache: EmbeddingCache = None, 
     return features
 
 
-def dataset_embeddings(config, dataset, progress=True, log=print, resume=False, encoder=None):
-    """(image, target-space prompt, metric-space prompt) embeddings of a dataset with the
-    encoders of ``config`` (a StudyConfig), through its cache, and a function that reads the
-    decoder's input (None when it is the image embedding); ``resume`` continues an
-    interrupted image extraction.
+@dataclass
+class DatasetEmbeddings:
+    """A dataset's embeddings (``dataset_embeddings``): ``dataset`` is the one given less the
+    images that could not be decoded (``--on-error skip``), ``kept`` the mask of its rows kept."""
+
+    dataset: object
+    kept: np.ndarray
+    image_emb: np.ndarray
+    target_emb: np.ndarray
+    metric_emb: np.ndarray
+    load_decoder_emb: Callable = None  # reads the decoder's input; None when it is image_emb
+
+
+def dataset_embeddings(config, dataset, progress=True, log=print, resume=False, encoder=None) -> DatasetEmbeddings:
+    """The image, target-space prompt and metric-space prompt embeddings of a dataset with
+    the encoders of ``config`` (a StudyConfig), through its cache, and a function that reads
+    the decoder's input; ``resume`` continues an interrupted image extraction. An image that
+    cannot be decoded stops it, or with ``config.on_error`` skip leaves its row out.
 
     The image embedding is the pooled vector; the decoder input adds the grid of
     ``config.decoder_grid`` over the ``config.decoder_map`` feature map and the colour
@@ -318,13 +376,19 @@ def dataset_embeddings(config, dataset, progress=True, log=print, resume=False, 
     def image_columns(columns, resume=False):
         return image_embeddings(dataset, encoder, cache, config.embed_batch_size, config.num_workers, progress,
                                 resume, config.decoder_grid, config.decoder_colors, config.decoder_map, engine,
-                                columns)
+                                columns, config.on_error)
 
     image_emb, info = image_columns(slice(0, encoder.dim), resume)  # the pooled vector leads each row
+    kept_dataset, kept = dataset, np.ones(len(dataset), dtype=bool)
+    if info["unreadable"]:
+        kept_dataset, kept = dataset.without_unreadable(info["unreadable"])
+        image_emb = image_emb[kept]
+        log(f"image embeddings: {len(info['unreadable'])} image(s) could not be decoded; left out")
     load_decoder_emb = None
     if config.decoder_grid or config.decoder_colors:  # the whole rows, read when a decoder stage needs them
         def load_decoder_emb():
-            return image_columns(None)[0]
+            rows = image_columns(None)[0]
+            return rows if kept.all() else rows[kept]
     if info.get("resumed_rows"):
         log(f"image embeddings: resumed after {info['resumed_rows']} images done by an earlier run")
     name = f"{encoder.name}, fine-tuned" if encoder.tuned else encoder.name
@@ -335,14 +399,15 @@ def dataset_embeddings(config, dataset, progress=True, log=print, resume=False, 
         log(f"image embeddings ({name}): {len(dataset) - info['resumed_rows']} images in {info['seconds']:.1f} s "
             f"({info['images_per_s']:.1f} images/s), cached in {info['cache_file']}")
     target = on_device(text_encoder(config.text_encoder, config.text_model, config.text_pooling), config.device)
-    truncated = target.count_truncated(dataset.prompts)
+    prompts = kept_dataset.prompts
+    truncated = target.count_truncated(prompts)
     if truncated:
         log(f"{truncated} prompt(s) are longer than {target.name} reads ({target.max_length} tokens): "
             "their embeddings see the beginning only")
-    target_emb = text_embeddings(dataset.prompts, target, cache, progress=progress)
+    target_emb = text_embeddings(prompts, target, cache, progress=progress)
     metric_emb = (target_emb if config.text_encoder == METRIC_ENCODER
-                  else text_embeddings(dataset.prompts, metric_encoder(config.device), cache, progress=progress))
-    return image_emb, target_emb, metric_emb, load_decoder_emb
+                  else text_embeddings(prompts, metric_encoder(config.device), cache, progress=progress))
+    return DatasetEmbeddings(kept_dataset, kept, image_emb, target_emb, metric_emb, load_decoder_emb)
 
 
 def measure_throughput(paths, config) -> float:

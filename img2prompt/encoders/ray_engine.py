@@ -24,6 +24,7 @@ from PIL import Image
 from img2prompt.data.images import open_image
 from img2prompt.devices import resolve_device
 from img2prompt.encoders.allocator import keep_freed_memory
+from img2prompt.encoders.embeddings import unreadable_found
 from img2prompt.errors import DataError, RunError
 from img2prompt.progress import progress_bar
 
@@ -93,9 +94,11 @@ class RayEngine:
             device = torch.device("cuda" if gpus and requested_device != "cpu" else "cpu")
         return encoder.for_device(device)
 
-    def feature_batches(self, paths, encoder, batch_size, progress, max_pixels, grid, colors, grid_map):
+    def feature_batches(self, paths, encoder, batch_size, progress, max_pixels, grid, colors, grid_map,
+                        unreadable=None):
         """(indices, float32 features) of the images at ``paths``, in order; a bad image is a
-        DataError naming it. ``encoder`` comes from ``prepare``."""
+        DataError naming it, or with ``unreadable`` (a dict) recorded there and left out.
+        ``encoder`` comes from ``prepare``."""
         ray = self.connect()
         try:
             context = ray.data.DataContext.get_current()
@@ -112,11 +115,11 @@ class RayEngine:
                                     **actors)
             with progress_bar(len(items), "img", enabled=progress, description=f"{encoder.name} on Ray") as bar:
                 for batch in data.iter_batches(batch_size=None, batch_format="numpy"):
-                    errors = [e for e in batch["error"] if e]
-                    if errors:
-                        raise DataError(errors[0] + (f" (and {len(errors) - 1} more bad image(s) in the "
-                                                     "same batch)" if len(errors) > 1 else ""))
-                    yield batch["index"], batch["features"]
+                    decoded = batch["error"] == ""
+                    unreadable_found({int(i): str(e) for i, e in zip(batch["index"][~decoded],
+                                                                     batch["error"][~decoded])}, unreadable)
+                    if decoded.any():
+                        yield batch["index"][decoded], batch["features"][decoded]
                     bar.update(len(batch["index"]))
         finally:
             self.close()

@@ -13,6 +13,7 @@ import seaborn as sns
 from matplotlib.figure import Figure
 
 from img2prompt.data.images import open_image
+from img2prompt.errors import DataError
 from img2prompt.storage.files import atomic_path
 
 STYLE = "whitegrid"
@@ -123,10 +124,15 @@ def overlaid_histograms(values: dict, bins=40, xlabel="cosine") -> Figure:
 
 
 def image_grid(paths, captions, columns=4, wrap=38) -> Figure:
-    """Images with their captions (long captions wrapped)."""
+    """Images with their captions (long captions wrapped); an image that does not decode
+    (found later, while it is embedded) gets its panel with the reason instead."""
     fig, axes = _panels(len(paths), columns, width=3.2, height=3.9, style="white")
     for ax, path, caption in zip(axes, paths, captions):
-        ax.imshow(open_image(path))
+        try:
+            ax.imshow(open_image(path))
+        except DataError as error:
+            ax.text(0.5, 0.5, _wrap(f"unreadable image: {error}", wrap), ha="center", va="center",
+                    fontsize=7, transform=ax.transAxes)
         ax.set_axis_off()
         ax.set_title(_wrap(caption, wrap), fontsize=7.5)
     return fig
