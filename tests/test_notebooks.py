@@ -66,7 +66,7 @@ def test_01_starts_the_run_with_config_split_and_summary(executed):
     assert summary["images"] == N_IMAGES and summary["generated"] is True
     assert sum(summary["split"].values()) == N_IMAGES and min(summary["split"].values()) > 0
     assert 0 < summary["distinct_prompts"] <= N_IMAGES
-    assert summary["image_sizes"] == {"96×96": N_IMAGES}
+    assert summary["image_sizes"] == {"96×96": summary["headers_read"]}  # the headers sampled
     splits = pd.read_csv(executed["run"] / "splits.csv")
     assert splits["split"].value_counts().to_dict() == summary["split"]
     config = read_json(executed["run"] / "config.json")
@@ -80,6 +80,12 @@ def test_02_records_encoders_throughput_and_a_linear_probe(executed):
     assert summary["throughput_images_per_s"] > 1
     assert 0.3 < summary["linear_probe_test_cosine"] < 1
     assert read_json(executed["run"] / "config.json")["config"]["cache_dir"] == executed["parameters"]["cache_dir"]
+
+
+def test_figures_and_tables_show_a_sample_of_a_large_dataset(executed):
+    # quick: 50 headers and 60 points of the 150 images; at scale header_sample and scatter_points
+    assert read_json(executed["run"] / "data_summary.json")["headers_read"] == 50
+    assert read_json(executed["run"] / "embedding_summary.json")["projection_points"] == 60
 
 
 def test_03_trains_within_the_quick_budget(executed):

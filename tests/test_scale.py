@@ -22,6 +22,27 @@ def test_nearest_in_blocks_finds_what_the_whole_matrix_finds(monkeypatch):
     assert np.array_equal(scores.nearest(queries, bank), whole)
 
 
+def test_nearest_of_centred_rows_in_blocks_finds_what_the_whole_matrix_finds(monkeypatch):
+    rng = np.random.default_rng(5)
+    queries, bank = rng.normal(size=(50, 8)) + 3, rng.normal(size=(70, 8)) + 3
+    centre = bank.mean(axis=0)
+    whole = np.argmax(scores.unit_rows(queries - centre) @ scores.unit_rows(bank - centre).T, axis=1)
+    monkeypatch.setattr(scores, "QUERY_BLOCK", 16)
+    monkeypatch.setattr(scores, "SIMILARITY_BLOCK", 16 * 9)  # 9 bank rows at a time
+    assert np.array_equal(scores.nearest(queries, bank, centre), whole)
+
+
+def test_nearest_never_copies_the_whole_bank(monkeypatch):
+    rng = np.random.default_rng(6)
+    bank = rng.normal(size=(200_000, 64)).astype(np.float32)  # 51 MB
+    monkeypatch.setattr(scores, "SIMILARITY_BLOCK", 1 << 20)  # 4 MB of similarities at once
+    tracemalloc.start()
+    scores.nearest(bank[:500], bank, bank.mean(axis=0))  # kNN: both sides centred on the bank's mean
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < bank.nbytes / 4, f"peak {peak / 1e6:.0f} MB for a bank of {bank.nbytes / 1e6:.0f} MB"
+
+
 def test_bootstrap_in_blocks_draws_the_same_resamples(monkeypatch):
     values = np.random.default_rng(1).random(300)
     whole = scores.summarize(values, n_boot=500, seed=3)

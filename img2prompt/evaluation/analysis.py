@@ -52,6 +52,14 @@ def duplicates(dataset) -> dict:
     }
 
 
+def sample_rows(n, at_most, seed=0) -> np.ndarray:
+    """Indices of at most ``at_most`` of ``n`` rows, drawn with ``seed``, in order: what a
+    figure or table shows of a large dataset (all rows when there are few)."""
+    if n <= at_most:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, size=at_most, replace=False))
+
+
 def image_properties(paths) -> pd.DataFrame:
     """Width, height, mode and format of each image, read from its header only."""
     rows = []

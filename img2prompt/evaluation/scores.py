@@ -17,6 +17,7 @@ from img2prompt.data.dataset import normalize_prompt
 
 METHODS = ("mapper", "retrieval", "knn", "mean_prompt")
 SIMILARITY_BLOCK = 1 << 24  # query-bank similarities computed at once (64 MB of float32)
+QUERY_BLOCK = 4096  # queries compared at once, each block with the bank a block of rows at a time
 BOOTSTRAP_BLOCK = 1 << 22   # resampled indices drawn at once (32 MB)
 
 
@@ -30,14 +31,28 @@ def cosine_rows(a, b) -> np.ndarray:
     return np.sum(unit_rows(a) * unit_rows(b), axis=1)
 
 
-def nearest(queries, bank) -> np.ndarray:
-    """Index of the most cosine-similar row of ``bank`` for each query, a block of queries at
-    a time (never a queries x bank matrix: at most SIMILARITY_BLOCK similarities at once)."""
-    bank = unit_rows(bank)
-    queries = unit_rows(queries)
-    chunk = max(1, SIMILARITY_BLOCK // max(1, len(bank)))
-    return np.concatenate([np.argmax(queries[s:s + chunk] @ bank.T, axis=1)
-                           for s in range(0, len(queries), chunk)]) if len(queries) else np.zeros(0, int)
+def nearest(queries, bank, centre=None) -> np.ndarray:
+    """Index of the most cosine-similar row of ``bank`` for each query (both less ``centre``
+    when given), a block of queries against a block of bank rows at a time: memory holds at
+    most SIMILARITY_BLOCK similarities and normalised copies of one block of each, never a
+    queries x bank matrix or a copy of the whole bank. Ties go to the first row, as argmax."""
+    index = np.zeros(len(queries), dtype=np.int64)
+    for q in range(0, len(queries), QUERY_BLOCK):
+        block = _unit_block(queries[q:q + QUERY_BLOCK], centre)
+        best = np.full(len(block), -np.inf, dtype=np.float32)
+        rows = max(1, SIMILARITY_BLOCK // len(block))
+        for b in range(0, len(bank), rows):
+            similarity = block @ _unit_block(bank[b:b + rows], centre).T
+            top = np.argmax(similarity, axis=1)
+            value = similarity[np.arange(len(block)), top]
+            better = value > best
+            best[better], index[q:q + QUERY_BLOCK][better] = value[better], b + top[better]
+            del similarity  # before the next block's is made
+    return index
+
+
+def _unit_block(rows, centre):
+    return unit_rows(rows if centre is None else np.asarray(rows, dtype=np.float32) - centre)
 
 
 def fit_linear_map(x, y, alpha=1.0):
@@ -108,7 +123,7 @@ def evaluate_methods(test, train, bank, predicted, to_metric_space, n_boot=1000,
     # kNN on image embeddings centred on the training mean: raw CNN features are all
     # positive, so uncentred cosines crowd together
     centre = train["image_emb"].mean(axis=0)
-    neighbour = nearest(test["image_emb"] - centre, train["image_emb"] - centre)
+    neighbour = nearest(test["image_emb"], train["image_emb"], centre)
     mean_prompt = train["metric_emb"].mean(axis=0)
 
     scores = {
