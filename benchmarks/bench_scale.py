@@ -22,6 +22,16 @@ extraction at >= 0.8 of the in-process throughput (printed with and without the 
 the local instance, which a running cluster does not pay). ``--top``
 leaves out the sizes above it when time is short (20,000 images take about 20 minutes on
 2 cores, 100,000 about 2 hours).
+
+Then a projection, not a measurement: the hours each stage would take on 2 million images
+on 1, 8 and 64 devices like the one the benchmark ran on (``device`` in the output: a GPU
+when the machine has one, else this machine's CPU). A stage costs its seconds per image at
+the largest size measured, times 2 million; the evaluation, whose exact kNN and retrieval
+compare each test image with the whole bank, is fitted as a·N + b·N² through the two
+largest sizes (a cost per image that grows with N). Each is divided by the devices: extraction
+splits its images (Ray actors), the training stages their batches (torchrun), evaluation
+its test images; reading the CSV and listing the images stays on one machine. Perfect
+scaling is assumed: communication, the cluster's start and stragglers are not in it.
 """
 
 import argparse
@@ -119,6 +129,8 @@ def main():
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
     print_table(rows, sizes, stages, args.epochs)
+    if len(sizes) >= 2:
+        print_projection(rows, sizes, stages, args.epochs)
 
 
 def print_table(rows, sizes, stages, epochs):
@@ -137,6 +149,44 @@ def print_table(rows, sizes, stages, epochs):
         print("\nRay-local extraction (embed-ray) against in-process (embed), throughput ratio: "
               + "; ".join(f"{n:,} images {ray_ratio(rows, n, False):.2f} (without the instance's start "
                           f"{ray_ratio(rows, n, True):.2f})" for n in sizes))
+
+
+PROJECTED_IMAGES = 2_000_000
+DEVICES = (1, 8, 64)
+SPLIT_ACROSS_DEVICES = ("embed", "embed-ray", "train", "evaluate", "decoder")
+NOT_IN_A_STUDY = ("generate",)  # a real dataset is downloaded or imported, not generated
+
+
+QUADRATIC = ("evaluate",)  # every test image against every training image and prompt
+
+
+def fitted_seconds(points, n):
+    """Seconds at ``n`` images from two measured (images, seconds): a·N + b·N², b ≥ 0."""
+    (n1, t1), (n2, t2) = points
+    b = max(0.0, (t2 / n2 - t1 / n1) / (n2 - n1))  # the growth of the cost per image
+    a = t2 / n2 - b * n2
+    if a < 0:  # all of the cost grows with N
+        a, b = 0.0, t2 / n2 ** 2
+    return a * n + b * n * n
+
+
+def print_projection(rows, sizes, stages, epochs):
+    import torch
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+    print(f"\nProjected (not measured) hours for {PROJECTED_IMAGES:,} images on devices like this one "
+          f"({device}), from the {sizes[-2]:,}- and {sizes[-1]:,}-image measurements:")
+    print(f"\n| stage | {' | '.join(f'{d} device(s)' for d in DEVICES)} |")
+    print("|---|" + "---|" * len(DEVICES))
+    for stage in stages:
+        if stage in NOT_IN_A_STUDY:
+            continue
+        points = [(n, next(r["seconds"] for r in rows if r["images"] == n and r["stage"] == stage)
+                   / (epochs if stage in PER_EPOCH else 1)) for n in sizes[-2:]]
+        seconds = (fitted_seconds(points, PROJECTED_IMAGES) if stage in QUADRATIC
+                   else points[-1][1] / points[-1][0] * PROJECTED_IMAGES)
+        hours = [seconds / (d if stage in SPLIT_ACROSS_DEVICES else 1) / 3600 for d in DEVICES]
+        name = f"{stage} (per epoch)" if stage in PER_EPOCH else stage
+        print(f"| {name} | {' | '.join(f'{h:,.2f}' for h in hours)} |")
 
 
 def ray_ratio(rows, n, without_start):

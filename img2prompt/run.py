@@ -36,7 +36,7 @@ import numpy as np
 import pandas as pd
 
 from img2prompt.config import CONFIG_FILE, StudyConfig
-from img2prompt.data.dataset import (REJECTS_FILE, ImageDataset, grouped_split, load_dataset,
+from img2prompt.data.dataset import (REJECTS_FILE, SPLITS, ImageDataset, grouped_split, load_dataset,
                                      load_splits, record_rejects, save_splits, unique_prompts)
 from img2prompt.errors import RunError
 from img2prompt.evaluation.scores import Metrics
@@ -86,7 +86,9 @@ def decoder_input(grid, colors, grid_map="last") -> str:
 class StudyData:
     """A dataset with its split and its embeddings (image, target text, metric text, and
     the decoder's input: the image embedding followed by its feature-map grid and colour
-    histograms, ``ImageEncoder.forward``, read by ``load_decoder_emb`` when first used)."""
+    histograms, ``ImageEncoder.forward``, read by ``load_decoder_emb`` when first used).
+    Its rows come grouped by split (train, val, test; each in the dataset's order), so that
+    a split's rows are a slice of each array."""
 
     dataset: ImageDataset
     splits: np.ndarray
@@ -105,8 +107,9 @@ class StudyData:
 
 class SplitPart(Mapping):
     """One split's rows of a StudyData, read like a dict: ``ids``, ``prompts``, ``images``
-    and the embeddings. Each field is copied out of the whole arrays when first read, so a
-    stage holds only what it uses (the decoder's input alone is 14,448 numbers per image)."""
+    and the embeddings. An embedding is a view of the whole array when the split's rows are
+    one slice of it (as a run's data holds them), else a copy made when first read; either
+    way a stage holds only what it uses (the decoder's input is 14,448 numbers per image)."""
 
     FIELDS = ("ids", "prompts", "images", "image_emb", "target_emb", "metric_emb", "decoder_emb")
 
@@ -128,6 +131,9 @@ class SplitPart(Mapping):
             return [p.name for p, keep in zip(data.dataset.paths, mask) if keep]
         if name not in self.FIELDS:
             raise KeyError(name)
+        rows = np.flatnonzero(mask)
+        if len(rows) and rows[-1] - rows[0] + 1 == len(rows):  # one slice: a view, no copy
+            return getattr(data, name)[rows[0]:rows[-1] + 1]
         return getattr(data, name)[mask]
 
     def __iter__(self):
@@ -264,10 +270,11 @@ class Run:
             else:  # made by the main process: read them
                 dataset = load_dataset(config.data_dir, config.on_error, config.max_pixels)
                 splits = self.splits(dataset)
-            found = dataset_embeddings(config, dataset, progress, log, resume, self.image_encoder(tuned, config))
+            found = dataset_embeddings(config, dataset, progress, log, resume, self.image_encoder(tuned, config),
+                                       group=[SPLITS.index(split) for split in splits])
             if lock and found.dataset.rejects != dataset.rejects:  # images found unreadable while embedded
                 record_rejects(found.dataset, self._path(REJECTS_FILE), log)
-            return StudyData(found.dataset, splits[found.kept], found.image_emb, found.target_emb,
+            return StudyData(found.dataset, splits[found.rows], found.image_emb, found.target_emb,
                              found.metric_emb, found.load_decoder_emb)
 
     def image_encoder(self, tuned=None, config=None):

@@ -75,24 +75,49 @@ def test_the_decoder_input_is_read_only_by_the_stages_that_use_it(trained_run):
     assert data.decoder_emb.shape[1] == run.image_encoder().feature_dim(3, 4, "both")
 
 
+def test_a_runs_data_holds_each_split_as_one_slice_read_in_place(trained_run):
+    from img2prompt.data.dataset import load_dataset
+    from img2prompt.encoders.embeddings import dataset_embeddings
+    from img2prompt.run import Run
+    run = Run.open(trained_run["run"])
+    data = run.data(progress=False)
+    assert list(data.splits) == sorted(data.splits, key=["train", "val", "test"].index)
+    dataset = load_dataset(run.config.data_dir)
+    splits = run.splits(dataset)
+    for split in ("train", "val", "test"):
+        part = data.part(split)
+        assert part["ids"] == [i for i, s in zip(dataset.ids, splits) if s == split]  # as the dataset orders them
+        for name in ("image_emb", "target_emb", "metric_emb", "decoder_emb"):
+            assert np.shares_memory(part[name], getattr(data, name)), (split, name)  # a view, not a copy
+    # the numbers of the cache entries read whole, in the dataset's order
+    whole = dataset_embeddings(run.config, dataset, progress=False, log=lambda _: None)
+    rows = [dataset.ids.index(i) for i in data.dataset.ids]
+    for name in ("image_emb", "target_emb", "metric_emb"):
+        np.testing.assert_array_equal(getattr(data, name), getattr(whole, name)[rows])
+    np.testing.assert_array_equal(data.decoder_emb, whole.load_decoder_emb()[rows])
+
+
 def test_some_columns_of_a_cache_entry_are_read_without_the_others(tmp_path):
     from img2prompt.encoders.embeddings import EmbeddingCache
     array = np.random.default_rng(0).random((4000, 4000), dtype=np.float32)  # 64 MB
     EmbeddingCache(tmp_path).save("image", {"test": 1}, array)
     np.testing.assert_array_equal(EmbeddingCache(tmp_path).load("image", {"test": 1}, slice(0, 400)),
                                   array[:, :400])
+    rows = np.r_[3999:2000:-1, 7, 0]  # some rows, in an order of their own
+    np.testing.assert_array_equal(EmbeddingCache(tmp_path).load("image", {"test": 1}, slice(0, 400), rows),
+                                  array[rows, :400])
     # in a process of its own, whose peak resident memory (VmHWM) is the measure
     script = f"""
 import re
 from img2prompt.encoders.embeddings import EmbeddingCache
 peak = lambda: int(re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1)) * 1024
 before = peak()
-EmbeddingCache({str(tmp_path)!r}).load("image", {{"test": 1}}, slice(0, 400))
+EmbeddingCache({str(tmp_path)!r}).load("image", {{"test": 1}}, slice(0, 400), list(range(3999, -1, -1)))
 print(peak() - before)
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert int(result.stdout.split()[-1]) < 16e6  # the 6.4 MB asked for and a block of rows, not 64 MB
+    assert int(result.stdout.split()[-1]) < 16e6  # the 6.4 MB asked for (rows in reverse) and a block of rows, not 64 MB
 
 
 @pytest.fixture

@@ -2,7 +2,7 @@
 
 Loading checks the folder and refuses bad data with messages that name the file or CSV
 line and say how to fix it; it reads each image's header only, so that an image is decoded
-once per run, when it is embedded (``without_unreadable`` drops those that fail then, with
+once per run, when it is embedded (``readable_rows`` leaves out those that fail then, with
 ``--on-error skip``). ``validate_dataset`` decodes every image. Splits are
 grouped by prompt text so that one prompt never lands in two splits.
 """
@@ -65,29 +65,26 @@ class ImageDataset:
         return len(self.ids)
 
     def subset(self, mask) -> "ImageDataset":
-        keep = np.flatnonzero(mask)
-        return ImageDataset(
-            self.root,
-            [self.ids[i] for i in keep],
-            [self.prompts[i] for i in keep],
-            [self.paths[i] for i in keep],
-            max_pixels=self.max_pixels,
-        )
+        return self.take(np.flatnonzero(mask))
 
-    def without_unreadable(self, unreadable: dict) -> tuple:
-        """(this dataset without the rows whose image could not be decoded, the mask of the
-        rows kept): ``unreadable`` maps a row to its image's error message; the rows dropped
-        join ``rejects``."""
+    def take(self, rows, unreadable=None) -> "ImageDataset":
+        """The rows ``rows`` (indices, in that order); ``unreadable`` ({row: error message})
+        are the rows left out because their image did not decode: they join ``rejects``."""
+        # the message (``open_image``'s) names the file first and ends with the fix
+        dropped = [Problem(str(self.paths[i]), message.removeprefix(f"{self.paths[i]}: "), "")
+                   for i, message in sorted((unreadable or {}).items())]
+        return ImageDataset(self.root, [self.ids[i] for i in rows], [self.prompts[i] for i in rows],
+                            [self.paths[i] for i in rows], self.rejects + dropped, self.max_pixels)
+
+    def readable_rows(self, unreadable: dict) -> np.ndarray:
+        """Indices of the rows whose image is not in ``unreadable`` ({row: error message});
+        DataError when none is left."""
         kept = np.ones(len(self), dtype=bool)
         kept[list(unreadable)] = False
         if not kept.any():
             raise DataError(f"{self.root / PROMPTS_FILE}: no usable rows (no image could be decoded; "
                             f"the first: {next(iter(unreadable.values()))}).")
-        dataset = self.subset(kept)
-        # the message (``open_image``'s) names the file first and ends with the fix
-        dataset.rejects = self.rejects + [Problem(str(self.paths[i]), message.removeprefix(f"{self.paths[i]}: "), "")
-                                          for i, message in sorted(unreadable.items())]
-        return dataset, kept
+        return np.flatnonzero(kept)
 
     def images_fingerprint(self) -> str:
         """Hash of the ids and the bytes of every image: the image-embedding cache key."""

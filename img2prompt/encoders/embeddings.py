@@ -7,6 +7,7 @@ Results are cached in one safetensors file per key (dataset content + encoder +
 preprocessing), written atomically, outside the dataset.
 """
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -20,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from img2prompt.storage.checkpoints import load_tensors, save_tensors
+from img2prompt.storage.checkpoints import load_tensors, read_header, save_tensors
 from img2prompt.errors import DataError, RunError
 from img2prompt.data.images import DEFAULT_MAX_PIXELS, open_image
 from img2prompt.devices import pin_memory
@@ -75,24 +76,31 @@ class EmbeddingCache:
         return lock(self.root / f".{self.path(kind, key).stem}.lock",
                     f"embedding cache entry {self.path(kind, key)}")
 
-    def load(self, kind, key, columns=None):
-        """The entry's array (``columns``: only those columns, read from the file), or None."""
-        return self.load_rows(kind, key, columns)[0]
+    def load(self, kind, key, columns=None, rows=None):
+        """The entry's array, or None; ``columns`` (a slice) and ``rows`` (indices, in the
+        order wanted): only those, read from the file."""
+        return self._read(self.path(kind, key), columns, rows)[0]
 
-    def load_rows(self, kind, key, columns=None) -> tuple:
-        """(the entry's array or None, {row: error message} of the images that could not be
-        decoded when it was extracted with ``--on-error skip``)."""
-        return self._read(self.path(kind, key), columns)
+    def entry(self, kind, key):
+        """(rows, {row: error message} of the images that could not be decoded when it was
+        extracted with ``--on-error skip``) of the entry, from its header; None without one."""
+        path = self.path(kind, key)
+        if not path.is_file():
+            return None
+        try:
+            shapes, metadata = read_header(path)
+            return shapes["embeddings"][0], _unreadable(metadata)
+        except (OSError, ValueError, KeyError, AttributeError):
+            return None  # unreadable entry: recomputed and overwritten
 
     @staticmethod
-    def _read(path, columns=None):
+    def _read(path, columns=None, rows=None):
         if not path.is_file():
             return None, {}
         try:
-            tensors, metadata = load_tensors(path, "cache entry", "", framework="numpy", columns=columns)
-            unreadable = {int(row): message for row, message in metadata.get("unreadable", {}).items()}
-            return tensors["embeddings"], unreadable
-        except (RunError, KeyError, ValueError, AttributeError):
+            tensors, metadata = load_tensors(path, "cache entry", "", framework="numpy", columns=columns, rows=rows)
+            return tensors["embeddings"], _unreadable(metadata)
+        except (RunError, KeyError, ValueError, AttributeError, IndexError):
             return None, {}  # unreadable entry: recompute and overwrite it
 
     def save(self, kind, key, array, dtype=np.float32, unreadable=None):
@@ -126,6 +134,10 @@ class EmbeddingCache:
         self.folder()
         where = hashlib.sha256(str(Path(data_dir).resolve()).encode()).hexdigest()[:8]
         return self.base / "rejects" / f"{Path(data_dir).resolve().name}-{where}.csv"
+
+
+def _unreadable(metadata) -> dict:
+    return {int(row): message for row, message in metadata.get("unreadable", {}).items()}
 
 
 class _ImageFiles(torch.utils.data.Dataset):
@@ -214,7 +226,7 @@ def preprocessed_batches(paths, encoder, batch_size=32, num_workers=-1, progress
 
 def image_embeddings(dataset, encoder, cache: EmbeddingCache = None, batch_size=32, num_workers=-1,
                      progress=True, resume=False, grid=0, colors=0, grid_map="last", engine=None,
-                     columns=None, on_error="fail"):
+                     columns=None, on_error="fail", rows=None):
     """Image embeddings of a dataset, from the cache when the same data and encoder ran before.
 
     With a cache, the rows are saved in a shard every ``RESUME_CHUNK`` images (appended, so
@@ -224,10 +236,12 @@ def image_embeddings(dataset, encoder, cache: EmbeddingCache = None, batch_size=
     the ``grid_map`` feature map over grid x grid cells after the pooled features,
     ``colors`` > 0 colour histograms. ``engine`` (a ``ray_engine.RayEngine``, with the
     encoder it prepared) extracts on Ray instead of in this process, into the same entry.
-    ``columns`` (a slice) returns only those columns: a cached entry is read only there.
-    An image that cannot be decoded stops the extraction with a DataError naming it, or with
-    ``on_error="skip"`` is recorded in info["unreadable"] ({row: message}; its row is zeros),
-    in the cache entry too: a cached entry stops (fail) or skips (skip) the same images.
+    ``columns`` (a slice) returns only those columns, ``rows`` (a function of the unreadable
+    rows giving the rows to return, in order; info["rows"]) only those rows: a cached entry
+    is read only there. An image that cannot be decoded stops the extraction with a
+    DataError naming it, or with ``on_error="skip"`` is recorded in info["unreadable"]
+    ({row: message}; its row is zeros), in the cache entry too: a cached entry stops (fail)
+    or skips (skip) the same images.
     """
     key = {"kind": "image", "images": dataset.images_fingerprint(), "encoder": encoder.fingerprint()}
     if grid:  # pooled-only keys stay as they were, so their cache entries stay valid
@@ -243,18 +257,21 @@ def image_embeddings(dataset, encoder, cache: EmbeddingCache = None, batch_size=
                                 grid=grid, colors=colors, grid_map=grid_map)
     columns, skip = columns or slice(None), on_error == "skip"
     width = encoder.feature_dim(grid, colors, grid_map)
-    if cache is None:
-        array, info = _extract(dataset, batches, width, None, key, False, info, skip)
-        return np.ascontiguousarray(array[:, columns]), info
-    cached, unreadable = cache.load_rows("image", key, columns)
-    if cached is not None and cached.shape[0] == len(dataset):
+    entry = cache.entry("image", key) if cache is not None else None
+    if entry is not None and entry[0] == len(dataset):
+        unreadable = entry[1]
         if unreadable and not skip:  # found by an extraction with --on-error skip
             raise DataError(f"{len(unreadable)} image(s) of {dataset.root} could not be decoded when they "
                             f"were embedded with --on-error skip; the first: {next(iter(unreadable.values()))}")
-        return cached, {**info, "cached": True, "unreadable": unreadable}
-    with cache.lock("image", key):
+        chosen = rows(unreadable) if rows else None
+        cached = cache.load("image", key, columns, chosen)
+        if cached is not None:
+            return cached, {**info, "cached": True, "unreadable": unreadable, "rows": chosen}
+    with cache.lock("image", key) if cache is not None else contextlib.nullcontext():
         array, info = _extract(dataset, batches, width, cache, key, resume, info, skip)
-    return np.ascontiguousarray(array[:, columns]), info  # the other columns are freed
+    chosen = rows(info["unreadable"]) if rows else None
+    selected = array[:, columns] if chosen is None else array[np.ix_(chosen, np.arange(width)[columns])]
+    return np.ascontiguousarray(selected), {**info, "rows": chosen}  # the other columns are freed
 
 
 def _extract(dataset, batches, width, cache, key, resume, info, skip=False):
@@ -299,19 +316,20 @@ def _take_found(found, offset, unreadable):
         found.clear()
 
 
-def text_embeddings(texts, encoder, cache: EmbeddingCache = None, batch_size=64, progress=True):
-    """Embeddings of ``texts`` with ``encoder``, cached by the texts and the encoder."""
+def text_embeddings(texts, encoder, cache: EmbeddingCache = None, batch_size=64, progress=True, rows=None):
+    """Embeddings of ``texts`` with ``encoder``, cached by the texts and the encoder;
+    ``rows`` (indices, in the order wanted): only those rows."""
     texts = list(texts)
     key = {"kind": "text", "texts": hashlib.sha256("\0".join(texts).encode()).hexdigest(),
            "n": len(texts), "encoder": encoder.fingerprint()}
-    if cache is not None:
-        cached = cache.load("text", key)
-        if cached is not None and cached.shape[0] == len(texts):
+    if cache is not None and (cache.entry("text", key) or (None,))[0] == len(texts):
+        cached = cache.load("text", key, rows=rows)
+        if cached is not None:
             return cached
     array = encoder.encode(texts, batch_size=batch_size, progress=progress)
     if cache is not None:
         cache.save("text", key, array)
-    return array
+    return array if rows is None else array[rows]
 
 
 def trunk_features(dataset, encoder, tune_blocks, cache: EmbeddingCache = None, batch_size=32,
@@ -338,22 +356,26 @@ def trunk_features(dataset, encoder, tune_blocks, cache: EmbeddingCache = None, 
 
 @dataclass
 class DatasetEmbeddings:
-    """A dataset's embeddings (``dataset_embeddings``): ``dataset`` is the one given less the
-    images that could not be decoded (``--on-error skip``), ``kept`` the mask of its rows kept."""
+    """A dataset's embeddings (``dataset_embeddings``): ``dataset`` holds the rows ``rows`` of
+    the one given (indices, in their order here): those whose image decoded, grouped."""
 
     dataset: object
-    kept: np.ndarray
+    rows: np.ndarray
     image_emb: np.ndarray
     target_emb: np.ndarray
     metric_emb: np.ndarray
     load_decoder_emb: Callable = None  # reads the decoder's input; None when it is image_emb
 
 
-def dataset_embeddings(config, dataset, progress=True, log=print, resume=False, encoder=None) -> DatasetEmbeddings:
+def dataset_embeddings(config, dataset, progress=True, log=print, resume=False, encoder=None,
+                       group=None) -> DatasetEmbeddings:
     """The image, target-space prompt and metric-space prompt embeddings of a dataset with
     the encoders of ``config`` (a StudyConfig), through its cache, and a function that reads
     the decoder's input; ``resume`` continues an interrupted image extraction. An image that
     cannot be decoded stops it, or with ``config.on_error`` skip leaves its row out.
+    ``group`` (a number per row) orders the rows by group, each in the dataset's order: a
+    run groups them by split, so that each split's rows are one slice of every array
+    (read in that order from the cache: no copy is made to reorder or to take a split).
 
     The image embedding is the pooled vector; the decoder input adds the grid of
     ``config.decoder_grid`` over the ``config.decoder_map`` feature map and the colour
@@ -373,22 +395,23 @@ def dataset_embeddings(config, dataset, progress=True, log=print, resume=False, 
         engine = RayEngine(config.ray_address)
         encoder = engine.prepare(encoder, config.device)
 
-    def image_columns(columns, resume=False):
+    def image_columns(columns, rows, resume=False):
         return image_embeddings(dataset, encoder, cache, config.embed_batch_size, config.num_workers, progress,
                                 resume, config.decoder_grid, config.decoder_colors, config.decoder_map, engine,
-                                columns, config.on_error)
+                                columns, config.on_error, rows)
 
-    image_emb, info = image_columns(slice(0, encoder.dim), resume)  # the pooled vector leads each row
-    kept_dataset, kept = dataset, np.ones(len(dataset), dtype=bool)
+    def grouped_rows(unreadable):
+        kept = dataset.readable_rows(unreadable)
+        return kept if group is None else kept[np.argsort(np.asarray(group)[kept], kind="stable")]
+
+    image_emb, info = image_columns(slice(0, encoder.dim), grouped_rows, resume)  # the pooled vector leads
+    rows = info["rows"]
     if info["unreadable"]:
-        kept_dataset, kept = dataset.without_unreadable(info["unreadable"])
-        image_emb = image_emb[kept]
         log(f"image embeddings: {len(info['unreadable'])} image(s) could not be decoded; left out")
     load_decoder_emb = None
     if config.decoder_grid or config.decoder_colors:  # the whole rows, read when a decoder stage needs them
         def load_decoder_emb():
-            rows = image_columns(None)[0]
-            return rows if kept.all() else rows[kept]
+            return image_columns(None, lambda _: rows)[0]
     if info.get("resumed_rows"):
         log(f"image embeddings: resumed after {info['resumed_rows']} images done by an earlier run")
     name = f"{encoder.name}, fine-tuned" if encoder.tuned else encoder.name
@@ -399,15 +422,18 @@ def dataset_embeddings(config, dataset, progress=True, log=print, resume=False, 
         log(f"image embeddings ({name}): {len(dataset) - info['resumed_rows']} images in {info['seconds']:.1f} s "
             f"({info['images_per_s']:.1f} images/s), cached in {info['cache_file']}")
     target = on_device(text_encoder(config.text_encoder, config.text_model, config.text_pooling), config.device)
-    prompts = kept_dataset.prompts
+    # the prompts' cache entries hold the rows kept in the dataset's order, whatever the grouping
+    in_order = np.sort(rows)
+    prompts, text_rows = [dataset.prompts[i] for i in in_order], np.searchsorted(in_order, rows)
     truncated = target.count_truncated(prompts)
     if truncated:
         log(f"{truncated} prompt(s) are longer than {target.name} reads ({target.max_length} tokens): "
             "their embeddings see the beginning only")
-    target_emb = text_embeddings(prompts, target, cache, progress=progress)
+    target_emb = text_embeddings(prompts, target, cache, progress=progress, rows=text_rows)
     metric_emb = (target_emb if config.text_encoder == METRIC_ENCODER
-                  else text_embeddings(prompts, metric_encoder(config.device), cache, progress=progress))
-    return DatasetEmbeddings(kept_dataset, kept, image_emb, target_emb, metric_emb, load_decoder_emb)
+                  else text_embeddings(prompts, metric_encoder(config.device), cache, progress=progress, rows=text_rows))
+    return DatasetEmbeddings(dataset.take(rows, info["unreadable"]), rows, image_emb, target_emb, metric_emb,
+                             load_decoder_emb)
 
 
 def measure_throughput(paths, config) -> float:

@@ -21,6 +21,7 @@ DEFAULT_TEXT_ENCODER = "minilm"
 METRIC_ENCODER = "minilm"
 DEFAULT_BERT = "bert-base-uncased"
 POOLINGS = ("mean", "cls", "max", "pooler")
+TOKENIZE_BLOCK = 1024  # prompts tokenized at once to count the truncated ones
 
 
 class TextEncoder:
@@ -101,8 +102,10 @@ class TextEncoder:
     def count_truncated(self, texts) -> int:
         """How many ``texts`` are longer than the encoder reads (``max_length`` tokens, the
         special tokens included): they are truncated when encoded."""
-        lengths = self.tokenizer(list(texts), truncation=False)["input_ids"]
-        return sum(len(ids) > self.max_length for ids in lengths)
+        texts = list(texts)
+        # a block at a time: the token lists of every prompt at once take kilobytes per prompt
+        return sum(len(ids) > self.max_length for start in range(0, len(texts), TOKENIZE_BLOCK)
+                   for ids in self.tokenizer(texts[start:start + TOKENIZE_BLOCK], truncation=False)["input_ids"])
 
     def _pool(self, output, mask):
         hidden = output.last_hidden_state

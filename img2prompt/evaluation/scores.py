@@ -16,7 +16,7 @@ import pandas as pd
 from img2prompt.data.dataset import normalize_prompt
 
 METHODS = ("mapper", "retrieval", "knn", "mean_prompt")
-SIMILARITY_BLOCK = 1 << 24  # query-bank similarities computed at once (64 MB of float32)
+SIMILARITY_BLOCK = 1 << 22  # query-bank similarities computed at once (16 MB of float32)
 QUERY_BLOCK = 4096  # queries compared at once, each block with the bank a block of rows at a time
 BOOTSTRAP_BLOCK = 1 << 22   # resampled indices drawn at once (32 MB)
 

@@ -31,18 +31,19 @@ def save_tensors(path, tensors: dict, metadata: dict):
         save_file(tensors, str(tmp), metadata={k: json.dumps(v, default=str) for k, v in metadata.items()})
 
 
-def load_tensors(path, what, fix, framework="pt", required=(), columns=None) -> tuple:
+def load_tensors(path, what, fix, framework="pt", required=(), columns=None, rows=None) -> tuple:
     """(tensors, metadata) of a file written by ``save_tensors``; RunError naming the file
     when it is missing or unreadable, or lacks one of the ``required`` metadata keys.
-    ``columns`` (a slice) reads only those columns of 2-D tensors, straight from the file."""
+    ``columns`` (a slice) and ``rows`` (row indices, in the order wanted) read only those
+    columns and rows of 2-D tensors, straight from the file (numpy arrays)."""
     path = Path(path)
     if not path.is_file():
         raise RunError(f"{path}: no {what}. {fix}")
     try:
         with safe_open(str(path), framework=framework) as handle:
             metadata = {key: json.loads(value) for key, value in (handle.metadata() or {}).items()}
-            tensors = {name: handle.get_tensor(name) if columns is None else _read_columns(path, name, columns)
-                       for name in handle.keys()}
+            tensors = {name: handle.get_tensor(name) if columns is None and rows is None
+                       else _read_columns(path, name, columns or slice(None), rows) for name in handle.keys()}
     except (SafetensorError, OSError, ValueError) as error:  # ValueError: JSON of the metadata
         raise RunError(f"{path}: not a readable {what} ({type(error).__name__}: {error}). {fix}") from None
     missing = [key for key in required if key not in metadata]
@@ -51,25 +52,45 @@ def load_tensors(path, what, fix, framework="pt", required=(), columns=None) -> 
     return tensors, metadata
 
 
-def _read_columns(path, name, columns):
-    """``columns`` (a slice) of the 2-D tensor ``name``, read a block of rows at a time with
-    plain reads, so that memory holds the result and one block: a memory map (safetensors'
-    slices) touches every row, which makes the whole tensor resident. The file layout is
-    safetensors' own: an 8-byte little-endian header length, the JSON header, the data."""
+def _read_columns(path, name, columns, rows=None):
+    """``columns`` (a slice) of the rows ``rows`` (indices in the order wanted; None: all) of
+    the 2-D tensor ``name``, read a block of rows at a time with plain reads and each row put
+    in its place, so that memory holds the result and one block: a memory map (safetensors'
+    slices) touches every row, which makes the whole tensor resident, and selecting rows
+    after reading would hold two copies. The file layout is safetensors' own: an 8-byte
+    little-endian header length, the JSON header, the data."""
     with open(path, "rb") as file:
         size = int.from_bytes(file.read(8), "little")
         spec = json.loads(file.read(size))[name]
-        rows, width = spec["shape"]
+        stored, width = spec["shape"]
+        place = np.arange(stored) if rows is None else np.full(stored, -1)  # where each stored row goes
+        if rows is not None:
+            place[np.asarray(rows, dtype=np.int64)] = np.arange(len(rows))
         dtype = np.dtype(NUMPY_TYPES[spec["dtype"]]).newbyteorder("<")
-        out = np.empty((rows, len(range(width)[columns])), dtype=dtype.newbyteorder("="))
-        block = np.empty((min(ROWS_PER_READ, rows), width), dtype=dtype)
+        out = np.empty((stored if rows is None else len(rows), len(range(width)[columns])),
+                       dtype=dtype.newbyteorder("="))
+        block = np.empty((min(ROWS_PER_READ, stored), width), dtype=dtype)
         file.seek(8 + size + spec["data_offsets"][0])
-        for start in range(0, rows, len(block)):
-            part = block[:min(len(block), rows - start)]
+        for start in range(0, stored, len(block)):
+            part = block[:min(len(block), stored - start)]
             if file.readinto(memoryview(part).cast("B")) != part.nbytes:
                 raise ValueError(f"the data of '{name}' ends early")
-            out[start:start + len(part)] = part[:, columns]
+            wanted = place[start:start + len(part)]
+            taken = wanted >= 0
+            out[wanted[taken]] = part[taken][:, columns]
     return out
+
+
+def read_header(path) -> tuple:
+    """({tensor name: its shape}, metadata) of a safetensors file, from its header only;
+    ValueError when it is not one."""
+    try:
+        with safe_open(str(path), framework="numpy") as handle:
+            metadata = {key: json.loads(value) for key, value in (handle.metadata() or {}).items()}
+            shapes = {name: handle.get_slice(name).get_shape() for name in handle.keys()}
+    except SafetensorError as error:
+        raise ValueError(f"{path}: {error}") from None
+    return shapes, metadata
 
 
 def foreign(path, what, error, fix) -> RunError:
