@@ -20,8 +20,8 @@ Targets (issue 12): at 100,000 images each stage within 1.3x of its seconds per 
 2,000, and peak RSS growing by no more than the embeddings themselves plus 10%; Ray-local
 extraction at >= 0.8 of the in-process throughput (printed with and without the start of
 the local instance, which a running cluster does not pay). ``--top``
-leaves out the sizes above it when time is short (20,000 images take about 20 minutes on
-2 cores, 100,000 about 2 hours).
+leaves out the sizes above it when time is short (on 2 cores: 2,000 and 20,000 images with
+every stage about 25 minutes; 2,000, 20,000 and 100,000 without embed-ray 90 minutes).
 
 Then a projection, not a measurement: the hours each stage would take on 2 million images
 on 1, 8 and 64 devices like the one the benchmark ran on (``device`` in the output: a GPU
