@@ -322,7 +322,8 @@ def text_embeddings(texts, encoder, cache: EmbeddingCache = None, batch_size=64,
     texts = list(texts)
     key = {"kind": "text", "texts": hashlib.sha256("\0".join(texts).encode()).hexdigest(),
            "n": len(texts), "encoder": encoder.fingerprint()}
-    if cache is not None and (cache.entry("text", key) or (None,))[0] == len(texts):
+    entry = cache.entry("text", key) if cache is not None else None
+    if entry is not None and entry[0] == len(texts):
         cached = cache.load("text", key, rows=rows)
         if cached is not None:
             return cached

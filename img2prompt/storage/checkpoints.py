@@ -41,9 +41,9 @@ def load_tensors(path, what, fix, framework="pt", required=(), columns=None, row
         raise RunError(f"{path}: no {what}. {fix}")
     try:
         with safe_open(str(path), framework=framework) as handle:
-            metadata = {key: json.loads(value) for key, value in (handle.metadata() or {}).items()}
+            metadata = _metadata(handle)
             tensors = {name: handle.get_tensor(name) if columns is None and rows is None
-                       else _read_columns(path, name, columns or slice(None), rows) for name in handle.keys()}
+                       else _read_part(path, name, columns or slice(None), rows) for name in handle.keys()}
     except (SafetensorError, OSError, ValueError) as error:  # ValueError: JSON of the metadata
         raise RunError(f"{path}: not a readable {what} ({type(error).__name__}: {error}). {fix}") from None
     missing = [key for key in required if key not in metadata]
@@ -52,7 +52,11 @@ def load_tensors(path, what, fix, framework="pt", required=(), columns=None, row
     return tensors, metadata
 
 
-def _read_columns(path, name, columns, rows=None):
+def _metadata(handle) -> dict:
+    return {key: json.loads(value) for key, value in (handle.metadata() or {}).items()}
+
+
+def _read_part(path, name, columns, rows=None):
     """``columns`` (a slice) of the rows ``rows`` (indices in the order wanted; None: all) of
     the 2-D tensor ``name``, read a block of rows at a time with plain reads and each row put
     in its place, so that memory holds the result and one block: a memory map (safetensors'
@@ -86,7 +90,7 @@ def read_header(path) -> tuple:
     ValueError when it is not one."""
     try:
         with safe_open(str(path), framework="numpy") as handle:
-            metadata = {key: json.loads(value) for key, value in (handle.metadata() or {}).items()}
+            metadata = _metadata(handle)
             shapes = {name: handle.get_slice(name).get_shape() for name in handle.keys()}
     except SafetensorError as error:
         raise ValueError(f"{path}: {error}") from None
