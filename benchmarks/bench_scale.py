@@ -14,7 +14,10 @@ train (the mapper, ``--epochs`` epochs: per epoch), evaluate (mapper, retrieval,
 prompt, bootstrap intervals), decoder (``--epochs`` epochs of the tiny decoder with its
 validation prompts: per epoch). A stage's seconds are timed inside its process, after the
 imports. The table gives seconds per 1,000 images (per epoch for the training stages), the
-ratio to the smallest size, and the peak RSS.
+ratio to the smallest size, and the peak RSS; a second table the peak's growth from the
+smallest size against the embeddings' (the cache entries an extraction writes, the arrays
+another stage reads). The evaluation searches as the study does by default (``--search
+auto``: exactly up to 20,000 bank rows, approximately beyond).
 
 Targets (issue 12): at 100,000 images each stage within 1.3x of its seconds per 1,000 at
 2,000, and peak RSS growing by no more than the embeddings themselves plus 10%; Ray-local
@@ -26,9 +29,10 @@ every stage about 25 minutes; 2,000, 20,000 and 100,000 without embed-ray 90 min
 Then a projection, not a measurement: the hours each stage would take on 2 million images
 on 1, 8 and 64 devices like the one the benchmark ran on (``device`` in the output: a GPU
 when the machine has one, else this machine's CPU). A stage costs its seconds per image at
-the largest size measured, times 2 million; the evaluation, whose exact kNN and retrieval
-compare each test image with the whole bank, is fitted as a·N + b·N² through the two
-largest sizes (a cost per image that grows with N). Each is divided by the devices: extraction
+the largest size measured, times 2 million; the evaluation, whose kNN and retrieval compare
+each test image with the whole bank (exact search) or with about √N of its rows (approximate),
+is fitted as a·N + b·N² or a·N + b·N^1.5 (as the largest size searched) through the two
+largest sizes. Each is divided by the devices: extraction
 splits its images (Ray actors), the training stages their batches (torchrun), evaluation
 its test images; reading the CSV and listing the images stays on one machine. Perfect
 scaling is assumed: communication, the cluster's start and stragglers are not in it.
@@ -53,6 +57,7 @@ from img2prompt.run import Run
 config = StudyConfig(data_dir=data, run_dir=run_dir, cache_dir=run_dir + "-cache", max_epochs=epochs,
                      patience=epochs, decoder_epochs=epochs, decoder_patience=epochs, bootstrap=1000)
 start, started = time.perf_counter(), 0.0  # started: a local Ray instance's start (embed-ray)
+search = None
 if stage == "generate":
     from img2prompt.data.synth import SynthParams, generate_dataset
     generate_dataset(data, SynthParams(n=int(sys.argv[5])))
@@ -73,17 +78,26 @@ elif stage == "embed-ray":  # the same on a local Ray instance, timed with the i
     engine.close()
 else:
     run = Run.open(run_dir)
-    run.data(progress=False)  # the dataset and its embeddings (from the cache): not this stage
+    data = run.data(progress=False)  # the dataset and its embeddings (from the cache): not this stage
     start = time.perf_counter()
     if stage == "train":
         run.train(progress=False)
     elif stage == "evaluate":
-        run.evaluate(progress=False)
+        search = run.evaluate(progress=False).method("knn")["search"]["search"]  # exact or approximate
     elif stage == "decoder":
         run.train_decoder(progress=False)
 seconds = time.perf_counter() - start
 peak = int(re.search(r"VmHWM:\s+(\d+)", open("/proc/self/status").read()).group(1)) / 1024
-print(json.dumps({"seconds": seconds, "peak_mb": peak, "start_s": started}))
+held = 0  # the embeddings the stage made (its cache entries) or held (the arrays it read)
+if stage.startswith("embed"):
+    from pathlib import Path
+    cache = Path(run_dir + ("-ray-cache" if stage == "embed-ray" else "-cache"))
+    held = sum(f.stat().st_size for f in cache.rglob("*") if f.is_file())
+elif stage in ("train", "evaluate", "decoder"):
+    arrays = [data.image_emb, data.target_emb, data.metric_emb] + [data.decoder_emb] * ("decoder_emb" in vars(data))
+    held = sum({id(a): a.nbytes for a in arrays}.values())
+print(json.dumps({"seconds": seconds, "peak_mb": peak, "start_s": started, "embeddings_mb": held / 2**20,
+                  "search": search}))
 '''
 
 STAGES = ("generate", "load", "embed", "embed-ray", "train", "evaluate", "decoder")
@@ -121,7 +135,8 @@ def main():
                 per = 1000 / n / (args.epochs if stage in PER_EPOCH else 1)
                 rows.append({"images": n, "stage": stage, "s_per_1000": measured["seconds"] * per,
                              "peak_mb": measured["peak_mb"], "seconds": measured["seconds"],
-                             "start_s": measured["start_s"]})
+                             "start_s": measured["start_s"], "embeddings_mb": measured["embeddings_mb"],
+                             "search": measured["search"]})
                 print(f"{n:>7} {stage:<9} {rows[-1]['s_per_1000']:8.2f} s/1000 images"
                       f"{' per epoch' if stage in PER_EPOCH else ''}   peak {measured['peak_mb']:7.0f} MB",
                       flush=True)
@@ -145,6 +160,16 @@ def print_table(rows, sizes, stages, epochs):
             cells.append(f"{row['s_per_1000']:.2f} ({ratio:.2f}×), {row['peak_mb']:.0f}")
         name = f"{stage} (per epoch, {epochs} epochs)" if stage in PER_EPOCH else stage
         print(f"| {name} | {' | '.join(cells)} |")
+    print(f"\nMemory: the peak's growth from {sizes[0]:,} images against the embeddings' growth (the cache "
+          "entries an extraction writes, the arrays another stage reads; target: at most 1.1x)")
+    print(f"\n| stage | {' | '.join(f'{n:,} images: growth of the peak, of the embeddings (MB), ratio' for n in sizes[1:])} |")
+    print("|---|" + "---|" * (len(sizes) - 1))
+    for stage in (s for s in stages if s not in ("generate", "load")):
+        first, *others = (next(r for r in rows if r["images"] == n and r["stage"] == stage) for n in sizes)
+        cells = [f"{r['peak_mb'] - first['peak_mb']:+.0f}, {r['embeddings_mb'] - first['embeddings_mb']:+.0f}, "
+                 f"{(r['peak_mb'] - first['peak_mb']) / max(r['embeddings_mb'] - first['embeddings_mb'], 1e-9):.2f}×"
+                 for r in others]
+        print(f"| {stage} | {' | '.join(cells)} |")
     if {"embed", "embed-ray"} <= set(stages):
         print("\nRay-local extraction (embed-ray) against in-process (embed), throughput ratio: "
               + "; ".join(f"{n:,} images {ray_ratio(rows, n, False):.2f} (without the instance's start "
@@ -157,17 +182,20 @@ SPLIT_ACROSS_DEVICES = ("embed", "embed-ray", "train", "evaluate", "decoder")
 NOT_IN_A_STUDY = ("generate",)  # a real dataset is downloaded or imported, not generated
 
 
-QUADRATIC = ("evaluate",)  # every test image against every training image and prompt
-
-
-def fitted_seconds(points, n):
-    """Seconds at ``n`` images from two measured (images, seconds): a·N + b·N², b ≥ 0."""
+def fitted_seconds(points, n, power):
+    """Seconds at ``n`` images from two measured (images, seconds): a·N + b·N^power, b ≥ 0."""
     (n1, t1), (n2, t2) = points
-    b = max(0.0, (t2 / n2 - t1 / n1) / (n2 - n1))  # the growth of the cost per image
-    a = t2 / n2 - b * n2
+    b = max(0.0, (t2 / n2 - t1 / n1) / (n2 ** (power - 1) - n1 ** (power - 1)))  # the growth of the cost per image
+    a = t2 / n2 - b * n2 ** (power - 1)
     if a < 0:  # all of the cost grows with N
-        a, b = 0.0, t2 / n2 ** 2
-    return a * n + b * n * n
+        a, b = 0.0, t2 / n2 ** power
+    return a * n + b * n ** power
+
+
+def search_power(rows, n):
+    """How the evaluation's cost grows with N at ``n`` images: each test image against every
+    training image and prompt (exact search, N²), or against √N of them (approximate, N^1.5)."""
+    return 1.5 if next(r["search"] for r in rows if r["images"] == n and r["stage"] == "evaluate") == "approximate" else 2
 
 
 def print_projection(rows, sizes, stages, epochs):
@@ -182,7 +210,7 @@ def print_projection(rows, sizes, stages, epochs):
             continue
         points = [(n, next(r["seconds"] for r in rows if r["images"] == n and r["stage"] == stage)
                    / (epochs if stage in PER_EPOCH else 1)) for n in sizes[-2:]]
-        seconds = (fitted_seconds(points, PROJECTED_IMAGES) if stage in QUADRATIC
+        seconds = (fitted_seconds(points, PROJECTED_IMAGES, search_power(rows, sizes[-1])) if stage == "evaluate"
                    else points[-1][1] / points[-1][0] * PROJECTED_IMAGES)
         hours = [seconds / (d if stage in SPLIT_ACROSS_DEVICES else 1) / 3600 for d in DEVICES]
         name = f"{stage} (per epoch)" if stage in PER_EPOCH else stage

@@ -21,7 +21,7 @@ ENCODER_OPTIONS = ("image_encoder", "image_weights", "text_encoder", "text_model
                    "decoder_map", "decoder_colors")
 TRAINING_OPTIONS = ("seed", "val_fraction", "test_fraction", "hidden_size", "depth", "dropout",
                     "learning_rate", "weight_decay", "batch_size", "max_epochs", "patience",
-                    "bank", "bootstrap", "tune", "tune_blocks", "tune_learning_rate", "layer_decay",
+                    "bank", "search", "bootstrap", "tune", "tune_blocks", "tune_learning_rate", "layer_decay",
                     "ema_decay", "tune_batch_size", "accumulate_steps", "tune_epochs", "tune_patience")
 DECODER_OPTIONS = ("decoder", "decoder_tune", "decoder_grid", "decoder_map", "decoder_colors", "prefix_length",
                    "decoder_width", "decoder_layers",
@@ -133,7 +133,7 @@ def cmd_train(args):
 def cmd_evaluate(args):
     from img2prompt.run import Run
     run = Run.open(args.run, args.device)
-    metrics = run.evaluate(bank=args.bank, data_dir=args.data, progress=not args.quiet, log=log)
+    metrics = run.evaluate(bank=args.bank, search=args.search, data_dir=args.data, progress=not args.quiet, log=log)
     print(json.dumps(metrics.data, indent=2) if args.json else metrics.text())
     log(f"wrote the per-image results and the metrics into {run.root}")
     return 0
@@ -269,6 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", help="dataset folder, when it moved since training")
     evaluate.add_argument("--bank", choices=("train", "all"),
                           help="prompt bank for retrieval (default: the run's, train)")
+    evaluate.add_argument("--search", choices=("auto", "exact", "approximate"),
+                          help="nearest-neighbour search for retrieval and kNN (default: the run's, auto: "
+                          "exact up to 20,000 bank rows)")
     evaluate.add_argument("--json", action="store_true", help="print the metrics as JSON")
 
     train_decoder = command("train-decoder", "train the prompt decoder of a run (its data, split "

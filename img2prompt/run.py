@@ -582,14 +582,15 @@ class Run:
 
     # --- evaluation -------------------------------------------------------------------------------
 
-    def evaluate(self, bank=None, data_dir=None, progress=None, log=_quiet) -> Metrics:
+    def evaluate(self, bank=None, search=None, data_dir=None, progress=None, log=_quiet) -> Metrics:
         """Score every method on the test split (the decoder's text too, once trained); write
-        test_results.csv and metrics.json. ``bank`` (train | all) and ``data_dir`` (the
-        dataset moved) apply to this evaluation only."""
+        test_results.csv and metrics.json. ``bank`` (train | all), ``search`` (auto | exact |
+        approximate) and ``data_dir`` (the dataset moved) apply to this evaluation only."""
         from img2prompt.encoders.embeddings import text_embeddings
         from img2prompt.encoders.text import METRIC_ENCODER, metric_encoder
         from img2prompt.evaluation.analysis import attribute_matches, load_attributes
         from img2prompt.evaluation.scores import evaluate_methods, fit_linear_map, paired_difference
+        from img2prompt.evaluation.search import Rows
 
         with self._lock():
             self._require(TRAIN, "train --resume --out")
@@ -597,6 +598,7 @@ class Run:
                 raise RunError(f"{self._path(SPLITS_FILE)}: not found; the run's split is lost. Train "
                                "the run again with --force.")
             config = dataclasses.replace(self.config, bank=bank or self.config.bank,
+                                         search=search or self.config.search,
                                          data_dir=str(data_dir or self.config.data_dir))
             config.validate()
             data = self._prepare(config, progress, log) if data_dir else self.data(progress, log)
@@ -606,8 +608,9 @@ class Run:
                 raise RunError(f"{self.root}: the test split is empty; train with --test-fraction > 0.")
             bank_mask = np.ones(len(data.splits), bool) if config.bank == "all" else data.splits == "train"
             prompts, keep = unique_prompts(list(np.asarray(data.dataset.prompts, dtype=object)[bank_mask]))
-            bank_part = {"prompts": prompts, "target_emb": data.target_emb[bank_mask][keep],
-                         "metric_emb": data.metric_emb[bank_mask][keep]}
+            bank_rows = np.flatnonzero(bank_mask)[keep]  # each distinct prompt once, read in place
+            bank_part = {"prompts": prompts, "target_emb": Rows(data.target_emb, bank_rows),
+                         "metric_emb": Rows(data.metric_emb, bank_rows)}
             to_metric = (None if config.text_encoder == METRIC_ENCODER
                          else fit_linear_map(train_part["target_emb"], train_part["metric_emb"]))
             predicted = self.mapper().predict(test["image_emb"]).numpy()
@@ -618,7 +621,7 @@ class Run:
                 generated["decoder"] = (texts, text_embeddings(texts, metric_encoder(config.device),
                                                                progress=progress))
             frame, scores = evaluate_methods(test, train_part, bank_part, predicted, to_metric,
-                                             config.bootstrap, config.seed, generated)
+                                             config.bootstrap, config.seed, generated, config.search)
             text_columns = {"retrieval": "predicted_prompt", **{n: f"{n}_prompt" for n in generated}}
             if self.is_finished(TUNE):  # the same methods on the frozen features, paired
                 frozen = self._prepare(config, progress, log, tuned=False)
@@ -626,7 +629,7 @@ class Run:
                 frozen_frame, frozen_scores = evaluate_methods(
                     frozen_test, frozen.part("train"), bank_part,
                     self.frozen_mapper().predict(frozen_test["image_emb"]).numpy(), to_metric,
-                    config.bootstrap, config.seed)
+                    config.bootstrap, config.seed, search_method=config.search)
                 for name in ("mapper", "retrieval"):
                     scores["methods"][f"frozen_{name}"] = frozen_scores["methods"][name]
                     frame[f"cosine_frozen_{name}"] = frozen_frame[f"cosine_{name}"]

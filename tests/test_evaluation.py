@@ -1,7 +1,7 @@
 import numpy as np
 
-from img2prompt.evaluation.scores import (cosine_rows, evaluate_methods, fit_linear_map, nearest,
-                                   paired_difference, summarize)
+from img2prompt.evaluation.scores import cosine_rows, evaluate_methods, fit_linear_map, paired_difference, summarize
+from img2prompt.evaluation.search import nearest
 
 
 def test_cosines_and_nearest():

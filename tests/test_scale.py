@@ -11,15 +11,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from img2prompt.evaluation import scores
+from img2prompt.evaluation import scores, search
 
 
 def test_nearest_in_blocks_finds_what_the_whole_matrix_finds(monkeypatch):
     rng = np.random.default_rng(0)
     queries, bank = rng.normal(size=(50, 8)), rng.normal(size=(70, 8))
     whole = np.argmax(scores.unit_rows(queries) @ scores.unit_rows(bank).T, axis=1)
-    monkeypatch.setattr(scores, "SIMILARITY_BLOCK", 150)  # two queries at a time
-    assert np.array_equal(scores.nearest(queries, bank), whole)
+    monkeypatch.setattr(search, "SIMILARITY_BLOCK", 150)  # two queries at a time
+    assert np.array_equal(search.nearest(queries, bank), whole)
 
 
 def test_nearest_of_centred_rows_in_blocks_finds_what_the_whole_matrix_finds(monkeypatch):
@@ -27,20 +27,108 @@ def test_nearest_of_centred_rows_in_blocks_finds_what_the_whole_matrix_finds(mon
     queries, bank = rng.normal(size=(50, 8)) + 3, rng.normal(size=(70, 8)) + 3
     centre = bank.mean(axis=0)
     whole = np.argmax(scores.unit_rows(queries - centre) @ scores.unit_rows(bank - centre).T, axis=1)
-    monkeypatch.setattr(scores, "QUERY_BLOCK", 16)
-    monkeypatch.setattr(scores, "SIMILARITY_BLOCK", 16 * 9)  # 9 bank rows at a time
-    assert np.array_equal(scores.nearest(queries, bank, centre), whole)
+    monkeypatch.setattr(search, "QUERY_BLOCK", 16)
+    monkeypatch.setattr(search, "SIMILARITY_BLOCK", 16 * 9)  # 9 bank rows at a time
+    assert np.array_equal(search.nearest(queries, bank, centre), whole)
 
 
 def test_nearest_never_copies_the_whole_bank(monkeypatch):
     rng = np.random.default_rng(6)
     bank = rng.normal(size=(200_000, 64)).astype(np.float32)  # 51 MB
-    monkeypatch.setattr(scores, "SIMILARITY_BLOCK", 1 << 20)  # 4 MB of similarities at once
+    monkeypatch.setattr(search, "SIMILARITY_BLOCK", 1 << 20)  # 4 MB of similarities at once
     tracemalloc.start()
-    scores.nearest(bank[:500], bank, bank.mean(axis=0))  # kNN: both sides centred on the bank's mean
+    search.nearest(bank[:500], bank, bank.mean(axis=0))  # kNN: both sides centred on the bank's mean
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert peak < bank.nbytes / 4, f"peak {peak / 1e6:.0f} MB for a bank of {bank.nbytes / 1e6:.0f} MB"
+
+
+def clustered(n, dims=32, clusters=60, seed=0):
+    """Rows around ``clusters`` centres, all positive-shifted (as CNN features are)."""
+    rng = np.random.default_rng(seed)
+    centres = np.random.default_rng(99).normal(size=(clusters, dims))
+    return (centres[rng.integers(0, clusters, n)] + 0.6 * rng.normal(size=(n, dims)) + 3).astype(np.float32)
+
+
+def test_approximate_search_finds_the_exact_neighbour_of_nearly_every_query_and_says_how_often():
+    bank, queries = clustered(6000), clustered(1500, seed=1)
+    centre = bank.mean(axis=0)
+    exact = search.nearest(queries, bank, centre)
+    found, report = search.search(queries, bank, centre, "approximate")
+    assert report["search"] == "approximate" and report["probes"] == search.PROBES
+    recall = np.mean(found == exact)
+    assert recall > 0.95
+    checked = np.sort(np.random.default_rng(0).choice(1500, search.RECALL_SAMPLE, replace=False))
+    assert report["recall_checked"] == search.RECALL_SAMPLE
+    assert report["recall_at_1"] == np.mean(found[checked] == exact[checked])  # measured, on those queries
+    again, _ = search.search(queries, bank, centre, "approximate")
+    assert np.array_equal(again, found)  # seeded: the same answer each time
+
+
+def test_auto_search_is_exact_up_to_its_threshold_and_approximate_beyond(monkeypatch):
+    bank, queries = clustered(3000), clustered(300, seed=1)
+    monkeypatch.setattr(search, "APPROXIMATE_ABOVE", 3000)
+    found, report = search.search(queries, bank)
+    assert report == {"search": "exact"} and np.array_equal(found, search.nearest(queries, bank))
+    monkeypatch.setattr(search, "APPROXIMATE_ABOVE", 2999)
+    assert search.search(queries, bank)[1]["search"] == "approximate"
+    with pytest.raises(ValueError, match="exact"):
+        search.search(queries, bank, method="fast")
+
+
+def count_comparisons(monkeypatch):
+    """[query-row similarities computed], counted in the one place that computes them."""
+    counted, real_compare = [0], search._compare
+
+    def counting_compare(unit_queries, bank, centre, rows, best, index):
+        counted[0] += len(unit_queries) * len(rows)
+        return real_compare(unit_queries, bank, centre, rows, best, index)
+
+    monkeypatch.setattr(search, "_compare", counting_compare)
+    return counted
+
+
+def test_approximate_search_costs_per_query_grow_with_the_square_root_of_the_bank(monkeypatch):
+    # the test split grows with the bank (a study of 16x the images): exact search compares
+    # each query with 16x the rows; the inverted file with about 4x (the recall check included)
+    counted = count_comparisons(monkeypatch)
+    per_query = {}
+    for n in (2_000, 32_000):
+        counted[0] = 0
+        search.search(clustered(n // 5, seed=1), clustered(n), method="approximate")
+        per_query[n] = counted[0] / (n // 5)
+    assert per_query[32_000] / per_query[2_000] < 6, per_query
+    assert per_query[32_000] < 32_000 / 3, per_query  # and far fewer than the exact search's
+
+
+def test_approximate_search_never_copies_the_whole_bank(monkeypatch):
+    bank = clustered(200_000, dims=64)  # 51 MB
+    monkeypatch.setattr(search, "SIMILARITY_BLOCK", 1 << 20)  # 4 MB of similarities at once
+    tracemalloc.start()
+    search.search(bank[:5000], bank, bank.mean(axis=0), "approximate")
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < bank.nbytes / 4, f"peak {peak / 1e6:.0f} MB for a bank of {bank.nbytes / 1e6:.0f} MB"
+
+
+def test_evaluate_says_which_search_found_the_neighbours(trained_run, tmp_path, capsys):
+    import json
+    import shutil
+    from img2prompt.cli import main
+    from img2prompt.run import Run
+    copy = tmp_path / "run"
+    shutil.copytree(trained_run["run"], copy)
+    exact = json.loads((copy / "metrics.json").read_text())["methods"]
+    assert exact["knn"]["search"] == exact["retrieval"]["search"] == {"search": "exact"}  # auto, a small bank
+    assert main(["evaluate", "--run", str(copy), "--search", "approximate", "--quiet"]) == 0
+    assert "knn: approximate nearest neighbours" in capsys.readouterr().out
+    approximate = json.loads((copy / "metrics.json").read_text())["methods"]
+    for method in ("knn", "retrieval"):
+        report = approximate[method]["search"]
+        assert report["search"] == "approximate" and 0 <= report["recall_at_1"] <= 1
+        assert report["recall_checked"] == approximate[method]["n"]  # fewer test images than the sample
+    assert approximate["mapper"]["mean_cosine"] == exact["mapper"]["mean_cosine"]
+    assert Run.open(copy).config.search == "auto"  # --search holds for that evaluation only
 
 
 def test_bootstrap_in_blocks_draws_the_same_resamples(monkeypatch):
@@ -60,7 +148,7 @@ def test_evaluation_memory_stays_bounded_as_the_test_set_grows(measure):
     if measure == "bootstrap":
         scores.summarize(values, n_boot=1000)
     else:
-        scores.nearest(bank[:2000], bank)
+        search.nearest(bank[:2000], bank)
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert peak < 120e6, f"{measure}: peak {peak / 1e6:.0f} MB"

@@ -14,45 +14,15 @@ import numpy as np
 import pandas as pd
 
 from img2prompt.data.dataset import normalize_prompt
+from img2prompt.evaluation.search import search, unit_rows
 
 METHODS = ("mapper", "retrieval", "knn", "mean_prompt")
-SIMILARITY_BLOCK = 1 << 22  # query-bank similarities computed at once (16 MB of float32)
-QUERY_BLOCK = 4096  # queries compared at once, each block with the bank a block of rows at a time
-BOOTSTRAP_BLOCK = 1 << 22   # resampled indices drawn at once (32 MB)
-
-
-def unit_rows(a):
-    a = np.atleast_2d(np.asarray(a, dtype=np.float32))
-    return a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+BOOTSTRAP_BLOCK = 1 << 20   # resampled indices drawn at once (8 MB)
 
 
 def cosine_rows(a, b) -> np.ndarray:
     """Cosine between row i of ``a`` and row i of ``b`` (``b`` may be one row)."""
     return np.sum(unit_rows(a) * unit_rows(b), axis=1)
-
-
-def nearest(queries, bank, centre=None) -> np.ndarray:
-    """Index of the most cosine-similar row of ``bank`` for each query (both less ``centre``
-    when given), a block of queries against a block of bank rows at a time: memory holds at
-    most SIMILARITY_BLOCK similarities and normalised copies of one block of each, never a
-    queries x bank matrix or a copy of the whole bank. Ties go to the first row, as argmax."""
-    index = np.zeros(len(queries), dtype=np.int64)
-    for q in range(0, len(queries), QUERY_BLOCK):
-        block = _unit_block(queries[q:q + QUERY_BLOCK], centre)
-        best = np.full(len(block), -np.inf, dtype=np.float32)
-        rows = max(1, SIMILARITY_BLOCK // len(block))
-        for b in range(0, len(bank), rows):
-            similarity = block @ _unit_block(bank[b:b + rows], centre).T
-            top = np.argmax(similarity, axis=1)
-            value = similarity[np.arange(len(block)), top]
-            better = value > best
-            best[better], index[q:q + QUERY_BLOCK][better] = value[better], b + top[better]
-            del similarity  # before the next block's is made
-    return index
-
-
-def _unit_block(rows, centre):
-    return unit_rows(rows if centre is None else np.asarray(rows, dtype=np.float32) - centre)
 
 
 def fit_linear_map(x, y, alpha=1.0):
@@ -107,7 +77,7 @@ def distinct_ngrams(texts) -> dict:
 
 
 def evaluate_methods(test, train, bank, predicted, to_metric_space, n_boot=1000, seed=0,
-                     generated=None):
+                     generated=None, search_method="auto"):
     """Score every method on the test images.
 
     ``test`` and ``train`` are dicts with ``prompts``, ``image_emb`` and ``metric_emb`` (and
@@ -115,15 +85,17 @@ def evaluate_methods(test, train, bank, predicted, to_metric_space, n_boot=1000,
     ``target_emb`` and ``metric_emb``; ``predicted`` are the mapper's target-space
     predictions; ``to_metric_space`` maps them into the metric space (None: the target
     space is the metric space); ``generated`` maps further method names (the decoder) to
-    (texts, their metric-space embeddings). Returns (per-image DataFrame, metrics dict).
+    (texts, their metric-space embeddings); ``search_method`` (auto, exact, approximate) finds
+    the nearest bank prompt and training image (``search.search``; its report is kept with
+    each method's scores). Returns (per-image DataFrame, metrics dict).
     """
     truth = test["metric_emb"]
     predicted_metric = predicted if to_metric_space is None else to_metric_space(predicted)
-    retrieved = nearest(predicted, bank["target_emb"])
+    retrieved, retrieval_search = search(predicted, bank["target_emb"], method=search_method, seed=seed)
     # kNN on image embeddings centred on the training mean: raw CNN features are all
     # positive, so uncentred cosines crowd together
     centre = train["image_emb"].mean(axis=0)
-    neighbour = nearest(test["image_emb"], train["image_emb"], centre)
+    neighbour, knn_search = search(test["image_emb"], train["image_emb"], centre, search_method, seed)
     mean_prompt = train["metric_emb"].mean(axis=0)
 
     scores = {
@@ -145,6 +117,7 @@ def evaluate_methods(test, train, bank, predicted, to_metric_space, n_boot=1000,
         methods["mapper"]["native_mean_cosine"] = float(native.mean())
     methods["retrieval"]["exact_prompt_rate"] = exact_prompt_rate(frame["predicted_prompt"], test["prompts"])
     methods["retrieval"]["bank_size"] = len(bank["prompts"])
+    methods["retrieval"]["search"], methods["knn"]["search"] = retrieval_search, knn_search
     for name, (texts, embeddings) in (generated or {}).items():
         scores[name] = cosine_rows(embeddings, truth)
         frame[f"{name}_prompt"] = texts
@@ -232,12 +205,19 @@ class Metrics:
             "mean difference": c.mean_difference, "95% low": c.ci95[0], "95% high": c.ci95[1]}
             for c in self.comparisons(method)}).T
 
+    def search_notes(self) -> list:
+        """A line for each method whose nearest neighbours were searched approximately."""
+        return [f"{name}: approximate nearest neighbours ({s['groups']:,} groups, {s['probes']} probed), the "
+                f"exact one found for {s['recall_at_1']:.1%} of {s['recall_checked']:,} test images checked"
+                for name in ("retrieval", "knn")
+                if (s := self.method(name).get("search", {})).get("search") == "approximate"]
+
     def text(self) -> str:
         """The metrics as text, as the command line prints them."""
         header = (f"test images: {self.n_test}  (image encoder {self.image_encoder}, target "
                   f"{self.text_encoder}, scored with {self.metric_encoder}; retrieval bank: "
                   f"{self.bank}, {self.method('retrieval')['bank_size']} prompts)")
-        return "\n".join([header, self.table().to_string(float_format=lambda v: f"{v:.4f}", na_rep=""), "",
+        return "\n".join([header, *self.search_notes(), self.table().to_string(float_format=lambda v: f"{v:.4f}", na_rep=""), "",
                           self.comparison_table().to_string(float_format=lambda v: f"{v:+.4f}")])
 
 

@@ -1,0 +1,158 @@
+"""Nearest-neighbour search for kNN and retrieval, by cosine: exact, or approximate when the
+bank is large.
+
+Exact search compares every query with every bank row, a block of each at a time (memory
+stays bounded), so its cost per query grows with the bank: quadratic over a study whose test
+and training splits both grow. Approximate search is an inverted file: k-means groups the
+bank's rows around centroids, and each query compares the centroids and then only the rows
+of its ``PROBES`` nearest groups. With about √(probes × bank) groups (fewer when the queries are
+fewer than the bank: the rows' assignment costs too), its cost per query grows with the
+square root of the bank. It
+is checked against exact search on a sample of the queries; the recall it measures is
+reported with the scores. ``auto`` searches exactly up to ``APPROXIMATE_ABOVE`` bank rows
+(the default study's numbers are exact) and approximately beyond.
+"""
+
+import numpy as np
+
+SEARCHES = ("auto", "exact", "approximate")
+SIMILARITY_BLOCK = 1 << 22  # query-bank similarities computed at once (16 MB of float32)
+QUERY_BLOCK = 4096  # queries compared at once, each block with the bank a block of rows at a time
+APPROXIMATE_ABOVE = 20_000  # bank rows beyond which "auto" searches approximately
+PROBES = 8  # groups of bank rows each query compares
+KMEANS_ITERATIONS = 10
+SAMPLE_PER_GROUP = 16  # k-means runs on this many bank rows per centroid (a seeded sample)
+RECALL_SAMPLE = 500  # queries whose approximate answer is checked against the exact one
+
+
+def unit_rows(a):
+    a = np.atleast_2d(np.asarray(a, dtype=np.float32))
+    return a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+
+
+class Rows:
+    """Some rows of an array, read like an array of their own (``len``, ``[slice]``,
+    ``[indices]``) without a copy of them: a bank that is part of a larger array."""
+
+    def __init__(self, array, rows):
+        self.array, self.rows = array, np.asarray(rows)
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, index):
+        return self.array[self.rows[index]]
+
+
+def nearest(queries, bank, centre=None) -> np.ndarray:
+    """Index of the most cosine-similar row of ``bank`` for each query (both less ``centre``
+    when given), a block of queries against a block of bank rows at a time: memory holds at
+    most SIMILARITY_BLOCK similarities and normalised copies of one block of each, never a
+    queries x bank matrix or a copy of the whole bank. Ties go to the first row, as argmax."""
+    index = np.zeros(len(queries), dtype=np.int64)
+    for q in range(0, len(queries), QUERY_BLOCK):
+        _compare(_unit_block(queries[q:q + QUERY_BLOCK], centre), bank, centre, np.arange(len(bank)),
+                 np.full(min(QUERY_BLOCK, len(queries) - q), -np.inf, dtype=np.float32), index[q:q + QUERY_BLOCK])
+    return index
+
+
+def search(queries, bank, centre=None, method="auto", seed=0):
+    """Nearest bank row for each query, exactly or approximately (``method``: auto, exact,
+    approximate). Returns (indices, report): the report says which search ran and, for the
+    approximate one, its groups, probes and the recall measured on a sample of the queries."""
+    if method not in SEARCHES:
+        raise ValueError(f"search {method!r}: expected one of {', '.join(SEARCHES)}")
+    if method == "exact" or (method == "auto" and len(bank) <= APPROXIMATE_ABOVE):
+        return nearest(queries, bank, centre), {"search": "exact"}
+    rng = np.random.default_rng(seed)
+    inverted = InvertedFile(bank, centre, rng, len(queries))
+    index = inverted.nearest(queries)
+    checked = np.sort(rng.choice(len(queries), min(len(queries), RECALL_SAMPLE), replace=False))
+    exact = nearest(queries[checked], bank, centre)
+    # a hit: the row found is as similar as the exact one (a tie with another row counts)
+    found, best = (np.sum(_unit_block(queries[checked], centre) * _unit_block(bank[rows], centre), axis=1)
+                   for rows in (index[checked], exact))
+    recall = float(np.mean(found >= best - 1e-6)) if len(checked) else float("nan")
+    return index, {"search": "approximate", "groups": inverted.groups, "probes": inverted.probes,
+                   "recall_checked": int(len(checked)), "recall_at_1": recall}
+
+
+class InvertedFile:
+    """The bank's rows grouped by their nearest k-means centroid (cosine, after ``centre``).
+    Holds the centroids and one group number per row, never a copy of the bank."""
+
+    def __init__(self, bank, centre, rng, queries, probes=PROBES):
+        self.bank, self.centre = bank, centre
+        # the fewest comparisons in all: assigning the rows (bank x groups), choosing the
+        # groups (queries x groups), comparing their rows (queries x probes x bank / groups)
+        best = np.sqrt(queries * probes * len(bank) / (queries + len(bank)))
+        self.groups = int(min(len(bank), max(1, round(best))))
+        self.probes = min(probes, self.groups)
+        sample = np.sort(rng.choice(len(bank), min(len(bank), SAMPLE_PER_GROUP * self.groups), replace=False))
+        self.centroids = _spherical_kmeans(_unit_block(bank[sample], centre), self.groups, rng)
+        group_of = np.concatenate([nearest(_unit_block(bank[b:b + QUERY_BLOCK], centre), self.centroids)
+                                   for b in range(0, len(bank), QUERY_BLOCK)])
+        self.rows = np.argsort(group_of, kind="stable")  # each group's rows, in bank order
+        self.starts = np.searchsorted(group_of[self.rows], np.arange(self.groups + 1))
+
+    def nearest(self, queries) -> np.ndarray:
+        """For each query, the most similar row among its ``probes`` nearest groups'."""
+        step = max(1, min(QUERY_BLOCK, SIMILARITY_BLOCK // self.groups))  # bounds the similarities
+        probed = np.concatenate([self._nearest_groups(_unit_block(queries[q:q + step], self.centre))
+                                 for q in range(0, len(queries), step)])
+        pairs = np.argsort(probed.ravel(), kind="stable")  # (query, group) pairs by group
+        pair_starts = np.searchsorted(probed.ravel()[pairs], np.arange(self.groups + 1))
+        best = np.full(len(queries), -np.inf, dtype=np.float32)
+        index = np.zeros(len(queries), dtype=np.int64)
+        for group in range(self.groups):
+            rows = self.rows[self.starts[group]:self.starts[group + 1]]
+            asking = pairs[pair_starts[group]:pair_starts[group + 1]] // self.probes
+            for q in range(0, len(asking), QUERY_BLOCK):
+                who = asking[q:q + QUERY_BLOCK]
+                found, found_index = best[who], index[who]  # copies: updated, then written back
+                _compare(_unit_block(queries[who], self.centre), self.bank, self.centre, rows, found, found_index)
+                best[who], index[who] = found, found_index
+        return index
+
+    def _nearest_groups(self, unit_queries):
+        similarity = unit_queries @ self.centroids.T
+        probed = np.empty((len(similarity), self.probes), dtype=np.int64)
+        for p in range(self.probes):  # the best, the next best, ...: no ranks as large as the similarities
+            probed[:, p] = np.argmax(similarity, axis=1)
+            similarity[np.arange(len(similarity)), probed[:, p]] = -np.inf
+        return probed
+
+
+def _compare(unit_queries, bank, centre, rows, best, index):
+    """Update ``best`` (similarity) and ``index`` (bank row) of each query with the bank's
+    ``rows``, a block of rows at a time (at most SIMILARITY_BLOCK similarities at once)."""
+    step = max(1, SIMILARITY_BLOCK // max(1, len(unit_queries)))
+    for b in range(0, len(rows), step):
+        block = rows[b:b + step]
+        # a contiguous block is read as a view (no copy before normalising)
+        chunk = bank[block[0]:block[-1] + 1] if block[-1] - block[0] + 1 == len(block) else bank[block]
+        similarity = unit_queries @ _unit_block(chunk, centre).T
+        top = np.argmax(similarity, axis=1)
+        value = similarity[np.arange(len(unit_queries)), top]
+        better = value > best
+        best[better], index[better] = value[better], block[top[better]]
+        del similarity  # before the next block's is made
+
+
+def _spherical_kmeans(points, k, rng, iterations=KMEANS_ITERATIONS):
+    """``k`` unit centroids of unit ``points`` (Lloyd's iterations, cosine); a centroid that
+    loses all its points stays where it was."""
+    centroids = points[np.sort(rng.choice(len(points), k, replace=False))]
+    for _ in range(iterations):
+        assigned = nearest(points, centroids)
+        order = np.argsort(assigned, kind="stable")
+        members = np.bincount(assigned, minlength=k)
+        held = np.flatnonzero(members)
+        sums = np.add.reduceat(points[order], np.concatenate([[0], np.cumsum(members)[:-1]])[held])
+        centroids = centroids.copy()
+        centroids[held] = unit_rows(sums)
+    return centroids
+
+
+def _unit_block(rows, centre):
+    return unit_rows(rows if centre is None else np.asarray(rows, dtype=np.float32) - centre)
