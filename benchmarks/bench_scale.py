@@ -78,7 +78,7 @@ elif stage == "embed-ray":  # the same on a local Ray instance, timed with the i
     engine.close()
 else:
     run = Run.open(run_dir)
-    data = run.data(progress=False)  # the dataset and its embeddings (from the cache): not this stage
+    run.data(progress=False)  # the dataset and its embeddings (from the cache): not this stage
     start = time.perf_counter()
     if stage == "train":
         run.train(progress=False)
@@ -94,7 +94,9 @@ if stage.startswith("embed"):
     cache = Path(run_dir + ("-ray-cache" if stage == "embed-ray" else "-cache"))
     held = sum(f.stat().st_size for f in cache.rglob("*") if f.is_file())
 elif stage in ("train", "evaluate", "decoder"):
-    arrays = [data.image_emb, data.target_emb, data.metric_emb] + [data.decoder_emb] * ("decoder_emb" in vars(data))
+    data = run.data(progress=False)  # what the stage read (kept by the run: not read again)
+    arrays = [data.image_emb, data.target_emb, data.metric_emb]
+    arrays += [data.decoder_emb] if "decoder_emb" in vars(data) else []  # read only by the stages that use it
     held = sum({id(a): a.nbytes for a in arrays}.values())
 print(json.dumps({"seconds": seconds, "peak_mb": peak, "start_s": started, "embeddings_mb": held / 2**20,
                   "search": search}))

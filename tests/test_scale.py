@@ -43,26 +43,26 @@ def test_nearest_never_copies_the_whole_bank(monkeypatch):
     assert peak < bank.nbytes / 4, f"peak {peak / 1e6:.0f} MB for a bank of {bank.nbytes / 1e6:.0f} MB"
 
 
-def clustered(n, dims=32, clusters=60, seed=0):
+def clustered(n, dims=32, clusters=60, seed=0, spread=0.6):
     """Rows around ``clusters`` centres, all positive-shifted (as CNN features are)."""
     rng = np.random.default_rng(seed)
     centres = np.random.default_rng(99).normal(size=(clusters, dims))
-    return (centres[rng.integers(0, clusters, n)] + 0.6 * rng.normal(size=(n, dims)) + 3).astype(np.float32)
+    return (centres[rng.integers(0, clusters, n)] + spread * rng.normal(size=(n, dims)) + 3).astype(np.float32)
 
 
-def test_approximate_search_finds_the_exact_neighbour_of_nearly_every_query_and_says_how_often():
-    bank, queries = clustered(6000), clustered(1500, seed=1)
+def test_approximate_search_finds_the_exact_neighbour_of_nearly_every_query_and_says_how_often(monkeypatch):
+    bank, queries = clustered(6000, spread=1.0), clustered(1500, seed=1, spread=1.0)  # close clusters: some misses
     centre = bank.mean(axis=0)
     exact = search.nearest(queries, bank, centre)
     found, report = search.search(queries, bank, centre, "approximate")
     assert report["search"] == "approximate" and report["probes"] == search.PROBES
-    recall = np.mean(found == exact)
-    assert recall > 0.95
-    checked = np.sort(np.random.default_rng(0).choice(1500, search.RECALL_SAMPLE, replace=False))
     assert report["recall_checked"] == search.RECALL_SAMPLE
-    assert report["recall_at_1"] == np.mean(found[checked] == exact[checked])  # measured, on those queries
+    recall = np.mean(found == exact)
+    assert 0.95 < recall < 1  # nearly every query (and the test can tell a miss)
     again, _ = search.search(queries, bank, centre, "approximate")
     assert np.array_equal(again, found)  # seeded: the same answer each time
+    monkeypatch.setattr(search, "RECALL_SAMPLE", len(queries))  # every query checked: the recall itself
+    assert search.search(queries, bank, centre, "approximate")[1]["recall_at_1"] == recall
 
 
 def test_auto_search_is_exact_up_to_its_threshold_and_approximate_beyond(monkeypatch):

@@ -70,14 +70,21 @@ def image_properties(paths) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+ATTRIBUTE_BLOCK = 10_000  # attributes.csv rows read at once
+
+
 def load_attributes(data_dir, ids):
     """The generated dataset's ``attributes.csv`` rows in the order of ``ids``; None for
     datasets without one (real images)."""
     path = Path(data_dir) / ATTRIBUTES_FILE
     if not path.is_file():
         return None
-    table = pd.read_csv(path, dtype=str, keep_default_na=False).set_index("imgId")
-    return table.reindex(list(ids))[list(FAMILIES)].reset_index(drop=True)
+    wanted = set(ids)
+    # a block of rows at a time, keeping those of ``ids``: memory follows them, not the file
+    blocks = [block[block["imgId"].isin(wanted)] for block in
+              pd.read_csv(path, dtype=str, keep_default_na=False, chunksize=ATTRIBUTE_BLOCK)]
+    table = pd.concat(blocks) if blocks else pd.DataFrame(columns=["imgId", *FAMILIES])
+    return table.set_index("imgId").reindex(list(ids))[list(FAMILIES)].reset_index(drop=True)
 
 
 def project_2d(points) -> np.ndarray:

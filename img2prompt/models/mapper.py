@@ -60,8 +60,9 @@ class Mapper(nn.Module):
         return [torch.bernoulli(torch.full(shape, 1.0 - p), generator=generator) / max(1.0 - p, 1e-12)
                 for _ in range(self.hparams["depth"])]
 
-    def predict(self, x, batch_size=4096) -> torch.Tensor:
-        """Predicted embeddings for a float32 array or tensor, in eval mode."""
+    def predict(self, x, batch_size=1024) -> torch.Tensor:
+        """Predicted embeddings for a float32 array or tensor, in eval mode (a batch of rows at
+        a time: the hidden layers' working memory stays that of one batch)."""
         self.eval()
         x = torch.as_tensor(x, dtype=torch.float32).to(self.input_mean.device)
         with torch.inference_mode():
