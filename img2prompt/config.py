@@ -81,8 +81,8 @@ class StudyConfig:
     bank: str = _option("train", "prompt bank for retrieval: train (training prompts) or all",
                        choices=("train", "all"))
     search: str = _option("auto", "nearest-neighbour search for retrieval and kNN: exact, approximate (each "
-                          "query compares the bank rows of its 8 nearest k-means groups; recall checked on "
-                          "1,000 test images) or auto (exact up to 20,000 bank rows)",
+                          "query compares the bank rows of its 8 nearest k-means groups; recall checked on 500 "
+                          "test images) or auto (exact up to 20,000 bank rows)",
                           choices=("auto", "exact", "approximate"))
     bootstrap: int = _option(1000, "bootstrap resamples for the 95% intervals", minimum=0)
     decoder: str = _option("tiny", "prompt decoder: tiny (trained from scratch) | gpt2 | smollm2 | "

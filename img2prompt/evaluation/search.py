@@ -62,7 +62,7 @@ def search(queries, bank, centre=None, method="auto", seed=0):
     approximate one, its groups, probes and the recall measured on a sample of the queries."""
     if method not in SEARCHES:
         raise ValueError(f"search {method!r}: expected one of {', '.join(SEARCHES)}")
-    if method == "exact" or (method == "auto" and len(bank) <= APPROXIMATE_ABOVE):
+    if method == "exact" or (method == "auto" and len(bank) <= APPROXIMATE_ABOVE) or not len(queries):
         return nearest(queries, bank, centre), {"search": "exact"}
     rng = np.random.default_rng(seed)
     inverted = InvertedFile(bank, centre, rng, len(queries))
