@@ -128,7 +128,7 @@ class SplitPart(Mapping):
         if name == "prompts":
             return list(np.asarray(data.dataset.prompts, dtype=object)[mask])
         if name == "images":
-            return [p.name for p, keep in zip(data.dataset.paths, mask) if keep]
+            return [name for name, keep in zip(data.dataset.files, mask) if keep]
         if name not in self.FIELDS:
             raise KeyError(name)
         rows = np.flatnonzero(mask)
@@ -153,6 +153,7 @@ class Run:
         self.config = dataclasses.replace(config, run_dir=str(self.root), device=device or "auto")
         self.config.validate()
         self._data = None  # prepared data, kept while the settings stay the same
+        self._data_tuned = False  # whether it holds the fine-tuned encoder's features
 
     # --- making and opening -------------------------------------------------------------------
 
@@ -255,8 +256,10 @@ class Run:
     def data(self, progress=None, log=_quiet, resume=False) -> StudyData:
         """The dataset, its split and its embeddings (through the cache; ``resume``
         continues an interrupted image extraction)."""
-        if self._data is None or resume:
-            self._data = self._prepare(self.config, progress, log, resume)
+        tuned = self.is_finished(TUNE)  # whose features: the frozen or the fine-tuned encoder's
+        if self._data is None or resume or self._data_tuned != tuned:
+            self._data = None  # not held twice while read again
+            self._data, self._data_tuned = self._prepare(self.config, progress, log, resume), tuned
         return self._data
 
     def _prepare(self, config, progress, log, resume=False, tuned=None, lock=True) -> StudyData:
@@ -300,6 +303,7 @@ class Run:
         from img2prompt import distributed
         from img2prompt.models.mapper import load_mapper, save_mapper
         from img2prompt.reports.plots import plot_history, save_figure
+        from img2prompt.evaluation.search import Rows
 
         if not distributed.is_main():
             return self._follow_training(resume)
@@ -309,8 +313,7 @@ class Run:
                     raise RunError(f"{self.root}: this run finished; nothing to resume (--force trains "
                                    "it anew).")
                 self.folder.mark_unfinished(TRAIN)
-                self.folder.mark_unfinished(TUNE)
-                self._data = None  # the frozen encoder's features
+                self.folder.mark_unfinished(TUNE)  # so the data is the frozen encoder's features
                 return self.data(progress, log, resume=resume)
 
             data, config = distributed.main_first(prepare), self.config
@@ -336,8 +339,8 @@ class Run:
             if tune:
                 summary["tuned"] = self._fine_tune(data, model, resume, progress, log)
             prompts, first = unique_prompts(train_part["prompts"])
-            save_tensors(self._path(BANK_FILE), {"target_emb": train_part["target_emb"][first]},
-                         {"prompts": prompts})
+            save_tensors(self._path(BANK_FILE), {"target_emb": Rows(train_part["target_emb"], first)},
+                         {"prompts": prompts})  # the distinct prompts' rows, written in place
             self.folder.mark_finished(TRAIN)
         log(f"best epoch {summary['best_epoch']} of {summary['epochs']}: validation cosine "
             f"{summary['val_cosine']:.4f}; model in {self._path(MODEL_FILE)}")
@@ -422,8 +425,7 @@ class Run:
         if self.folder.owns(state):
             self.folder.remove(state)
         self.folder.mark_finished(TUNE)
-        self._data = None  # from now on: the fine-tuned encoder's features
-        self.data(progress, log)
+        self.data(progress, log)  # from now on: the fine-tuned encoder's features
         best = history[history["best"]].iloc[0]
         return {"best_epoch": int(best["epoch"]), "epochs": int(history["epoch"].max()),
                 "val_cosine": float(best["val_cosine"]), "start_val_cosine": float(history["val_cosine"].iloc[0]),

@@ -1,7 +1,6 @@
 import shutil
 
 import numpy as np
-import safetensors.numpy
 import pytest
 from PIL import Image
 
@@ -9,6 +8,7 @@ from img2prompt.encoders import embeddings
 from img2prompt.data.dataset import load_dataset
 from img2prompt.encoders.embeddings import EmbeddingCache, extract_image_embeddings, image_embeddings, text_embeddings
 from img2prompt.errors import DataError
+from img2prompt.storage import checkpoints
 from img2prompt.encoders.image import image_encoder
 from img2prompt.encoders.text import metric_encoder
 
@@ -52,11 +52,11 @@ def test_interrupted_write_leaves_nothing_trusted(tmp_path, monkeypatch):
     cache = EmbeddingCache(tmp_path)
     key = {"k": 1}
 
-    def crash(arrays, filename, metadata=None):
-        open(filename, "wb").write(b"half a file")
+    def crash(path, arrays, metadata):
+        open(path, "wb").write(b"half a file")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(safetensors.numpy, "save_file", crash)
+    monkeypatch.setattr(checkpoints, "_write_arrays", crash)
     with pytest.raises(KeyboardInterrupt):
         cache.save("image", key, np.ones((2, 3)))
     assert cache.load("image", key) is None

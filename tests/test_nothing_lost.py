@@ -336,18 +336,18 @@ def test_a_training_state_is_refused_on_other_data(tmp_path, monkeypatch):
 
 def test_an_unfinished_extraction_appends_shards_instead_of_rewriting(small_dataset, tmp_path,
                                                                       monkeypatch):
-    import safetensors.numpy
     from img2prompt.encoders import embeddings
     from img2prompt.data.dataset import load_dataset
     from img2prompt.encoders.image import image_encoder
+    from img2prompt.storage import checkpoints
     monkeypatch.setattr(embeddings, "RESUME_CHUNK", 8)
-    written, real_save = [], safetensors.numpy.save_file
+    written, real_write = [], checkpoints._write_arrays
 
-    def spy(tensors, filename, metadata=None):
-        written.append(len(tensors["embeddings"]))
-        return real_save(tensors, filename, metadata=metadata)
+    def spy(path, arrays, metadata):
+        written.append(len(arrays["embeddings"]))
+        return real_write(path, arrays, metadata)
 
-    monkeypatch.setattr(safetensors.numpy, "save_file", spy)
+    monkeypatch.setattr(checkpoints, "_write_arrays", spy)
     dataset = load_dataset(small_dataset)  # 24 images: 2 saved chunks, then the whole entry
     embeddings.image_embeddings(dataset, image_encoder("efficientnet-lite0"),
                                 embeddings.EmbeddingCache(tmp_path), batch_size=4, progress=False)

@@ -135,7 +135,7 @@ def test_the_linear_probe_and_unseen_pair_groups():
     target = rng.normal(size=(40, 6))[[i % 40 for i in range(120)]]
     image = target @ rng.normal(size=(6, 10))  # an exact linear relation
     splits = np.array(["train" if i % 40 < 30 else "test" for i in range(120)], dtype=object)
-    dataset = ImageDataset(Path("."), [str(i) for i in range(120)], prompts, [Path(f"{i}.png") for i in range(120)])
+    dataset = ImageDataset(Path("."), [str(i) for i in range(120)], prompts, [f"{i}.png" for i in range(120)])
     probe = analysis.linear_probe(StudyData(dataset, splits, image, target, target), preview=5)
     assert probe["test_cosine"] > 0.99 and probe["own_prompt_best"] == 5 and len(set(probe["prompts"])) == 5
     train = pd.DataFrame({f: ["a"] * 3 for f in analysis.FAMILIES})

@@ -257,3 +257,84 @@ def test_with_skip_each_image_is_decoded_once_and_the_bad_ones_are_recorded_whil
     again = Run.create(dataclasses.replace(config, run_dir=str(tmp_path / "again"))).data(progress=False)
     assert not decoded and again.dataset.ids == data.dataset.ids
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "again" / "rejects.csv"), rejects)
+
+
+def test_nearest_holds_a_bounded_block_of_a_wide_bank_when_the_queries_are_few(monkeypatch):
+    # 100 queries against 40,000 rows of 256 numbers: a block of bank rows as wide as the
+    # similarities allow (10,485 rows) would be normalised in copies of 11 MB each
+    bank = np.random.default_rng(7).normal(size=(40_000, 256)).astype(np.float32)
+    monkeypatch.setattr(search, "SIMILARITY_BLOCK", 1 << 20)  # 4 MB of float32 per block
+    tracemalloc.start()
+    search.nearest(bank[:100], bank, bank.mean(axis=0))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 3 * (1 << 20) * 4, f"peak {peak / 1e6:.1f} MB"  # a block each: queries, bank rows, similarities
+
+
+def test_cosines_of_many_rows_are_computed_a_block_at_a_time():
+    rng = np.random.default_rng(8)
+    a, b = rng.normal(size=(60_000, 128)).astype(np.float32), rng.normal(size=(60_000, 128)).astype(np.float32)
+    picked = search.Rows(b, rng.permutation(len(b)))  # read in place, as the retrieved prompts are
+    tracemalloc.start()
+    cosines = scores.cosine_rows(a, picked)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    whole = np.sum(scores.unit_rows(a) * scores.unit_rows(b[picked.rows]), axis=1)
+    np.testing.assert_allclose(cosines, whole, atol=1e-6)
+    np.testing.assert_allclose(scores.cosine_rows(a, b[0]), scores.unit_rows(a) @ scores.unit_rows(b[0])[0], atol=1e-6)
+    assert peak < a.nbytes / 4, f"peak {peak / 1e6:.1f} MB for rows of {a.nbytes / 1e6:.0f} MB"
+
+
+def test_a_dataset_listing_holds_little_beyond_its_ids_and_prompts(tmp_path):
+    from img2prompt.data.dataset import load_dataset
+    from tests.test_data import make_dataset
+    n = 3000
+    root = make_dataset(tmp_path, ["imgId,prompt", *(f"image_{i:05d},a prompt {i}" for i in range(n))], ["x.png"])
+    png = (root / "images" / "x.png").read_bytes()
+    (root / "images" / "x.png").unlink()
+    for i in range(n):
+        (root / "images" / f"image_{i:05d}.png").write_bytes(png)
+    tracemalloc.start()
+    dataset = load_dataset(root)
+    held = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    assert dataset.paths[7] == root / "images" / "image_00007.png" and len(dataset.paths) == n
+    text = sum(sys.getsizeof(s) + 16 for s in dataset.ids + dataset.prompts)  # the strings and their list slots
+    assert (held - text) / n < 150, f"{(held - text) / n:.0f} bytes per image beyond its id and prompt"
+
+
+def test_training_reads_no_second_copy_of_data_already_loaded(trained_run, tmp_path, monkeypatch):
+    import shutil
+    from img2prompt.encoders import embeddings
+    from img2prompt.run import Run
+    copy = tmp_path / "run"
+    shutil.copytree(trained_run["run"], copy)
+    run = Run.open(copy)
+    run.update(max_epochs=1)
+    data = run.data(progress=False)  # a notebook holds it while it trains
+    reads = []
+    original = embeddings.dataset_embeddings
+    monkeypatch.setattr(embeddings, "dataset_embeddings", lambda *a, **k: reads.append(1) or original(*a, **k))
+    run.train(progress=False)
+    assert reads == [] and run.data(progress=False) is data
+
+
+def test_some_rows_of_an_array_are_saved_without_a_copy_of_them(tmp_path):
+    from img2prompt.storage.checkpoints import load_tensors, save_tensors
+    array = np.random.default_rng(9).random((100_000, 128), dtype=np.float32)  # 51 MB
+    rows = np.arange(0, len(array), 2)[::-1]  # the bank: some rows, in an order of their own
+    tracemalloc.start()
+    save_tensors(tmp_path / "bank.safetensors", {"target_emb": search.Rows(array, rows)}, {"prompts": ["x"]})
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    tensors, metadata = load_tensors(tmp_path / "bank.safetensors", "bank", "", framework="numpy")
+    np.testing.assert_array_equal(tensors["target_emb"], array[rows])
+    assert metadata == {"prompts": ["x"]}
+    assert peak < array[rows].nbytes / 4, f"peak {peak / 1e6:.1f} MB"
+
+
+def test_counting_truncated_prompts_loads_the_tokenizer_only():
+    from img2prompt.encoders.text import metric_encoder
+    encoder = metric_encoder()
+    assert encoder.count_truncated(["a red circle", "word " * 600]) == 1
+    assert encoder._model is None  # the weights are not read to count tokens

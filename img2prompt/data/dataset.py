@@ -11,6 +11,7 @@ import csv
 import dataclasses
 import hashlib
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,19 +51,40 @@ class Problem:
         return printable(f"{self.severity}: {self.where}: {self.what} {self.fix}".rstrip())
 
 
+class ImagePaths(Sequence):
+    """The paths of image files in one folder, made when read: the folder holds the names
+    only (a name costs about 60 bytes; a ``Path`` with its parts about 500). A slice is a list."""
+
+    def __init__(self, folder: Path, names: list):
+        self.folder, self.names = folder, names
+
+    def __len__(self):
+        return len(self.names)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self.folder / name for name in self.names[index]]
+        return self.folder / self.names[index]
+
+
 @dataclass
 class ImageDataset:
-    """A loaded, checked dataset: parallel lists of ids, prompts and image paths."""
+    """A loaded, checked dataset: parallel lists of ids, prompts and image file names (in
+    ``root/images``; ``paths`` gives them as paths)."""
 
     root: Path
     ids: list
     prompts: list
-    paths: list
+    files: list
     rejects: list = field(default_factory=list)  # Problems of the rows skipped (on_error="skip")
     max_pixels: int = DEFAULT_MAX_PIXELS  # the limit its images were checked against
 
     def __len__(self):
         return len(self.ids)
+
+    @property
+    def paths(self) -> ImagePaths:
+        return ImagePaths(self.root / IMAGES_DIR, self.files)
 
     def subset(self, mask) -> "ImageDataset":
         return self.take(np.flatnonzero(mask))
@@ -71,10 +93,11 @@ class ImageDataset:
         """The rows ``rows`` (indices, in that order); ``unreadable`` ({row: error message})
         are the rows left out because their image did not decode: they join ``rejects``."""
         # the message (``open_image``'s) names the file first and ends with the fix
-        dropped = [Problem(str(self.paths[i]), message.removeprefix(f"{self.paths[i]}: "), "")
+        paths = self.paths
+        dropped = [Problem(str(paths[i]), message.removeprefix(f"{paths[i]}: "), "")
                    for i, message in sorted((unreadable or {}).items())]
         return ImageDataset(self.root, [self.ids[i] for i in rows], [self.prompts[i] for i in rows],
-                            [self.paths[i] for i in rows], self.rejects + dropped, self.max_pixels)
+                            [self.files[i] for i in rows], self.rejects + dropped, self.max_pixels)
 
     def readable_rows(self, unreadable: dict) -> np.ndarray:
         """Indices of the rows whose image is not in ``unreadable`` ({row: error message});
@@ -99,7 +122,7 @@ class ImageDataset:
 def find_problems(root, decode_images=False, max_pixels=DEFAULT_MAX_PIXELS) -> tuple:
     """Check a dataset folder; return (rows, problems).
 
-    ``rows`` is a list of (imgId, prompt, path) for the rows without problems. With
+    ``rows`` is a list of (imgId, prompt, image file name) for the rows without problems. With
     ``decode_images`` every image is fully decoded, otherwise only its header is read.
     """
     root = Path(root)
@@ -150,21 +173,20 @@ def find_problems(root, decode_images=False, max_pixels=DEFAULT_MAX_PIXELS) -> t
                                     "or remove the row."))
             continue
         if len(candidates) > 1:
-            names = ", ".join(shown(p.name) for p in candidates)
+            names = ", ".join(shown(name) for name in candidates)
             problems.append(Problem(where, f"several images for imgId {shown(img_id)}: {names}.",
                                     "Keep exactly one."))
             continue
-        path = candidates[0]
-        problem = _check_image(path, decode_images, max_pixels)
+        problem = _check_image(images_dir / candidates[0], decode_images, max_pixels)
         if problem:
             problems.append(problem)
             continue
-        rows.append((img_id, prompt.strip(), path))
+        rows.append((img_id, prompt.strip(), candidates[0]))
 
-    for stem, paths in image_files.items():
+    for stem, names in image_files.items():
         if stem not in first_line_of:
-            for path in paths:
-                problems.append(Problem(str(path), "image has no row in prompts.csv; it is "
+            for name in names:
+                problems.append(Problem(str(images_dir / name), "image has no row in prompts.csv; it is "
                                         "ignored.", "Add a row for it to use it.", "warning"))
     for problem in bad_files.values():  # unusable files that no row asks for
         problems.append(dataclasses.replace(problem, severity="warning"))
@@ -172,7 +194,7 @@ def find_problems(root, decode_images=False, max_pixels=DEFAULT_MAX_PIXELS) -> t
 
 
 def _list_images(root, images_dir):
-    """({stem: [paths]} of the usable image files, {stem: Problem} of the unusable ones)."""
+    """({stem: [file names]} of the usable image files, {stem: Problem} of the unusable ones)."""
     roots = (root, images_dir)
     image_files, bad_files = {}, {}
     with os.scandir(images_dir) as entries:
@@ -184,7 +206,7 @@ def _list_images(root, images_dir):
             if problem:
                 bad_files[path.stem] = Problem(str(path), problem, "Put the image file itself in images/.")
             else:
-                image_files.setdefault(path.stem, []).append(path)
+                image_files.setdefault(path.stem, []).append(entry.name)
     return image_files, bad_files
 
 
@@ -327,8 +349,8 @@ def load_dataset(root, on_error="fail", max_pixels=DEFAULT_MAX_PIXELS) -> ImageD
     if not rows:
         raise DataError(f"{root / PROMPTS_FILE}: no usable rows ({len(errors)} rejected). Add "
                         "imgId,prompt rows for the images.")
-    ids, prompts, paths = zip(*rows)
-    return ImageDataset(root, list(ids), list(prompts), list(paths), errors, max_pixels)
+    ids, prompts, files = zip(*rows)
+    return ImageDataset(root, list(ids), list(prompts), list(files), errors, max_pixels)
 
 
 def write_rejects(path, rejects):

@@ -40,16 +40,19 @@ class TextEncoder:
     def _local_only(self):
         return Path(self.path).is_dir() or os.environ.get("HF_HUB_OFFLINE") == "1"
 
-    def _load(self):
+    def _load(self, part):
+        """Load the ``part`` wanted ("tokenizer" or "model"): counting tokens needs no weights."""
         from transformers import AutoModel, AutoTokenizer
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.disable_progress_bar()  # its weight-loading bar is noise here
-        keep_freed_memory()
         try:
-            self._tokenizer = AutoTokenizer.from_pretrained(self.path, local_files_only=self._local_only())
-            self._model = AutoModel.from_pretrained(self.path, local_files_only=self._local_only()).eval()
-            self._model.to(self.device)
+            if part == "tokenizer":
+                self._tokenizer = AutoTokenizer.from_pretrained(self.path, local_files_only=self._local_only())
+            else:
+                keep_freed_memory()  # the model is about to run
+                self._model = AutoModel.from_pretrained(self.path, local_files_only=self._local_only()).eval()
+                self._model.to(self.device)
         except (OSError, ValueError, KeyError) as error:
             first_line = str(error).splitlines()[0] if str(error) else ""
             raise ModelUnavailableError(
@@ -62,13 +65,13 @@ class TextEncoder:
     @property
     def model(self):
         if self._model is None:
-            self._load()
+            self._load("model")
         return self._model
 
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            self._load()
+            self._load("tokenizer")
         return self._tokenizer
 
     @property

@@ -14,15 +14,24 @@ import numpy as np
 import pandas as pd
 
 from img2prompt.data.dataset import normalize_prompt
-from img2prompt.evaluation.search import search, unit_rows
+from img2prompt.evaluation.search import QUERY_BLOCK, search, unit_rows
 
 METHODS = ("mapper", "retrieval", "knn", "mean_prompt")
 BOOTSTRAP_BLOCK = 1 << 20   # resampled indices drawn at once (8 MB)
 
 
 def cosine_rows(a, b) -> np.ndarray:
-    """Cosine between row i of ``a`` and row i of ``b`` (``b`` may be one row)."""
-    return np.sum(unit_rows(a) * unit_rows(b), axis=1)
+    """Cosine between row i of ``a`` and row i of ``b`` (either may be one row, compared with
+    every row of the other, or ``search.Rows``), a block of rows at a time: no normalised copy
+    of the whole of either is made."""
+    one_row = [getattr(x, "ndim", 2) == 1 for x in (a, b)]
+
+    def block(x, single, start):
+        return x if single else x[start:start + QUERY_BLOCK]
+
+    rows = len(b if one_row[0] else a)
+    return np.concatenate([np.sum(unit_rows(block(a, one_row[0], s)) * unit_rows(block(b, one_row[1], s)), axis=1)
+                           for s in range(0, rows, QUERY_BLOCK)] or [np.zeros(0, np.float32)])
 
 
 def fit_linear_map(x, y, alpha=1.0):

@@ -16,8 +16,9 @@ reported with the scores. ``auto`` searches exactly up to ``APPROXIMATE_ABOVE`` 
 import numpy as np
 
 SEARCHES = ("auto", "exact", "approximate")
-SIMILARITY_BLOCK = 1 << 22  # query-bank similarities computed at once (16 MB of float32)
-QUERY_BLOCK = 4096  # queries compared at once, each block with the bank a block of rows at a time
+SIMILARITY_BLOCK = 1 << 22  # numbers in one working block: the similarities computed at once, or
+                            # a block of normalised query or bank rows (16 MB of float32)
+QUERY_BLOCK = 4096  # queries compared at once (fewer when wide), each with the bank a block of rows at a time
 APPROXIMATE_ABOVE = 20_000  # bank rows beyond which "auto" searches approximately
 PROBES = 8  # groups of bank rows each query compares
 KMEANS_ITERATIONS = 10
@@ -50,9 +51,10 @@ def nearest(queries, bank, centre=None) -> np.ndarray:
     most SIMILARITY_BLOCK similarities and normalised copies of one block of each, never a
     queries x bank matrix or a copy of the whole bank. Ties go to the first row, as argmax."""
     index = np.zeros(len(queries), dtype=np.int64)
-    for q in range(0, len(queries), QUERY_BLOCK):
-        _compare(_unit_block(queries[q:q + QUERY_BLOCK], centre), bank, centre, np.arange(len(bank)),
-                 np.full(min(QUERY_BLOCK, len(queries) - q), -np.inf, dtype=np.float32), index[q:q + QUERY_BLOCK])
+    step = _rows_per_block(queries)
+    for q in range(0, len(queries), step):
+        _compare(_unit_block(queries[q:q + step], centre), bank, centre, np.arange(len(bank)),
+                 np.full(min(step, len(queries) - q), -np.inf, dtype=np.float32), index[q:q + step])
     return index
 
 
@@ -89,15 +91,16 @@ class InvertedFile:
         self.groups = int(min(len(bank), max(1, round(best))))
         self.probes = min(probes, self.groups)
         sample = np.sort(rng.choice(len(bank), min(len(bank), SAMPLE_PER_GROUP * self.groups), replace=False))
-        self.centroids = _spherical_kmeans(_unit_block(bank[sample], centre), self.groups, rng)
-        group_of = np.concatenate([nearest(_unit_block(bank[b:b + QUERY_BLOCK], centre), self.centroids)
-                                   for b in range(0, len(bank), QUERY_BLOCK)])
+        self.centroids = _spherical_kmeans(_unit_block(bank[sample], centre, gathered=True), self.groups, rng)
+        step = _rows_per_block(bank)
+        group_of = np.concatenate([nearest(_unit_block(bank[b:b + step], centre), self.centroids)
+                                   for b in range(0, len(bank), step)])
         self.rows = np.argsort(group_of, kind="stable")  # each group's rows, in bank order
         self.starts = np.searchsorted(group_of[self.rows], np.arange(self.groups + 1))
 
     def nearest(self, queries) -> np.ndarray:
         """For each query, the most similar row among its ``probes`` nearest groups'."""
-        step = max(1, min(QUERY_BLOCK, SIMILARITY_BLOCK // self.groups))  # bounds the similarities
+        step = min(_rows_per_block(queries), max(1, SIMILARITY_BLOCK // self.groups))  # bounds the similarities
         probed = np.concatenate([self._nearest_groups(_unit_block(queries[q:q + step], self.centre))
                                  for q in range(0, len(queries), step)])
         pairs = np.argsort(probed.ravel(), kind="stable")  # (query, group) pairs by group
@@ -107,10 +110,11 @@ class InvertedFile:
         for group in range(self.groups):
             rows = self.rows[self.starts[group]:self.starts[group + 1]]
             asking = pairs[pair_starts[group]:pair_starts[group + 1]] // self.probes
-            for q in range(0, len(asking), QUERY_BLOCK):
-                who = asking[q:q + QUERY_BLOCK]
+            for q in range(0, len(asking), step):
+                who = asking[q:q + step]
                 found, found_index = best[who], index[who]  # copies: updated, then written back
-                _compare(_unit_block(queries[who], self.centre), self.bank, self.centre, rows, found, found_index)
+                _compare(_unit_block(queries[who], self.centre, gathered=True), self.bank, self.centre, rows,
+                         found, found_index)
                 best[who], index[who] = found, found_index
         return index
 
@@ -126,17 +130,18 @@ class InvertedFile:
 def _compare(unit_queries, bank, centre, rows, best, index):
     """Update ``best`` (similarity) and ``index`` (bank row) of each query with the bank's
     ``rows``, a block of rows at a time (at most SIMILARITY_BLOCK similarities at once)."""
-    step = max(1, SIMILARITY_BLOCK // max(1, len(unit_queries)))
+    step = min(max(1, SIMILARITY_BLOCK // max(1, len(unit_queries))), _rows_per_block(bank))
     for b in range(0, len(rows), step):
         block = rows[b:b + step]
-        # a contiguous block is read as a view (no copy before normalising)
-        chunk = bank[block[0]:block[-1] + 1] if block[-1] - block[0] + 1 == len(block) else bank[block]
-        similarity = unit_queries @ _unit_block(chunk, centre).T
+        # a contiguous block is read as a view (copied once to normalise it), other rows gathered
+        contiguous = block[-1] - block[0] + 1 == len(block)
+        chunk = bank[block[0]:block[-1] + 1] if contiguous else bank[block]
+        similarity = unit_queries @ _unit_block(chunk, centre, gathered=not contiguous).T
         top = np.argmax(similarity, axis=1)
         value = similarity[np.arange(len(unit_queries)), top]
         better = value > best
         best[better], index[better] = value[better], block[top[better]]
-        del similarity  # before the next block's is made
+        del similarity, chunk  # before the next block's are made
 
 
 def _spherical_kmeans(points, k, rng, iterations=KMEANS_ITERATIONS):
@@ -145,14 +150,25 @@ def _spherical_kmeans(points, k, rng, iterations=KMEANS_ITERATIONS):
     centroids = points[np.sort(rng.choice(len(points), k, replace=False))]
     for _ in range(iterations):
         assigned = nearest(points, centroids)
-        order = np.argsort(assigned, kind="stable")
-        members = np.bincount(assigned, minlength=k)
-        held = np.flatnonzero(members)
-        sums = np.add.reduceat(points[order], np.concatenate([[0], np.cumsum(members)[:-1]])[held])
+        sums = np.zeros_like(centroids)
+        np.add.at(sums, assigned, points)  # each group's sum, without a reordered copy of the points
+        held = np.flatnonzero(np.bincount(assigned, minlength=k))
         centroids = centroids.copy()
-        centroids[held] = unit_rows(sums)
+        centroids[held] = unit_rows(sums[held])
     return centroids
 
 
-def _unit_block(rows, centre):
-    return unit_rows(rows if centre is None else np.asarray(rows, dtype=np.float32) - centre)
+def _rows_per_block(rows) -> int:
+    """Rows of ``rows`` read at once: at most QUERY_BLOCK, and SIMILARITY_BLOCK numbers."""
+    width = int(np.prod(np.shape(rows[:1])[1:])) or 1
+    return max(1, min(QUERY_BLOCK, SIMILARITY_BLOCK // width))
+
+
+def _unit_block(rows, centre, gathered=False):
+    """``rows`` less ``centre``, normalised, in one new array (the rows are left as they were);
+    ``gathered``: ``rows`` is already a new array (rows picked by index), normalised in place."""
+    block = np.asarray(rows, dtype=np.float32) if gathered else np.array(rows, dtype=np.float32, ndmin=2)
+    if centre is not None:
+        block -= centre
+    block /= np.maximum(np.linalg.norm(block, axis=1, keepdims=True), 1e-12)
+    return block

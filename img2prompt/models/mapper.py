@@ -60,13 +60,16 @@ class Mapper(nn.Module):
         return [torch.bernoulli(torch.full(shape, 1.0 - p), generator=generator) / max(1.0 - p, 1e-12)
                 for _ in range(self.hparams["depth"])]
 
-    def predict(self, x, batch_size=1024) -> torch.Tensor:
+    def predict(self, x, batch_size=256) -> torch.Tensor:
         """Predicted embeddings for a float32 array or tensor, in eval mode (a batch of rows at
         a time: the hidden layers' working memory stays that of one batch)."""
         self.eval()
         x = torch.as_tensor(x, dtype=torch.float32).to(self.input_mean.device)
         with torch.inference_mode():
-            return torch.cat([self(x[s:s + batch_size]) for s in range(0, len(x), batch_size)])
+            predicted = torch.empty((len(x), self.hparams["out_dim"]), device=x.device)  # filled in place
+            for s in range(0, len(x), batch_size):
+                predicted[s:s + batch_size] = self(x[s:s + batch_size])
+            return predicted
 
 
 def save_mapper(model: Mapper, path):

@@ -24,6 +24,14 @@ def cosine_loss(predicted, target):
     return 1.0 - F.cosine_similarity(predicted, target, dim=1).mean()
 
 
+def validation_loss(model, x_val, y_val, batch_size=256) -> float:
+    """``cosine_loss`` of the mapper's predictions for ``x_val``, a batch at a time: only the
+    cosines are held, not the predictions and their normalised copies (the same number)."""
+    cosines = torch.cat([F.cosine_similarity(model.predict(x_val[s:s + batch_size]), y_val[s:s + batch_size], dim=1)
+                         for s in range(0, len(x_val), batch_size)])
+    return (1.0 - cosines.mean()).item()
+
+
 def batch_share_loss(model, mapper, inputs, targets, index, dropper, device):
     """This process's part of the mean 1 − cosine of the batch ``index`` (the parts of all
     processes add up to it; the whole of it in one process), with ``mapper``'s dropout
@@ -89,7 +97,7 @@ def train_mapper(x_train, y_train, x_val, y_val, config, progress=True, state_pa
                 optimizer.step()
                 total += loss.item() * len(index)
             total = distributed.sum_number(total)
-            val_loss = cosine_loss(model.predict(x_val), y_val).item()
+            val_loss = validation_loss(model, x_val, y_val)
             rows.append({"epoch": epoch, "train_loss": total / len(x_train), "val_loss": val_loss,
                          "val_cosine": 1.0 - val_loss, "seconds": time.perf_counter() - start})
             if 1.0 - val_loss > best_cosine:

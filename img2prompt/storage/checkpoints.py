@@ -15,20 +15,44 @@ from img2prompt.errors import RunError
 from img2prompt.storage.files import atomic_path
 
 NUMPY_TYPES = {"F16": np.float16, "F32": np.float32, "F64": np.float64}  # safetensors' names
+SAFETENSORS_TYPES = {np.dtype(numpy_type): name for name, numpy_type in NUMPY_TYPES.items()}
 ROWS_PER_READ = 64  # a block of rows read at once when only some columns are wanted
+WRITE_BLOCK = 1 << 19  # numbers written at once (2 MB of float32)
 
 
 def save_tensors(path, tensors: dict, metadata: dict):
-    """Write ``tensors`` (all torch tensors or all numpy arrays) with ``metadata`` (each
-    value stored as JSON), atomically."""
-    if all(isinstance(t, np.ndarray) for t in tensors.values()):
-        from safetensors.numpy import save_file
-        tensors = {name: np.ascontiguousarray(t) for name, t in tensors.items()}
-    else:
-        from safetensors.torch import save_file
-        tensors = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
+    """Write ``tensors`` (all torch tensors, or all numpy arrays or row selections read like
+    arrays, as ``search.Rows``) with ``metadata`` (each value stored as JSON), atomically."""
+    metadata = {key: json.dumps(value, default=str) for key, value in metadata.items()}
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={k: json.dumps(v, default=str) for k, v in metadata.items()})
+        if any(type(t).__module__.startswith("torch") for t in tensors.values()):
+            from safetensors.torch import save_file
+            save_file({name: t.detach().cpu().contiguous() for name, t in tensors.items()}, str(tmp),
+                      metadata=metadata)
+        else:
+            _write_arrays(tmp, tensors, metadata)
+
+
+def _write_arrays(path, arrays: dict, metadata: dict):
+    """Write ``arrays`` (each of one or more dimensions) in safetensors' layout (``_read_part``),
+    a block of rows at a time: a selection of rows is never copied whole, as safetensors'
+    writer, which takes whole arrays, would need."""
+    header, offset = {"__metadata__": metadata}, 0
+    for name, array in arrays.items():
+        empty = np.asarray(array[:0])  # the dtype and the shape of a row, read from no rows
+        size = len(array) * int(np.prod(empty.shape[1:])) * empty.dtype.itemsize
+        header[name] = {"dtype": SAFETENSORS_TYPES[empty.dtype], "shape": [len(array), *empty.shape[1:]],
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    with open(path, "wb") as file:
+        file.write(len(text).to_bytes(8, "little") + text)
+        for name, array in arrays.items():
+            step = max(1, WRITE_BLOCK // max(1, int(np.prod(header[name]["shape"][1:]))))
+            for start in range(0, len(array), step):
+                block = np.asarray(array[start:start + step])
+                file.write(np.ascontiguousarray(block, dtype=block.dtype.newbyteorder("<")).data)
 
 
 def load_tensors(path, what, fix, framework="pt", required=(), columns=None, rows=None) -> tuple:
