@@ -105,3 +105,20 @@ def test_image_fingerprint_follows_content(tmp_path, small_dataset):
     first = sorted((copy / "images").iterdir())[0]
     Image.new("RGB", (96, 96)).save(first)
     assert load_dataset(copy).images_fingerprint() != before
+
+
+@pytest.mark.parametrize("ids, expected", [
+    (["ab", "Ab"], ["line 3: imgId 'Ab' differs from 'ab' (line 2)"]),
+    (["Ab", "ab"], ["line 3: imgId 'ab' differs from 'Ab' (line 2)"]),
+    (["AB", "ab", "aB"], ["line 3: imgId 'ab' differs from 'AB' (line 2)",
+                          "line 4: imgId 'aB' differs from 'AB' (line 2)"]),
+    (["ab", "cd", "CD", "AB"], ["line 4: imgId 'CD' differs from 'cd' (line 3)",
+                                "line 5: imgId 'AB' differs from 'ab' (line 2)"]),
+])
+def test_ids_differing_only_in_case_are_named_with_the_first_of_them(tmp_path, ids, expected):
+    root = make_dataset(tmp_path, ["imgId,prompt", *(f"{i},prompt {n}" for n, i in enumerate(ids))],
+                        [f"{i}.png" for i in ids])
+    warnings = [str(p) for p in validate_dataset(root) if "letter case" in str(p)]
+    assert len(warnings) == len(expected)
+    for warning, wanted in zip(warnings, expected):
+        assert wanted in warning, warning

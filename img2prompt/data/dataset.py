@@ -122,7 +122,8 @@ class ImageDataset:
 def find_problems(root, decode_images=False, max_pixels=DEFAULT_MAX_PIXELS) -> tuple:
     """Check a dataset folder; return (rows, problems).
 
-    ``rows`` is a list of (imgId, prompt, image file name) for the rows without problems. With
+    ``rows`` is (imgIds, prompts, image file names): parallel lists of the rows without
+    problems (three lists, not a tuple per row: a large dataset's listing stays small). With
     ``decode_images`` every image is fully decoded, otherwise only its header is read.
     """
     root = Path(root)
@@ -140,7 +141,7 @@ def find_problems(root, decode_images=False, max_pixels=DEFAULT_MAX_PIXELS) -> t
                         f"{IMAGES_DIR}/<imgId>.png|jpg|jpeg|webp.")
 
     image_files, bad_files = _list_images(root, images_dir)
-    rows, first_line_of, first_of_folded = [], {}, {}
+    rows, first_line_of, first_of_folded = ([], [], []), {}, {}
     for line, img_id, prompt in _read_prompts_csv(csv_path):
         where = f"{csv_path} line {line}"
         if not img_id:
@@ -157,13 +158,13 @@ def find_problems(root, decode_images=False, max_pixels=DEFAULT_MAX_PIXELS) -> t
                                     f"are only read from {images_dir}.",
                                     "Use a plain file name (no '/', '\\', '..' or NUL) as imgId."))
             continue
-        problems += _portability_warnings(where, img_id, line, first_of_folded)
+        problems += _portability_warnings(where, img_id, line, first_line_of, first_of_folded)
         problem = prompt_problem(prompt)
         if problem:
             problems.append(Problem(where, f"{problem} for imgId {shown(img_id)}.",
                                     "Write the prompt (shorter) or remove the row."))
             continue
-        candidates = image_files.get(img_id, [])
+        candidates = image_files.pop(img_id, [])  # let go as the rows are read
         if not candidates and img_id in bad_files:
             problems.append(bad_files.pop(img_id))
             continue
@@ -181,9 +182,10 @@ def find_problems(root, decode_images=False, max_pixels=DEFAULT_MAX_PIXELS) -> t
         if problem:
             problems.append(problem)
             continue
-        rows.append((img_id, prompt.strip(), candidates[0]))
+        for column, value in zip(rows, (img_id, prompt.strip(), candidates[0])):
+            column.append(value)
 
-    for stem, names in image_files.items():
+    for stem, names in image_files.items():  # the images no row asked for
         if stem not in first_line_of:
             for name in names:
                 problems.append(Problem(str(images_dir / name), "image has no row in prompts.csv; it is "
@@ -230,18 +232,23 @@ def inside(path, folder) -> bool:
     return os.path.commonpath([path, folder]) == folder
 
 
-def _portability_warnings(where, img_id, line, first_of_folded) -> list:
+def _portability_warnings(where, img_id, line, first_line_of, first_of_folded) -> list:
     """Ids that break the dataset on other systems: case-insensitive file systems (macOS,
-    Windows) see 'A' and 'a' as one file; Windows cannot create a file named CON or NUL."""
+    Windows) see 'A' and 'a' as one file; Windows cannot create a file named CON or NUL.
+    The first id of each case-folded form is ``first_line_of``'s when it is its own folded
+    form (most ids: ``first_of_folded`` stays small), else ``first_of_folded``'s."""
     warnings = []
     folded = img_id.casefold()
-    if folded in first_of_folded:
-        other, other_line = first_of_folded[folded]
+    first = first_of_folded.get(folded)
+    if first is None and folded != img_id and folded in first_line_of:
+        first = (folded, first_line_of[folded])
+    if first:
+        other, other_line = first
         warnings.append(Problem(where, f"imgId {shown(img_id)} differs from {shown(other)} (line "
                                 f"{other_line}) only in letter case: on a case-insensitive file "
                                 "system (macOS, Windows) their images are one file.",
                                 "Rename one of them.", "warning"))
-    else:
+    elif folded != img_id:
         first_of_folded[folded] = (img_id, line)
     if img_id.split(".")[0].upper() in WINDOWS_DEVICE_NAMES:
         warnings.append(Problem(where, f"imgId {shown(img_id)} is a device name on Windows: the "
@@ -346,11 +353,10 @@ def load_dataset(root, on_error="fail", max_pixels=DEFAULT_MAX_PIXELS) -> ImageD
         raise DataError(f"{root}: {len(errors)} problem(s) in the dataset:\n  {listed}{tail}\n"
                         f"Run 'img2prompt data validate {root}' for the full list, or pass "
                         "--on-error skip to leave those rows out (listed in rejects.csv).")
-    if not rows:
+    if not rows[0]:
         raise DataError(f"{root / PROMPTS_FILE}: no usable rows ({len(errors)} rejected). Add "
                         "imgId,prompt rows for the images.")
-    ids, prompts, files = zip(*rows)
-    return ImageDataset(root, list(ids), list(prompts), list(files), errors, max_pixels)
+    return ImageDataset(root, *rows, errors, max_pixels)
 
 
 def write_rejects(path, rejects):

@@ -16,8 +16,8 @@ reported with the scores. ``auto`` searches exactly up to ``APPROXIMATE_ABOVE`` 
 import numpy as np
 
 SEARCHES = ("auto", "exact", "approximate")
-SIMILARITY_BLOCK = 1 << 22  # numbers in one working block: the similarities computed at once, or
-                            # a block of normalised query or bank rows (16 MB of float32)
+SIMILARITY_BLOCK = 1 << 21  # numbers in one working block: the similarities computed at once, or
+                            # a block of normalised query or bank rows (8 MB of float32)
 QUERY_BLOCK = 4096  # queries compared at once (fewer when wide), each with the bank a block of rows at a time
 APPROXIMATE_ABOVE = 20_000  # bank rows beyond which "auto" searches approximately
 PROBES = 8  # groups of bank rows each query compares

@@ -15,6 +15,9 @@ from pathlib import Path
 from img2prompt.storage.ownership import FILE_MODE, record_write
 
 
+CSV_CHUNK = 1000  # rows formatted at once when writing a CSV (pandas' default grows with the columns)
+
+
 @contextlib.contextmanager
 def atomic_path(path):
     """Yield a temporary path in the target's folder; on success move it onto ``path``."""
@@ -53,4 +56,4 @@ def write_json(path, obj):
 def write_csv(path, frame):
     """Write a pandas DataFrame as CSV, atomically."""
     with atomic_path(path) as tmp:
-        frame.to_csv(tmp, index=False)
+        frame.to_csv(tmp, index=False, chunksize=CSV_CHUNK)
