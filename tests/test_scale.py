@@ -331,6 +331,10 @@ def test_some_rows_of_an_array_are_saved_without_a_copy_of_them(tmp_path):
     np.testing.assert_array_equal(tensors["target_emb"], array[rows])
     assert metadata == {"prompts": ["x"]}
     assert peak < array[rows].nbytes / 4, f"peak {peak / 1e6:.1f} MB"
+    big_endian = np.arange(6, dtype=">f4").reshape(2, 3)  # written little-endian, as safetensors does
+    save_tensors(tmp_path / "b.safetensors", {"b": big_endian}, {})
+    np.testing.assert_array_equal(load_tensors(tmp_path / "b.safetensors", "", "", framework="numpy")[0]["b"],
+                                  big_endian)
 
 
 def test_counting_truncated_prompts_loads_the_tokenizer_only():

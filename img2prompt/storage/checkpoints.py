@@ -40,8 +40,11 @@ def _write_arrays(path, arrays: dict, metadata: dict):
     header, offset = {"__metadata__": metadata}, 0
     for name, array in arrays.items():
         empty = np.asarray(array[:0])  # the dtype and the shape of a row, read from no rows
+        stored = SAFETENSORS_TYPES.get(empty.dtype.newbyteorder("="))  # written little-endian
+        if stored is None:
+            raise ValueError(f"cannot store '{name}' of type {empty.dtype}: float16, 32 or 64 only")
         size = len(array) * int(np.prod(empty.shape[1:])) * empty.dtype.itemsize
-        header[name] = {"dtype": SAFETENSORS_TYPES[empty.dtype], "shape": [len(array), *empty.shape[1:]],
+        header[name] = {"dtype": stored, "shape": [len(array), *empty.shape[1:]],
                         "data_offsets": [offset, offset + size]}
         offset += size
     text = json.dumps(header).encode()
