@@ -342,3 +342,15 @@ def test_counting_truncated_prompts_loads_the_tokenizer_only():
     encoder = metric_encoder()
     assert encoder.count_truncated(["a red circle", "word " * 600]) == 1
     assert encoder._model is None  # the weights are not read to count tokens
+
+
+def test_reading_cached_embeddings_loads_no_image_model(trained_run, monkeypatch):
+    from img2prompt.encoders.image import ImageEncoder
+    from img2prompt.run import Run
+
+    def must_not_load(self):
+        raise AssertionError("the image model was loaded to read cached embeddings")
+
+    monkeypatch.setattr(ImageEncoder, "model", property(must_not_load))
+    data = Run.open(trained_run["run"]).data(progress=False)  # train and evaluate read this
+    assert data.image_emb.shape[1] == 1280

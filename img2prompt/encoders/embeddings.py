@@ -256,7 +256,6 @@ def image_embeddings(dataset, encoder, cache: EmbeddingCache = None, batch_size=
                                 batch_size=batch_size, progress=progress, max_pixels=dataset.max_pixels,
                                 grid=grid, colors=colors, grid_map=grid_map)
     columns, skip = columns or slice(None), on_error == "skip"
-    width = encoder.feature_dim(grid, colors, grid_map)
     entry = cache.entry("image", key) if cache is not None else None
     if entry is not None and entry[0] == len(dataset):
         unreadable = entry[1]
@@ -267,6 +266,7 @@ def image_embeddings(dataset, encoder, cache: EmbeddingCache = None, batch_size=
         cached = cache.load("image", key, columns, chosen)
         if cached is not None:
             return cached, {**info, "cached": True, "unreadable": unreadable, "rows": chosen}
+    width = encoder.feature_dim(grid, colors, grid_map)  # (the model loads here: not for a cached entry)
     with cache.lock("image", key) if cache is not None else contextlib.nullcontext():
         array, info = _extract(dataset, batches, width, cache, key, resume, info, skip)
     chosen = rows(info["unreadable"]) if rows else None
