@@ -141,7 +141,7 @@ def find_problems(root, decode_images=False, max_pixels=DEFAULT_MAX_PIXELS) -> t
                         f"{IMAGES_DIR}/<imgId>.png|jpg|jpeg|webp.")
 
     image_files, bad_files = _list_images(root, images_dir)
-    rows, first_line_of, first_of_folded = ([], [], []), {}, {}
+    ids, prompts, files, first_line_of, first_of_folded = [], [], [], {}, {}
     for line, img_id, prompt in _read_prompts_csv(csv_path):
         where = f"{csv_path} line {line}"
         if not img_id:
@@ -182,8 +182,9 @@ def find_problems(root, decode_images=False, max_pixels=DEFAULT_MAX_PIXELS) -> t
         if problem:
             problems.append(problem)
             continue
-        for column, value in zip(rows, (img_id, prompt.strip(), candidates[0])):
-            column.append(value)
+        ids.append(img_id)
+        prompts.append(prompt.strip())
+        files.append(candidates[0])
 
     for stem, names in image_files.items():  # the images no row asked for
         if stem not in first_line_of:
@@ -192,7 +193,7 @@ def find_problems(root, decode_images=False, max_pixels=DEFAULT_MAX_PIXELS) -> t
                                         "ignored.", "Add a row for it to use it.", "warning"))
     for problem in bad_files.values():  # unusable files that no row asks for
         problems.append(dataclasses.replace(problem, severity="warning"))
-    return rows, problems
+    return (ids, prompts, files), problems
 
 
 def _list_images(root, images_dir):

@@ -37,13 +37,15 @@ def _write_arrays(path, arrays: dict, metadata: dict):
     """Write ``arrays`` (each of one or more dimensions) in safetensors' layout (``_read_part``),
     a block of rows at a time: a selection of rows is never copied whole, as safetensors'
     writer, which takes whole arrays, would need."""
-    header, offset = {"__metadata__": metadata}, 0
+    header, offset, rows_per_write = {"__metadata__": metadata}, 0, {}
     for name, array in arrays.items():
         empty = np.asarray(array[:0])  # the dtype and the shape of a row, read from no rows
         stored = SAFETENSORS_TYPES.get(empty.dtype.newbyteorder("="))  # written little-endian
         if stored is None:
             raise ValueError(f"cannot store '{name}' of type {empty.dtype}: float16, 32 or 64 only")
-        size = len(array) * int(np.prod(empty.shape[1:])) * empty.dtype.itemsize
+        width = int(np.prod(empty.shape[1:]))  # numbers per row
+        rows_per_write[name] = max(1, WRITE_BLOCK // max(1, width))
+        size = len(array) * width * empty.dtype.itemsize
         header[name] = {"dtype": stored, "shape": [len(array), *empty.shape[1:]],
                         "data_offsets": [offset, offset + size]}
         offset += size
@@ -52,7 +54,7 @@ def _write_arrays(path, arrays: dict, metadata: dict):
     with open(path, "wb") as file:
         file.write(len(text).to_bytes(8, "little") + text)
         for name, array in arrays.items():
-            step = max(1, WRITE_BLOCK // max(1, int(np.prod(header[name]["shape"][1:]))))
+            step = rows_per_write[name]
             for start in range(0, len(array), step):
                 block = np.asarray(array[start:start + step])
                 file.write(np.ascontiguousarray(block, dtype=block.dtype.newbyteorder("<")).data)
