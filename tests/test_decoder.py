@@ -311,3 +311,22 @@ def test_greedy_and_sampled_prompts_are_the_same_with_the_cache():
             patch.setattr(decoder_module, "CachedScorer", None)  # would fail if it were used
             patch.setattr(decoder_module, "TinyCausalLM", type("NotTiny", (), {}))
             assert decoder.generate(x, options) == cached
+
+
+def test_the_tiny_lm_computes_torch_s_layers_and_each_row_keeps_its_dropout_masks():
+    """Its own layer code gives torch's TransformerEncoder numbers (saved decoders load as
+    they were), and a row's output depends only on its own masks, cut to its length: what
+    lets each torchrun process train its share of a batch as one process would."""
+    from img2prompt.models.decoder import TinyCausalLM
+    torch.manual_seed(0)
+    lm, embeds = TinyCausalLM(20, 32, 2, 4, dropout=0.3).eval(), torch.randn(4, 9, 32)
+    hidden = embeds + lm.positions.weight[:9]
+    mask = torch.nn.Transformer.generate_square_subsequent_mask(9)
+    torchs = lm.norm(lm.blocks(hidden, mask=mask, is_causal=True)) @ lm.tokens.weight.T
+    assert torch.allclose(lm(embeds), torchs, atol=1e-5)
+    lm.train()
+    masks = lm.dropout_masks(4, 12, torch.Generator().manual_seed(1))  # the batch's longest: 12
+    whole = lm(embeds, masks)
+    assert not torch.allclose(whole, lm(embeds, lm.dropout_masks(4, 12, torch.Generator().manual_seed(2))))
+    share = lm(embeds[1::2, :6], [[m[1::2] for m in layer] for layer in masks])
+    assert torch.allclose(whole[1::2, :6], share, atol=1e-5)

@@ -110,11 +110,16 @@ def _first_id(*candidates):
 
 class TinyCausalLM(nn.Module):
     """A small pre-norm causal transformer with learned positions and tied input/output
-    embeddings."""
+    embeddings.
+
+    Its layers are torch's ``TransformerEncoderLayer`` (their weights and names), computed
+    here so that training can hand in the dropout masks (``dropout_masks``): under torchrun
+    every process draws the whole batch's masks alike and keeps its share's rows, so each
+    sequence gets the masks one process would give it (as the mapper's)."""
 
     def __init__(self, vocab_size, width=256, layers=3, heads=4, dropout=0.1):
         super().__init__()
-        self.width = width
+        self.width, self.heads, self.dropout = width, heads, dropout
         self.tokens = nn.Embedding(vocab_size, width)
         self.positions = nn.Embedding(MAX_POSITIONS, width)
         block = nn.TransformerEncoderLayer(width, heads, 4 * width, dropout, activation="gelu",
@@ -127,11 +132,28 @@ class TinyCausalLM(nn.Module):
     def embed(self, tokens):
         return self.tokens(tokens)
 
-    def forward(self, embeds):
+    def dropout_masks(self, rows, length, generator=None) -> list:
+        """Keep masks (bool) for ``rows`` sequences of ``length`` positions, drawn from
+        ``generator`` (on its device): per layer, those of the attention weights, the
+        attention's output, the feed-forward hidden layer and its output."""
+        device = generator.device if generator is not None else self.tokens.weight.device
+        shapes = [(rows, self.heads, length, length), (rows, length, self.width),
+                  (rows, length, 4 * self.width), (rows, length, self.width)]
+        return [[torch.rand(shape, generator=generator, device=device) >= self.dropout for shape in shapes]
+                for _ in self.blocks.layers]
+
+    def forward(self, embeds, masks=None):
+        """Logits at every position. In training mode dropout uses ``masks`` (for at least
+        these rows and positions: longer ones are cut) or draws its own."""
         length = embeds.shape[1]
+        if self.training and self.dropout and masks is None:
+            masks = self.dropout_masks(len(embeds), length)
+        if not self.training or not self.dropout:
+            masks = None
         hidden = embeds + self._positions(0, length, embeds.device)
-        mask = nn.Transformer.generate_square_subsequent_mask(length, device=embeds.device)
-        hidden = self.blocks(hidden, mask=mask, is_causal=True)
+        for index, layer in enumerate(self.blocks.layers):
+            layer_masks = None if masks is None else [_cut(mask.to(embeds.device), length) for mask in masks[index]]
+            hidden = self._layer(layer, hidden, lambda k, v: (k, v), layer_masks)
         return self.norm(hidden) @ self.tokens.weight.T
 
     def extend(self, embeds, cache):
@@ -142,22 +164,43 @@ class TinyCausalLM(nn.Module):
         start = cache.length
         hidden = embeds + self._positions(start, start + embeds.shape[1], embeds.device)
         for index, layer in enumerate(self.blocks.layers):
-            attention = layer.self_attn
-            q, k, v = F.linear(layer.norm1(hidden), attention.in_proj_weight,
-                               attention.in_proj_bias).chunk(3, dim=-1)
-            q, k, v = (t.unflatten(-1, (attention.num_heads, -1)).transpose(1, 2) for t in (q, k, v))
-            k, v = cache.add(index, k, v)
-            mixed = F.scaled_dot_product_attention(q, k, v, is_causal=start == 0)  # later: one query, all keys
-            hidden = hidden + attention.out_proj(mixed.transpose(1, 2).flatten(2))
-            hidden = hidden + layer.linear2(layer.activation(layer.linear1(layer.norm2(hidden))))
+            hidden = self._layer(layer, hidden, lambda k, v, index=index: cache.add(index, k, v))
         cache.length += embeds.shape[1]
         return self.norm(hidden[:, -1]) @ self.tokens.weight.T
+
+    def _layer(self, layer, hidden, keys_values, masks=None):
+        """One pre-norm layer (``TransformerEncoderLayer``'s computation). ``keys_values``
+        returns the keys and values to attend to (a cache's, in generation); ``masks``: this
+        layer's dropout keep masks, None for none."""
+        attention = layer.self_attn
+        q, k, v = F.linear(layer.norm1(hidden), attention.in_proj_weight,
+                           attention.in_proj_bias).chunk(3, dim=-1)
+        q, k, v = (t.unflatten(-1, (attention.num_heads, -1)).transpose(1, 2) for t in (q, k, v))
+        k, v = keys_values(k, v)
+        causal = q.shape[2] == k.shape[2]  # one new query attends to every cached key
+        if masks is None:
+            mixed = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        else:
+            scores = q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5
+            future = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).triu(1)
+            mixed = self._drop(scores.masked_fill(future, float("-inf")).softmax(dim=-1), masks[0]) @ v
+        hidden = hidden + self._drop(attention.out_proj(mixed.transpose(1, 2).flatten(2)), masks and masks[1])
+        expanded = self._drop(layer.activation(layer.linear1(layer.norm2(hidden))), masks and masks[2])
+        return hidden + self._drop(layer.linear2(expanded), masks and masks[3])
+
+    def _drop(self, values, keep):
+        return values if keep is None else values * keep / (1 - self.dropout)
 
     def _positions(self, start, end, device):
         if end > MAX_POSITIONS:
             raise RunError(f"the tiny decoder reads at most {MAX_POSITIONS} positions (got {end}); "
                            "lower --max-length or --prefix-length.")
         return self.positions(torch.arange(start, end, device=device))
+
+
+def _cut(mask, length):
+    """A dropout mask drawn for the batch's longest sequence, cut to ``length`` positions."""
+    return mask[:, :, :length, :length] if mask.dim() == 4 else mask[:, :length]
 
 
 class KeyValueCache:
@@ -284,10 +327,12 @@ class PrefixDecoder(nn.Module):
             cells = cells + self.cell_colors(histograms[:, self.colors:].view(len(x), -1, self.colors))
         return torch.cat([pooled, cells], dim=1)
 
-    def forward(self, image_emb, tokens, prefix=None):
-        """Logits at every position of ``tokens`` (predicting the token after it)."""
+    def forward(self, image_emb, tokens, prefix=None, masks=None):
+        """Logits at every position of ``tokens`` (predicting the token after it); ``masks``:
+        the tiny LM's dropout masks (``TinyCausalLM.forward``)."""
         prefix = self.prefix_embeds(image_emb) if prefix is None else prefix
-        logits = self.lm(torch.cat([prefix, self.lm.embed(tokens)], dim=1))
+        embeds = torch.cat([prefix, self.lm.embed(tokens)], dim=1)
+        logits = self.lm(embeds) if masks is None else self.lm(embeds, masks)
         return logits[:, self.prefix_length:]
 
 
@@ -321,9 +366,19 @@ class PromptDecoder:
             sequences.append([self.tokens.bos, *ids, self.tokens.eos])
         return sequences, cut
 
-    def loss(self, image_emb, sequences, reduction="mean"):
+    def dropout_masks(self, sequences, generator) -> list | None:
+        """The tiny LM's dropout masks for a batch of token ``sequences`` (None for a
+        pretrained LM, whose layers draw their own, or without dropout)."""
+        lm = self.model.lm
+        if not isinstance(lm, TinyCausalLM) or not lm.dropout:
+            return None
+        length = self.model.prefix_length + max(len(s) for s in sequences) - 1
+        return lm.dropout_masks(len(sequences), length, generator)
+
+    def loss(self, image_emb, sequences, reduction="mean", masks=None):
         """Cross-entropy of the next token over the real (unpadded) positions: their mean,
-        or (``reduction="none"``) one row per sequence, 0 at the padding."""
+        or (``reduction="none"``) one row per sequence, 0 at the padding. ``masks``: the
+        tiny LM's dropout masks for these sequences (``dropout_masks``)."""
         width = max(len(s) for s in sequences)
         padded = torch.full((len(sequences), width), self.tokens.pad, dtype=torch.long)
         targets = torch.full((len(sequences), width - 1), -100, dtype=torch.long)
@@ -331,7 +386,7 @@ class PromptDecoder:
             padded[row, :len(sequence)] = torch.tensor(sequence)
             targets[row, :len(sequence) - 1] = torch.tensor(sequence[1:])
         padded, targets = padded.to(image_emb.device), targets.to(image_emb.device)
-        logits = self.model(image_emb, padded[:, :-1])
+        logits = self.model(image_emb, padded[:, :-1], masks=masks)
         losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                  ignore_index=-100, reduction=reduction)
         return losses if reduction == "mean" else losses.view(len(sequences), width - 1)

@@ -194,6 +194,7 @@ def train_decoder(decoder, x_train, prompts_train, x_val, prompts_val, config, p
     optimizer = torch.optim.AdamW(trainable, lr=config.decoder_learning_rate, weight_decay=0.01)
     frozen_lm = not any(p.requires_grad for p in decoder.model.lm.parameters())
     shuffler = torch.Generator().manual_seed(config.seed)
+    dropper = torch.Generator(device).manual_seed(config.seed + 1)  # dropout masks, alike in every process
     batch = config.decoder_batch_size
     scheduler = warmup_cosine(optimizer, -(-len(x_train) // batch), config.decoder_epochs)
     best_state, best_value, best_epoch, rows = None, -np.inf, 0, []
@@ -208,12 +209,16 @@ def train_decoder(decoder, x_train, prompts_train, x_val, prompts_val, config, p
             for begin in range(0, len(order), batch):
                 index = order[begin:begin + batch]
                 mine = distributed.share(index)  # the whole batch in one process
+                masks = decoder.dropout_masks([train_tokens[i] for i in index], dropper)
+                if masks:  # drawn for the whole batch: this share's rows get what one process gives them
+                    masks = [[distributed.share(mask) for mask in layer] for layer in masks]
                 optimizer.zero_grad()
                 loss = torch.zeros(())
                 if mine:
                     with autocast(device):
                         # this share's part of the batch's mean token loss: the parts add up to it
-                        losses = decoder.loss(x_train[mine], [train_tokens[i] for i in mine], reduction="none")
+                        losses = decoder.loss(x_train[mine], [train_tokens[i] for i in mine], reduction="none",
+                                              masks=masks)
                         loss = losses.sum() / sum(len(train_tokens[i]) - 1 for i in index)
                     loss.backward()
                 distributed.sum_gradients(trainable)
