@@ -74,6 +74,16 @@ def test_validate_lists_every_problem_and_warns_on_unreferenced(tmp_path):
     assert [p.severity for p in problems].count("error") == 2
 
 
+def test_a_loaded_dataset_keeps_its_warnings_and_the_rows_it_skipped(tmp_path):
+    """What notebook 01 prints: the folder is listed once, by loading it."""
+    root = make_dataset(tmp_path, ["imgId,prompt", "a,x", "b,", "c,z"], ["a.png", "extra.png", "c.png"])
+    dataset = load_dataset(root, on_error="skip")
+    assert dataset.ids == ["a", "c"]
+    assert ["line 3: empty prompt" in str(p) for p in dataset.rejects] == [True]
+    assert [p.severity for p in dataset.warnings] == ["warning"] and "extra.png" in str(dataset.warnings[0])
+    assert dataset.take([1]).warnings == dataset.warnings
+
+
 def test_split_is_grouped_by_prompt_and_deterministic():
     prompts = [f"prompt {i % 40}" for i in range(200)] + ["Prompt  1"]  # same text as 'prompt 1'
     first = grouped_split(prompts, seed=7)

@@ -78,6 +78,7 @@ class ImageDataset:
     files: list
     rejects: list = field(default_factory=list)  # Problems of the rows skipped (on_error="skip")
     max_pixels: int = DEFAULT_MAX_PIXELS  # the limit its images were checked against
+    warnings: list = field(default_factory=list)  # Problems only reported (e.g. an image no row names)
 
     def __len__(self):
         return len(self.ids)
@@ -97,7 +98,8 @@ class ImageDataset:
         dropped = [Problem(str(paths[i]), message.removeprefix(f"{paths[i]}: "), "")
                    for i, message in sorted((unreadable or {}).items())]
         return ImageDataset(self.root, [self.ids[i] for i in rows], [self.prompts[i] for i in rows],
-                            [self.files[i] for i in rows], self.rejects + dropped, self.max_pixels)
+                            [self.files[i] for i in rows], self.rejects + dropped, self.max_pixels,
+                            self.warnings)
 
     def readable_rows(self, unreadable: dict) -> np.ndarray:
         """Indices of the rows whose image is not in ``unreadable`` ({row: error message});
@@ -357,7 +359,8 @@ def load_dataset(root, on_error="fail", max_pixels=DEFAULT_MAX_PIXELS) -> ImageD
     if not rows[0]:
         raise DataError(f"{root / PROMPTS_FILE}: no usable rows ({len(errors)} rejected). Add "
                         "imgId,prompt rows for the images.")
-    return ImageDataset(root, *rows, errors, max_pixels)
+    warnings = [p for p in problems if p.severity != "error"]
+    return ImageDataset(root, *rows, errors, max_pixels, warnings)
 
 
 def write_rejects(path, rejects):
