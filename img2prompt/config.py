@@ -47,7 +47,7 @@ class StudyConfig:
     test_fraction: float = _option(0.15, "fraction of images in the test split", minimum=0)
     hidden_size: int = _option(1024, "mapper hidden layer width", minimum=1)
     depth: int = _option(2, "number of hidden layers of the mapper (0 = linear)", minimum=0)
-    dropout: float = _option(0.1, "dropout after each hidden layer", minimum=0)
+    dropout: float = _option(0.1, "dropout after each hidden layer", minimum=0, below=1)
     learning_rate: float = _option(1e-3, "AdamW learning rate")
     weight_decay: float = _option(0.05, "AdamW weight decay")
     batch_size: int = _option(128, "training batch size", minimum=1)
@@ -102,7 +102,10 @@ class StudyConfig:
     decoder_width: int = _option(256, "tiny decoder: embedding width", minimum=1)
     decoder_layers: int = _option(3, "tiny decoder: transformer layers", minimum=1)
     decoder_heads: int = _option(4, "tiny decoder: attention heads", minimum=1)
-    decoder_dropout: float = _option(0.3, "tiny decoder: dropout", minimum=0)
+    decoder_dropout: float = _option(0.3, "tiny decoder: dropout", minimum=0, below=1)
+    decoder_prefix_dropout: float = _option(0.5, "dropout on the hidden layer of the decoder's prefix MLP (the "
+                                            "image features' way in: it memorises the training images less)",
+                                            minimum=0, below=1)
     decoder_learning_rate: float = _option(1e-3, "decoder AdamW learning rate (at its peak: it rises over "
                                            "the first epoch and falls along a cosine to 0 at decoder_epochs)")
     decoder_batch_size: int = _option(64, "decoder training batch size", minimum=1)
@@ -199,6 +202,8 @@ def _problem(spec, value):
         return f"{spec.name} must be one of {', '.join(spec.metadata['choices'])} (got {value!r})"
     if "minimum" in spec.metadata and value < spec.metadata["minimum"]:
         return f"{spec.name} must be at least {spec.metadata['minimum']} (got {value!r})"
+    if "below" in spec.metadata and value >= spec.metadata["below"]:
+        return f"{spec.name} must be below {spec.metadata['below']} (got {value!r})"
     return None
 
 

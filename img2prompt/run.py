@@ -508,7 +508,7 @@ class Run:
                                 config.prefix_length, config.decoder_width, config.decoder_layers,
                                 config.decoder_heads, config.decoder_dropout, config.decoder_tune,
                                 config.seed, config.decoder_grid, config.decoder_colors, config.decoder_map,
-                                data.image_emb.shape[1])
+                                data.image_emb.shape[1], config.decoder_prefix_dropout)
         trainable = sum(p.numel() for p in decoder.trainable_parameters())
         reads = decoder_input(config.decoder_grid, config.decoder_colors, config.decoder_map)
         log(f"training the {config.decoder} decoder ({trainable:,} trainable parameters, reads {reads}) "

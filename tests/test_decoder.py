@@ -313,10 +313,11 @@ def test_greedy_and_sampled_prompts_are_the_same_with_the_cache():
             assert decoder.generate(x, options) == cached
 
 
-def test_the_tiny_lm_computes_torch_s_layers_and_each_row_keeps_its_dropout_masks():
+def test_the_tiny_lm_computes_torch_s_layers_and_each_prompt_keeps_its_dropout_masks():
     """Its own layer code gives torch's TransformerEncoder numbers (saved decoders load as
-    they were), and a row's output depends only on its own masks, cut to its length: what
-    lets each torchrun process train its share of a batch as one process would."""
+    they were), and a prompt's loss depends only on its own dropout masks (the prefix MLP's
+    and the LM's, cut to its length): what lets each torchrun process train its share of a
+    batch as one process would."""
     from img2prompt.models.decoder import TinyCausalLM
     torch.manual_seed(0)
     lm, embeds = TinyCausalLM(20, 32, 2, 4, dropout=0.3).eval(), torch.randn(4, 9, 32)
@@ -324,9 +325,17 @@ def test_the_tiny_lm_computes_torch_s_layers_and_each_row_keeps_its_dropout_mask
     mask = torch.nn.Transformer.generate_square_subsequent_mask(9)
     torchs = lm.norm(lm.blocks(hidden, mask=mask, is_causal=True)) @ lm.tokens.weight.T
     assert torch.allclose(lm(embeds), torchs, atol=1e-5)
-    lm.train()
-    masks = lm.dropout_masks(4, 12, torch.Generator().manual_seed(1))  # the batch's longest: 12
-    whole = lm(embeds, masks)
-    assert not torch.allclose(whole, lm(embeds, lm.dropout_masks(4, 12, torch.Generator().manual_seed(2))))
-    share = lm(embeds[1::2, :6], [[m[1::2] for m in layer] for layer in masks])
-    assert torch.allclose(whole[1::2, :6], share, atol=1e-5)
+    x, prompts = toy_data(n=6)
+    decoder = build_decoder("tiny", x.shape[1], prompts, 3, 32, 2, 4, dropout=0.3, prefix_dropout=0.5)
+    decoder.model.train()
+    x = torch.as_tensor(x)
+    sequences, _ = decoder.encode_prompts(prompts, 12)
+    sequences[0] = sequences[0] + sequences[0][1:]  # the batch's longest: the others' masks are cut
+    masks = decoder.dropout_masks(sequences, torch.Generator().manual_seed(1))
+    assert masks["prefix"].shape == (6, 512) and masks["lm"][1][2].shape[:2] == (6, 3 + len(sequences[0]) - 1)
+    whole = decoder.loss(x, sequences, reduction="none", masks=masks)
+    other = decoder.dropout_masks(sequences, torch.Generator().manual_seed(2))
+    assert not torch.allclose(whole, decoder.loss(x, sequences, reduction="none", masks=other))
+    share = decoder.dropout_masks(sequences, torch.Generator().manual_seed(1), keep_rows=lambda m: m[1::2])
+    mine = decoder.loss(x[1::2], sequences[1::2], reduction="none", masks=share)
+    assert torch.allclose(whole[1::2, :mine.shape[1]], mine, atol=1e-5)

@@ -62,6 +62,7 @@ def test_settings_change_only_checked_and_saved_with_the_run(trained_run, tmp_pa
     for bad, message in (({"bootstap": 5}, "unknown setting"), ({"bank": "some"}, "bank must be one of"),
                          ({"hidden_size": "big"}, "hidden_size must be a int"),
                          ({"max_epochs": 0}, "max_epochs must be at least 1"),
+                         ({"decoder_prefix_dropout": 1.0}, "decoder_prefix_dropout must be below 1"),
                          ({"top_p": 1.5}, "--top-p")):
         with pytest.raises(RunError, match=message):
             run.update(**bad)

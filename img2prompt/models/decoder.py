@@ -267,16 +267,18 @@ class PrefixDecoder(nn.Module):
     vector through a shared linear map plus a learned embedding of the cell's place, so the
     language model attends to *where* as well as *what*. With ``layout`` the MLP reads the
     whole grid too: which cell holds the group the prompt names first is a question about all
-    cells at once (README: "Prompt generation"). With ``colors`` > 0 colour histograms follow
+    cells at once (README: "Prompt generation"); ``dropout`` drops the MLP's hidden units in
+    training (it reads thousands of numbers per image: enough to tell each training image
+    apart and learn its prompt by heart). With ``colors`` > 0 colour histograms follow
     (``encoders.colors``): the whole image's joins the MLP's input, each cell's is mapped into
     its cell's vector. Pooled vector, cells and histograms are each scaled by one number
     (their mean deviation on the training images), so that none drowns the others.
     """
 
     def __init__(self, lm, image_dim, prefix_length=8, prefix_hidden=512, grid=0, colors=0, pooled_dim=None,
-                 layout=False):
+                 layout=False, dropout=0.0):
         super().__init__()
-        self.lm, self.grid = lm, grid
+        self.lm, self.grid, self.dropout = lm, grid, dropout
         self.colors = colors ** 3 if colors else 0  # histogram bins per image or cell
         self.features_dim = image_dim - self.colors * (1 + grid * grid)
         self.pooled_dim = pooled_dim or self.features_dim // (1 + grid * grid)
@@ -309,7 +311,17 @@ class PrefixDecoder(nn.Module):
         if self.colors:
             self.color_scale.fill_(std[self.features_dim:].mean().clamp(min=1e-6).item())
 
-    def prefix_embeds(self, image_emb):
+    def prefix_masks(self, rows, generator=None):
+        """Keep masks (bool) of the MLP's hidden units for ``rows`` images, from ``generator``
+        (None: torch's), or None without dropout."""
+        if not self.dropout:
+            return None
+        device = generator.device if generator is not None else self.input_mean.device
+        return torch.rand((rows, self.prefix[0].out_features), generator=generator, device=device) >= self.dropout
+
+    def prefix_embeds(self, image_emb, keep=None):
+        """The prefix vectors of each image; in training mode the MLP's hidden units are
+        dropped by ``keep`` (``prefix_masks``) or by masks drawn here."""
         x = image_emb - self.input_mean
         pooled = x[:, :self.pooled_dim] / self.input_scale
         grid = x[:, self.pooled_dim:self.features_dim] / (self.cell_scale if self.grid else 1)
@@ -317,8 +329,11 @@ class PrefixDecoder(nn.Module):
         if self.colors:
             histograms = histograms / self.color_scale
         whole = [pooled, grid] if self.layout else [pooled]
-        pooled = self.prefix(torch.cat([*whole, histograms[:, :self.colors]], dim=1))
-        pooled = pooled.view(len(x), -1, self.lm.width)
+        hidden = self.prefix[1](self.prefix[0](torch.cat([*whole, histograms[:, :self.colors]], dim=1)))
+        if self.training and self.dropout:
+            keep = self.prefix_masks(len(x)) if keep is None else keep.to(hidden.device)
+            hidden = hidden * keep / (1 - self.dropout)
+        pooled = self.prefix[2](hidden).view(len(x), -1, self.lm.width)
         if not self.grid:
             return pooled
         cells = grid.view(len(x), self.cell_dim, -1).transpose(1, 2)
@@ -329,10 +344,12 @@ class PrefixDecoder(nn.Module):
 
     def forward(self, image_emb, tokens, prefix=None, masks=None):
         """Logits at every position of ``tokens`` (predicting the token after it); ``masks``:
-        the tiny LM's dropout masks (``TinyCausalLM.forward``)."""
-        prefix = self.prefix_embeds(image_emb) if prefix is None else prefix
+        dropout masks ({"prefix": ``prefix_masks``, "lm": ``TinyCausalLM.dropout_masks``}),
+        None for masks drawn where dropout is."""
+        masks = masks or {}
+        prefix = self.prefix_embeds(image_emb, masks.get("prefix")) if prefix is None else prefix
         embeds = torch.cat([prefix, self.lm.embed(tokens)], dim=1)
-        logits = self.lm(embeds) if masks is None else self.lm(embeds, masks)
+        logits = self.lm(embeds, masks["lm"]) if masks.get("lm") is not None else self.lm(embeds)
         return logits[:, self.prefix_length:]
 
 
@@ -366,19 +383,24 @@ class PromptDecoder:
             sequences.append([self.tokens.bos, *ids, self.tokens.eos])
         return sequences, cut
 
-    def dropout_masks(self, sequences, generator) -> list | None:
-        """The tiny LM's dropout masks for a batch of token ``sequences`` (None for a
-        pretrained LM, whose layers draw their own, or without dropout)."""
-        lm = self.model.lm
-        if not isinstance(lm, TinyCausalLM) or not lm.dropout:
-            return None
-        length = self.model.prefix_length + max(len(s) for s in sequences) - 1
-        return lm.dropout_masks(len(sequences), length, generator)
+    def dropout_masks(self, sequences, generator, keep_rows=lambda rows: rows) -> dict:
+        """Dropout masks for a batch of token ``sequences``, drawn from ``generator``: the
+        prefix MLP's and the tiny LM's (a pretrained LM's layers draw their own); each
+        mask's rows cut by ``keep_rows`` (under torchrun: this process's share)."""
+        model, rows = self.model, len(sequences)
+        masks = {"prefix": model.prefix_masks(rows, generator), "lm": None}
+        if isinstance(model.lm, TinyCausalLM) and model.lm.dropout:
+            length = model.prefix_length + max(len(s) for s in sequences) - 1
+            masks["lm"] = [[keep_rows(mask) for mask in layer]
+                           for layer in model.lm.dropout_masks(rows, length, generator)]
+        if masks["prefix"] is not None:
+            masks["prefix"] = keep_rows(masks["prefix"])
+        return masks
 
     def loss(self, image_emb, sequences, reduction="mean", masks=None):
         """Cross-entropy of the next token over the real (unpadded) positions: their mean,
         or (``reduction="none"``) one row per sequence, 0 at the padding. ``masks``: the
-        tiny LM's dropout masks for these sequences (``dropout_masks``)."""
+        dropout masks of these sequences (``dropout_masks``)."""
         width = max(len(s) for s in sequences)
         padded = torch.full((len(sequences), width), self.tokens.pad, dtype=torch.long)
         targets = torch.full((len(sequences), width - 1), -100, dtype=torch.long)
@@ -426,17 +448,17 @@ def build_decoder(name, image_dim, prompts=(), prefix_length=StudyConfig.prefix_
                   width=StudyConfig.decoder_width, layers=StudyConfig.decoder_layers,
                   heads=StudyConfig.decoder_heads, dropout=StudyConfig.decoder_dropout,
                   tune=StudyConfig.decoder_tune, seed=StudyConfig.seed, grid=0, colors=0, grid_map="last",
-                  pooled_dim=None) -> PromptDecoder:
+                  pooled_dim=None, prefix_dropout=0.0) -> PromptDecoder:
     """A new decoder, initialised from ``seed``; ``prompts`` (the training prompts) choose the
     tiny model's vocabulary; ``grid``, ``colors`` and ``grid_map`` say which image features
     it reads (the pooled vector, ``pooled_dim`` wide, then grid x grid cells of the
     ``grid_map`` feature map, then colour histograms with ``colors`` levels per channel:
-    ``ImageEncoder.forward``)."""
+    ``ImageEncoder.forward``); ``prefix_dropout`` drops the prefix MLP's hidden units in training."""
     check_setting("decoder_tune", tune)
     torch.manual_seed(seed)
     spec = {"decoder": name, "image_dim": int(image_dim), "grid": int(grid), "colors": int(colors),
             "grid_map": grid_map, "pooled_dim": pooled_dim, "layout": grid > 0,
-            "prefix_length": prefix_length, "prefix_hidden": 512, "tune": tune}
+            "prefix_length": prefix_length, "prefix_hidden": 512, "prefix_dropout": prefix_dropout, "tune": tune}
     if name == TINY:
         tokens = WordPieceTokens.from_prompts(prompts)
         spec.update(width=width, layers=layers, heads=heads, dropout=dropout, pieces=tokens.pieces)
@@ -448,7 +470,7 @@ def build_decoder(name, image_dim, prompts=(), prefix_length=StudyConfig.prefix_
         if tune == "prefix":
             lm.requires_grad_(False)
     return PromptDecoder(PrefixDecoder(lm, image_dim, prefix_length, spec["prefix_hidden"], grid, colors,
-                                       pooled_dim, spec["layout"]), tokens, spec)
+                                       pooled_dim, spec["layout"], prefix_dropout), tokens, spec)
 
 
 def load_pretrained_lm(name):
@@ -515,7 +537,7 @@ def load_decoder(path) -> PromptDecoder:
             tokens, lm = PretrainedTokens(tokenizer), PretrainedCausalLM(model)
         model = PrefixDecoder(lm, spec["image_dim"], spec["prefix_length"], spec["prefix_hidden"],
                               spec.get("grid", 0), spec.get("colors", 0), spec.get("pooled_dim"),
-                              spec.get("layout", False))
+                              spec.get("layout", False), spec.get("prefix_dropout", 0.0))
         missing, unexpected = model.load_state_dict(state, strict=False)
         if "cell_scale" in missing:  # saved before cells had their own scale: they shared the input's
             model.cell_scale.copy_(model.input_scale)

@@ -209,9 +209,8 @@ def train_decoder(decoder, x_train, prompts_train, x_val, prompts_val, config, p
             for begin in range(0, len(order), batch):
                 index = order[begin:begin + batch]
                 mine = distributed.share(index)  # the whole batch in one process
-                masks = decoder.dropout_masks([train_tokens[i] for i in index], dropper)
-                if masks:  # drawn for the whole batch: this share's rows get what one process gives them
-                    masks = [[distributed.share(mask) for mask in layer] for layer in masks]
+                # drawn for the whole batch: this share's rows get what one process gives them
+                masks = decoder.dropout_masks([train_tokens[i] for i in index], dropper, distributed.share)
                 optimizer.zero_grad()
                 loss = torch.zeros(())
                 if mine:
