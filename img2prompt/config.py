@@ -103,7 +103,7 @@ class StudyConfig:
     decoder_layers: int = _option(3, "tiny decoder: transformer layers", minimum=1)
     decoder_heads: int = _option(4, "tiny decoder: attention heads", minimum=1)
     decoder_dropout: float = _option(0.3, "tiny decoder: dropout", minimum=0, below=1)
-    decoder_prefix_dropout: float = _option(0.5, "dropout on the hidden layer of the decoder's prefix MLP (the "
+    decoder_prefix_dropout: float = _option(0.7, "dropout on the hidden layer of the decoder's prefix MLP (the "
                                             "image features' way in: it memorises the training images less)",
                                             minimum=0, below=1)
     decoder_learning_rate: float = _option(1e-3, "decoder AdamW learning rate (at its peak: it rises over "
