@@ -7,9 +7,10 @@ folder, extracts the embeddings into the cache and writes every file. The others
 batch is split between the processes, each computes the gradient of its share, and the
 gradients are summed before every step, so all processes keep the same weights and take the
 steps one process would take (up to the order of floating-point sums). The dropout masks of
-the mapper and of the tiny decoder are drawn for the whole batch from a generator every process
-holds alike, each process keeping its share's rows (``Mapper.dropout_masks``,
-``TinyCausalLM.dropout_masks``). Without torchrun everything here is a no-op.
+the mapper and of the decoder (its prefix MLP and tiny LM) are drawn for the whole batch from a
+generator every process holds alike, each process keeping its share's rows
+(``Mapper.dropout_masks``, ``PromptDecoder.dropout_masks``). Without torchrun everything here
+is a no-op.
 """
 
 import os

@@ -146,10 +146,10 @@ class TinyCausalLM(nn.Module):
         """Logits at every position. In training mode dropout uses ``masks`` (for at least
         these rows and positions: longer ones are cut) or draws its own."""
         length = embeds.shape[1]
-        if self.training and self.dropout and masks is None:
-            masks = self.dropout_masks(len(embeds), length)
         if not self.training or not self.dropout:
             masks = None
+        elif masks is None:
+            masks = self.dropout_masks(len(embeds), length)
         hidden = embeds + self._positions(0, length, embeds.device)
         for index, layer in enumerate(self.blocks.layers):
             layer_masks = None if masks is None else [_cut(mask.to(embeds.device), length) for mask in masks[index]]
