@@ -25,7 +25,7 @@ TRAINING_OPTIONS = ("seed", "val_fraction", "test_fraction", "hidden_size", "dep
                     "ema_decay", "tune_batch_size", "accumulate_steps", "tune_epochs", "tune_patience")
 DECODER_OPTIONS = ("decoder", "decoder_tune", "decoder_grid", "decoder_map", "decoder_colors", "prefix_length",
                    "decoder_width", "decoder_layers",
-                   "decoder_heads", "decoder_dropout", "decoder_prefix_dropout", "decoder_learning_rate",
+                   "decoder_heads", "decoder_dropout", "decoder_prefix_dropout", "decoder_early_learning", "decoder_learning_rate",
                    "decoder_batch_size", "decoder_epochs", "decoder_patience", "decoder_val_images")
 DECODING_OPTIONS = ("decode_strategy", "beam_width", "top_p", "temperature", "max_length",
                     "no_repeat_ngram")

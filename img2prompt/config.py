@@ -106,6 +106,10 @@ class StudyConfig:
     decoder_prefix_dropout: float = _option(0.7, "dropout on the hidden layer of the decoder's prefix MLP (the "
                                             "image features' way in: it memorises the training images less)",
                                             minimum=0, below=1)
+    decoder_early_learning: float = _option(3.0, "tiny decoder: weight of the early-learning regulariser, which "
+                                            "keeps each training prompt's predictions near their running "
+                                            "average so that what no image shows is not learnt by heart "
+                                            "(0: off)", minimum=0)
     decoder_learning_rate: float = _option(1e-3, "decoder AdamW learning rate (at its peak: it rises over "
                                            "the first epoch and falls along a cosine to 0 at decoder_epochs)")
     decoder_batch_size: int = _option(64, "decoder training batch size", minimum=1)

@@ -64,6 +64,13 @@ def sum_gradients(parameters):
         p.grad.copy_(summed.view_as(p))
 
 
+def sum_tensor(tensor):
+    """Add up ``tensor`` over all processes, in place."""
+    if world_size() > 1:
+        dist.all_reduce(tensor)
+    return tensor
+
+
 def sum_number(value: float) -> float:
     if world_size() == 1:
         return value

@@ -339,3 +339,36 @@ def test_the_tiny_lm_computes_torch_s_layers_and_each_prompt_keeps_its_dropout_m
     share = decoder.dropout_masks(sequences, torch.Generator().manual_seed(1), keep_rows=lambda m: m[1::2])
     mine = decoder.loss(x[1::2], sequences[1::2], reduction="none", masks=share)
     assert torch.allclose(whole[1::2, :mine.shape[1]], mine, atol=1e-5)
+
+
+def test_early_learning_averages_each_prompt_s_predictions_and_pulls_toward_them():
+    from img2prompt.models.early_learning import EarlyLearning
+    early = EarlyLearning([[0, 5, 6, 1], [0, 7, 1]], vocabulary=3, weight=2.0, momentum=0.5)
+    first = torch.log(torch.tensor([[[0.6, 0.3, 0.1]] * 3]))
+    penalty = early.penalty(first, [1])  # first visit: the average is the prediction itself
+    assert torch.allclose(penalty, 2.0 * torch.log1p(-torch.tensor(0.46)).expand(1, 3), atol=1e-3)
+    second = torch.log(torch.tensor([[[0.2, 0.2, 0.6]] * 3]))
+    early.penalty(second, [1])
+    assert torch.allclose(early.averages[1, :3].float(), torch.tensor([0.4, 0.25, 0.35]).expand(3, 3), atol=1e-3)
+    assert early.seen.tolist() == [False, True] and not early.averages[0].any()
+    logits = torch.zeros((1, 3, 3), requires_grad=True)  # uniform: the average's mode is the first token
+    early.penalty(logits, [1]).sum().backward()
+    assert logits.grad[0, 0, 0] < 0 < logits.grad[0, 0, 1]  # descent raises it, lowers the least likely
+
+
+def test_early_learning_keeps_the_decoder_from_learning_an_unseen_wording_by_heart():
+    """Half of the toy prompts take a second wording at random (no image shows which): without
+    the regulariser the decoder learns which ones; with it, it keeps writing the usual one."""
+    x, prompts = toy_data(n=48)
+    rng = np.random.default_rng(1)
+    worded = [f"pixel art of {p}" if rng.random() < 0.35 else p for p in prompts]
+    second = np.array([p.startswith("pixel art") for p in worded])
+    learnt = {}
+    for weight in (0.0, 3.0):
+        decoder = build_decoder("tiny", x.shape[1], worded, 2, 32, 1, 2, 0.1, seed=3)
+        train_decoder(decoder, x, worded, x, worded, tiny_config(decoder_epochs=40, decoder_patience=40,
+                                                                  decoder_early_learning=weight), progress=False)
+        texts = decoder.generate(x, DecodeOptions(strategy="greedy", max_length=16))
+        wrote_second = np.array([t.startswith("pixel art") for t in texts])
+        learnt[weight] = (wrote_second == second).mean()
+    assert learnt[0.0] > 0.95 and learnt[3.0] < 0.85, learnt  # (always the usual wording: 0.65)

@@ -397,10 +397,9 @@ class PromptDecoder:
             masks["prefix"] = keep_rows(masks["prefix"])
         return masks
 
-    def loss(self, image_emb, sequences, reduction="mean", masks=None):
-        """Cross-entropy of the next token over the real (unpadded) positions: their mean,
-        or (``reduction="none"``) one row per sequence, 0 at the padding. ``masks``: the
-        dropout masks of these sequences (``dropout_masks``)."""
+    def logits(self, image_emb, sequences, masks=None):
+        """(next-token logits at every position of the padded ``sequences``, the tokens to
+        predict there: -100 at the padding). ``masks``: their dropout masks (``dropout_masks``)."""
         width = max(len(s) for s in sequences)
         padded = torch.full((len(sequences), width), self.tokens.pad, dtype=torch.long)
         targets = torch.full((len(sequences), width - 1), -100, dtype=torch.long)
@@ -408,10 +407,15 @@ class PromptDecoder:
             padded[row, :len(sequence)] = torch.tensor(sequence)
             targets[row, :len(sequence) - 1] = torch.tensor(sequence[1:])
         padded, targets = padded.to(image_emb.device), targets.to(image_emb.device)
-        logits = self.model(image_emb, padded[:, :-1], masks=masks)
+        return self.model(image_emb, padded[:, :-1], masks=masks), targets
+
+    def loss(self, image_emb, sequences, reduction="mean", masks=None):
+        """Cross-entropy of the next token over the real (unpadded) positions: their mean,
+        or (``reduction="none"``) one row per sequence, 0 at the padding."""
+        logits, targets = self.logits(image_emb, sequences, masks)
         losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                  ignore_index=-100, reduction=reduction)
-        return losses if reduction == "mean" else losses.view(len(sequences), width - 1)
+        return losses if reduction == "mean" else losses.view(targets.shape)
 
     def token_probability(self, image_emb, texts) -> np.ndarray:
         """How sure the decoder is of each text: the geometric mean probability of its tokens

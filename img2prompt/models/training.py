@@ -17,6 +17,7 @@ from img2prompt.devices import autocast
 from img2prompt.encoders.allocator import keep_freed_memory
 from img2prompt.errors import DataError, RunError
 from img2prompt.storage.files import atomic_path
+from img2prompt.models.early_learning import EarlyLearning
 from img2prompt.models.mapper import Mapper
 from img2prompt.progress import progress_bar
 
@@ -172,6 +173,8 @@ def train_decoder(decoder, x_train, prompts_train, x_val, prompts_val, config, p
     """Train a PromptDecoder with teacher forcing and cross-entropy; return (history
     DataFrame, how many training prompts were cut to max_length).
 
+    With ``config.decoder_early_learning`` the tiny decoder's loss adds the early-learning
+    regulariser (``early_learning``); ``train_loss`` stays the cross-entropy.
     The kept epoch is the one with the highest ``val_score(decoder)`` when given (the study
     passes the validation cosine of generated prompts: the validation loss bottoms out long
     before the generated text stops improving), else the lowest validation loss. ``history``
@@ -197,6 +200,8 @@ def train_decoder(decoder, x_train, prompts_train, x_val, prompts_val, config, p
     dropper = torch.Generator(device).manual_seed(config.seed + 1)  # dropout masks, alike in every process
     batch = config.decoder_batch_size
     scheduler = warmup_cosine(optimizer, -(-len(x_train) // batch), config.decoder_epochs)
+    early = (EarlyLearning(train_tokens, decoder.tokens.size, config.decoder_early_learning, device)
+             if config.decoder_early_learning and decoder.spec["decoder"] == "tiny" else None)
     best_state, best_value, best_epoch, rows = None, -np.inf, 0, []
     with progress_bar(config.decoder_epochs, "epoch", enabled=progress, description="decoder") as bar:
         for epoch in range(1, config.decoder_epochs + 1):
@@ -216,11 +221,17 @@ def train_decoder(decoder, x_train, prompts_train, x_val, prompts_val, config, p
                 if mine:
                     with autocast(device):
                         # this share's part of the batch's mean token loss: the parts add up to it
-                        losses = decoder.loss(x_train[mine], [train_tokens[i] for i in mine], reduction="none",
-                                              masks=masks)
-                        loss = losses.sum() / sum(len(train_tokens[i]) - 1 for i in index)
-                    loss.backward()
+                        logits, targets = decoder.logits(x_train[mine], [train_tokens[i] for i in mine], masks)
+                        predicted = sum(len(train_tokens[i]) - 1 for i in index)
+                        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                               ignore_index=-100, reduction="sum") / predicted
+                        objective = loss
+                        if early is not None:
+                            objective = loss + (early.penalty(logits, mine) * (targets != -100)).sum() / predicted
+                    objective.backward()
                 distributed.sum_gradients(trainable)
+                if early is not None:
+                    early.share(index, mine)
                 torch.nn.utils.clip_grad_norm_(trainable, 1.0)
                 optimizer.step()
                 scheduler.step()

@@ -1,0 +1,57 @@
+"""Early-learning regularisation of the prompt decoder (Liu et al., "Early-Learning
+Regularization Prevents Memorization of Noisy Labels", NeurIPS 2020).
+
+A decoder trained on a few thousand images learns each training prompt by heart, what no
+image shows included (on the generated data: which of two wordings the prompt took, at
+random); on a new image that choice then follows whichever training images it resembles.
+Networks fit what their examples share first and memorise the rest later, so each training
+prompt keeps a running average of the distributions the decoder predicted at its positions,
+t ← m·t + (1 − m)·p, and the loss adds weight · log(1 − ⟨t, p⟩), which pulls each prediction
+toward that average: tokens the images determine are learnt as before, the others stay
+near what the images share (README: "The training images learnt by heart").
+"""
+
+import torch
+
+from img2prompt import distributed
+
+MOMENTUM = 0.7  # the paper's
+
+
+class EarlyLearning:
+    """The running averages of the training prompts' predicted distributions (float16:
+    prompts x positions x vocabulary, on the training device) and the regulariser."""
+
+    def __init__(self, sequences, vocabulary, weight, device="cpu", momentum=MOMENTUM):
+        positions = max(len(s) for s in sequences) - 1
+        self.averages = torch.zeros((len(sequences), positions, vocabulary), dtype=torch.float16, device=device)
+        self.seen = torch.zeros(len(sequences), dtype=torch.bool, device=device)
+        self.weight, self.momentum = weight, momentum
+
+    def penalty(self, logits, rows):
+        """The regulariser at every position of ``logits`` ([prompts, positions, vocabulary],
+        of the training prompts ``rows``; the caller leaves the padding out), after their
+        averages took these predictions in."""
+        predicted = logits.float().softmax(dim=-1)
+        rows = torch.as_tensor(rows, device=self.averages.device)
+        width = logits.shape[1]
+        earlier = self.averages[rows, :width].float()
+        seen = self.seen[rows].view(-1, 1, 1)
+        average = torch.where(seen, self.momentum * earlier + (1 - self.momentum) * predicted.detach(),
+                              predicted.detach())
+        self.averages[rows, :width] = average.to(self.averages.dtype)
+        self.seen[rows] = True
+        agreement = (average * predicted).sum(dim=-1).clamp(max=1 - 1e-4)
+        return self.weight * torch.log1p(-agreement)
+
+    def share(self, batch, mine):
+        """Under torchrun: every process takes in the averages the others updated for the
+        prompts of ``batch`` (``mine``: this process's share of it)."""
+        if distributed.world_size() == 1:
+            return
+        block = torch.zeros((len(batch), *self.averages.shape[1:]), device=self.averages.device)
+        if mine:
+            block[distributed.share(list(range(len(batch))))] = self.averages[mine].float()
+        distributed.sum_tensor(block)
+        self.averages[batch] = block.to(self.averages.dtype)
+        self.seen[batch] = True
