@@ -74,9 +74,7 @@ def sum_tensor(tensor):
 def sum_number(value: float) -> float:
     if world_size() == 1:
         return value
-    total = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(total)
-    return float(total.item())
+    return float(sum_tensor(torch.tensor([value], dtype=torch.float64)).item())
 
 
 def main_first(work):

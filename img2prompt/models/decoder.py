@@ -139,8 +139,7 @@ class TinyCausalLM(nn.Module):
         device = generator.device if generator is not None else self.tokens.weight.device
         shapes = [(rows, self.heads, length, length), (rows, length, self.width),
                   (rows, length, 4 * self.width), (rows, length, self.width)]
-        return [[torch.rand(shape, generator=generator, device=device) >= self.dropout for shape in shapes]
-                for _ in self.blocks.layers]
+        return [[_keep_mask(shape, self.dropout, generator, device) for shape in shapes] for _ in self.blocks.layers]
 
     def forward(self, embeds, masks=None):
         """Logits at every position. In training mode dropout uses ``masks`` (for at least
@@ -189,13 +188,23 @@ class TinyCausalLM(nn.Module):
         return hidden + self._drop(layer.linear2(expanded), masks and masks[3])
 
     def _drop(self, values, keep):
-        return values if keep is None else values * keep / (1 - self.dropout)
+        return values if keep is None else _dropped(values, keep, self.dropout)
 
     def _positions(self, start, end, device):
         if end > MAX_POSITIONS:
             raise RunError(f"the tiny decoder reads at most {MAX_POSITIONS} positions (got {end}); "
                            "lower --max-length or --prefix-length.")
         return self.positions(torch.arange(start, end, device=device))
+
+
+def _keep_mask(shape, dropout, generator, device):
+    """A dropout keep mask (bool), drawn from ``generator`` (None: torch's)."""
+    return torch.rand(shape, generator=generator, device=device) >= dropout
+
+
+def _dropped(values, keep, dropout):
+    """``values`` with the units ``keep`` leaves out dropped and the others scaled up."""
+    return values * keep / (1 - dropout)
 
 
 def _cut(mask, length):
@@ -317,7 +326,7 @@ class PrefixDecoder(nn.Module):
         if not self.dropout:
             return None
         device = generator.device if generator is not None else self.input_mean.device
-        return torch.rand((rows, self.prefix[0].out_features), generator=generator, device=device) >= self.dropout
+        return _keep_mask((rows, self.prefix[0].out_features), self.dropout, generator, device)
 
     def prefix_embeds(self, image_emb, keep=None):
         """The prefix vectors of each image; in training mode the MLP's hidden units are
@@ -332,7 +341,7 @@ class PrefixDecoder(nn.Module):
         hidden = self.prefix[1](self.prefix[0](torch.cat([*whole, histograms[:, :self.colors]], dim=1)))
         if self.training and self.dropout:
             keep = self.prefix_masks(len(x)) if keep is None else keep.to(hidden.device)
-            hidden = hidden * keep / (1 - self.dropout)
+            hidden = _dropped(hidden, keep, self.dropout)
         pooled = self.prefix[2](hidden).view(len(x), -1, self.lm.width)
         if not self.grid:
             return pooled

@@ -17,6 +17,7 @@ from img2prompt.devices import autocast
 from img2prompt.encoders.allocator import keep_freed_memory
 from img2prompt.errors import DataError, RunError
 from img2prompt.storage.files import atomic_path
+from img2prompt.models.decoder import TINY
 from img2prompt.models.early_learning import EarlyLearning
 from img2prompt.models.mapper import Mapper
 from img2prompt.progress import progress_bar
@@ -201,7 +202,7 @@ def train_decoder(decoder, x_train, prompts_train, x_val, prompts_val, config, p
     batch = config.decoder_batch_size
     scheduler = warmup_cosine(optimizer, -(-len(x_train) // batch), config.decoder_epochs)
     early = (EarlyLearning(train_tokens, decoder.tokens.size, config.decoder_early_learning, device)
-             if config.decoder_early_learning and decoder.spec["decoder"] == "tiny" else None)
+             if config.decoder_early_learning and decoder.spec["decoder"] == TINY else None)
     best_state, best_value, best_epoch, rows = None, -np.inf, 0, []
     with progress_bar(config.decoder_epochs, "epoch", enabled=progress, description="decoder") as bar:
         for epoch in range(1, config.decoder_epochs + 1):
