@@ -113,7 +113,7 @@ class StudyConfig:
     decoder_learning_rate: float = _option(1e-3, "decoder AdamW learning rate (at its peak: it rises over "
                                            "the first epoch and falls along a cosine to 0 at decoder_epochs)")
     decoder_batch_size: int = _option(64, "decoder training batch size", minimum=1)
-    decoder_epochs: int = _option(24, "decoder training epochs (the learning rate's schedule ends there)",
+    decoder_epochs: int = _option(30, "decoder training epochs (the learning rate's schedule ends there)",
                                   minimum=1)
     decoder_val_images: int = _option(0, "validation images whose generated prompts choose the "
                                       "decoder's epoch (generating is the slow part; 0: all)", minimum=0)

@@ -107,7 +107,7 @@ class StudyData:
 
 class SplitPart(Mapping):
     """One split's rows of a StudyData, read like a dict: ``ids``, ``prompts``, ``images``
-    and the embeddings. An embedding is a view of the whole array when the split's rows are
+    (``TextColumn``s) and the embeddings. An embedding is a view of the whole array when the split's rows are
     one slice of it (as a run's data holds them), else a copy made when first read; either
     way a stage holds only what it uses (the decoder's input is 14,448 numbers per image)."""
 
@@ -123,15 +123,12 @@ class SplitPart(Mapping):
 
     def _select(self, name):
         data, mask = self._data, self._mask
-        if name == "ids":
-            return list(np.asarray(data.dataset.ids)[mask])
-        if name == "prompts":
-            return list(np.asarray(data.dataset.prompts, dtype=object)[mask])
-        if name == "images":
-            return [name for name, keep in zip(data.dataset.files, mask) if keep]
         if name not in self.FIELDS:
             raise KeyError(name)
         rows = np.flatnonzero(mask)
+        texts = {"ids": data.dataset.ids, "prompts": data.dataset.prompts, "images": data.dataset.files}
+        if name in texts:  # a TextColumn of the split's rows
+            return texts[name].take(rows)
         if len(rows) and rows[-1] - rows[0] + 1 == len(rows):  # one slice: a view, no copy
             return getattr(data, name)[rows[0]:rows[-1] + 1]
         return getattr(data, name)[mask]
@@ -544,7 +541,7 @@ class Run:
         rate and the attribute families it names right (generated data). Nothing is saved."""
         from img2prompt.encoders.embeddings import text_embeddings
         from img2prompt.encoders.text import metric_encoder
-        from img2prompt.evaluation.analysis import attribute_matches, load_attributes
+        from img2prompt.evaluation.analysis import attribute_matches, has_attributes
         from img2prompt.evaluation.scores import cosine_rows, exact_prompt_rate
 
         self._require(DECODER, "train-decoder --run")
@@ -570,7 +567,7 @@ class Run:
                           "exact prompts": exact_prompt_rate(texts, test["prompts"]),
                           "val cosine": summary["val_cosine"], "epochs": summary["epochs"],
                           "seconds": summary["seconds"], "input width": data.decoder_emb.shape[1]}
-            if load_attributes(config.data_dir, test["ids"]) is not None:
+            if has_attributes(config.data_dir):
                 rows[name].update(attribute_matches(test["prompts"], texts).mean().to_dict())
         return pd.DataFrame(rows).T
 
@@ -590,7 +587,7 @@ class Run:
         approximate) and ``data_dir`` (the dataset moved) apply to this evaluation only."""
         from img2prompt.encoders.embeddings import text_embeddings
         from img2prompt.encoders.text import METRIC_ENCODER, metric_encoder
-        from img2prompt.evaluation.analysis import attribute_matches, load_attributes
+        from img2prompt.evaluation.analysis import attribute_matches, has_attributes
         from img2prompt.evaluation.scores import evaluate_methods, fit_linear_map, paired_difference
         from img2prompt.evaluation.search import Rows
 
@@ -609,20 +606,25 @@ class Run:
             if not test["ids"]:
                 raise RunError(f"{self.root}: the test split is empty; train with --test-fraction > 0.")
             bank_mask = np.ones(len(data.splits), bool) if config.bank == "all" else data.splits == "train"
-            prompts, keep = unique_prompts(list(np.asarray(data.dataset.prompts, dtype=object)[bank_mask]))
-            bank_rows = np.flatnonzero(bank_mask)[keep]  # each distinct prompt once, read in place
-            bank_part = {"prompts": prompts, "target_emb": Rows(data.target_emb, bank_rows),
-                         "metric_emb": Rows(data.metric_emb, bank_rows)}
+            bank_rows = np.flatnonzero(bank_mask)
+            first_of_each = unique_prompts(Rows(data.dataset.prompts, bank_rows))[1]
+            bank_rows = bank_rows[first_of_each]  # each distinct prompt once, read in place (texts too)
+            bank_part = {name: Rows(array, bank_rows) for name, array in (
+                ("prompts", data.dataset.prompts), ("target_emb", data.target_emb), ("metric_emb", data.metric_emb))}
+            # the training prompts are read for kNN's answers only: in place, not a column of their own
+            train_texts = {"prompts": Rows(data.dataset.prompts, np.flatnonzero(data.splits == "train")),
+                           **{name: train_part[name] for name in ("image_emb", "metric_emb")}}
             to_metric = (None if config.text_encoder == METRIC_ENCODER
                          else fit_linear_map(train_part["target_emb"], train_part["metric_emb"]))
-            predicted = self.mapper().predict(test["image_emb"]).numpy()
             generated = {}
             if self.is_finished(DECODER):
                 texts = self.decoder().to(self.device).generate(test["decoder_emb"], config.decode_options())
                 log(f"decoder: {len(texts)} prompts generated ({config.decode_strategy})")
                 generated["decoder"] = (texts, text_embeddings(texts, metric_encoder(config.device),
                                                                progress=progress))
-            frame, scores = evaluate_methods(test, train_part, bank_part, predicted, to_metric,
+            mapper = self.mapper()
+            frame, scores = evaluate_methods(test, train_texts, bank_part,
+                                             lambda rows: mapper.predict(test["image_emb"][rows]).numpy(), to_metric,
                                              config.bootstrap, config.seed, generated, config.search)
             text_columns = {"retrieval": "predicted_prompt", **{n: f"{n}_prompt" for n in generated}}
             if self.is_finished(TUNE):  # the same methods on the frozen features, paired
@@ -640,8 +642,7 @@ class Run:
                         config.bootstrap, config.seed)
                 frame["frozen_predicted_prompt"] = frozen_frame["predicted_prompt"]
                 text_columns["frozen_retrieval"] = "frozen_predicted_prompt"
-            attributes = load_attributes(config.data_dir, test["ids"])
-            if attributes is not None:  # generated data: which attributes each text method states
+            if has_attributes(config.data_dir):  # generated data: which attributes each text method states
                 for name, column in text_columns.items():
                     accuracy = attribute_matches(test["prompts"], frame[column]).mean()
                     scores["methods"][name]["attribute_accuracy"] = accuracy.round(6).to_dict()

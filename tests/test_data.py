@@ -1,4 +1,5 @@
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -105,6 +106,37 @@ def test_saved_split_must_match_the_dataset(tmp_path, small_dataset):
     smaller = dataset.subset(np.arange(len(dataset)) > 0)
     with pytest.raises(DataError, match="does not match the dataset"):
         load_splits(tmp_path / "splits.csv", smaller)
+
+
+def test_a_split_file_in_another_order_or_broken_is_read_or_refused_by_line(tmp_path, small_dataset):
+    dataset = load_dataset(small_dataset)
+    splits = grouped_split(dataset.prompts, seed=0)
+    path = tmp_path / "splits.csv"
+    save_splits(path, dataset, splits)
+    header, *rows = path.read_text().splitlines()
+    path.write_text("\n".join([header, *reversed(rows)]) + "\n")  # another order: read by id
+    assert np.array_equal(load_splits(path, dataset), splits) and load_splits(path, dataset).dtype.kind == "U"
+    path.write_text("\n".join([header, rows[0], rows[1].replace(",", ",training,"), *rows[2:]]) + "\n")
+    with pytest.raises(DataError, match=r"splits.csv: expected columns imgId,split .* line 3 is"):
+        load_splits(path, dataset)
+    path.write_text("id,split\n" + "\n".join(rows) + "\n")
+    with pytest.raises(DataError, match="the first line is not 'imgId,split'"):
+        load_splits(path, dataset)
+
+
+def test_a_text_column_reads_back_every_text_as_it_was_added():
+    import pickle
+    from img2prompt.data.text_column import TextColumn
+    texts = ["a red circle", "", "ünïcode ✓ 猫", "name\udcff.png", "last"]  # a lone surrogate: an undecodable file name
+    column = TextColumn(texts)
+    assert list(column) == texts and column == texts and texts == column and column != texts[:-1]
+    assert len(column) == 5 and column[2] == texts[2] and column[-1] == "last" and column[1:4] == texts[1:4]
+    assert column.take([4, 0, 3]) == ["last", "a red circle", texts[3]]
+    assert column.take(np.array([True, False, True, False, False])) == ["a red circle", texts[2]]
+    assert column.take([]) == [] and pickle.loads(pickle.dumps(column)) == texts
+    with pytest.raises(IndexError):
+        column[5]
+    assert column.nbytes < sum(sys.getsizeof(t) for t in texts)
 
 
 def test_image_fingerprint_follows_content(tmp_path, small_dataset):

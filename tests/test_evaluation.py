@@ -59,6 +59,24 @@ def test_every_method_scored_on_a_constructed_case():
     assert np.isclose(metrics["comparisons"]["retrieval_minus_knn"]["mean_difference"], 0.5)
 
 
+def test_predictions_made_a_block_at_a_time_score_as_all_at_once(monkeypatch):
+    from img2prompt.evaluation import scores
+    rng = np.random.default_rng(0)
+    test, train, bank = constructed_case()
+    test = {**test, "ids": [f"t{i}" for i in range(10)], "images": [f"t{i}.png" for i in range(10)],
+            "prompts": [f"p{i % 3}" for i in range(10)], "image_emb": rng.random((10, 3), dtype=np.float32),
+            "metric_emb": np.eye(3, dtype=np.float32)[np.arange(10) % 3]}
+    test["target_emb"] = test["metric_emb"]
+    predicted = rng.normal(size=(10, 3)).astype(np.float32)
+    whole = evaluate_methods(test, train, bank, predicted, None, n_boot=20)
+    monkeypatch.setattr(scores, "QUERY_BLOCK", 4)
+    asked = []
+    frame, metrics = evaluate_methods(test, train, bank, lambda rows: asked.append(rows) or predicted[rows], None,
+                                      n_boot=20)
+    assert [(r.start, r.stop) for r in asked] == [(0, 4), (4, 8), (8, 10)]  # never all the test images at once
+    assert frame.equals(whole[0]) and metrics == whole[1]
+
+
 def test_other_target_space_is_mapped_into_the_metric_space():
     test, train, bank = constructed_case()
     double = lambda z: np.asarray(z) * 2  # noqa: E731 - stands for a fitted map

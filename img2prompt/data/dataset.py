@@ -23,11 +23,13 @@ from img2prompt.config import check_setting
 from img2prompt.errors import DataError, printable, shown
 from img2prompt.storage.files import write_csv
 from img2prompt.data.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, open_image, pixel_limit_problem
+from img2prompt.data.text_column import TextColumn
 
 PROMPTS_FILE = "prompts.csv"
 IMAGES_DIR = "images"
 REQUIRED_COLUMNS = ("imgId", "prompt")
 SPLITS = ("train", "val", "test")
+SPLIT_DTYPE = "<U5"  # 20 bytes a row (a Python str per row costs 54 more)
 MAX_LISTED_PROBLEMS = 10
 REJECTS_FILE = "rejects.csv"
 # No text-to-image prompt comes near this (the text encoders read a few hundred characters);
@@ -69,16 +71,22 @@ class ImagePaths(Sequence):
 
 @dataclass
 class ImageDataset:
-    """A loaded, checked dataset: parallel lists of ids, prompts and image file names (in
-    ``root/images``; ``paths`` gives them as paths)."""
+    """A loaded, checked dataset: parallel columns of ids, prompts and image file names (in
+    ``root/images``; ``paths`` gives them as paths), each a ``TextColumn`` (lists given are
+    turned into one)."""
 
     root: Path
-    ids: list
-    prompts: list
-    files: list
+    ids: TextColumn
+    prompts: TextColumn
+    files: TextColumn
     rejects: list = field(default_factory=list)  # Problems of the rows skipped (on_error="skip")
     max_pixels: int = DEFAULT_MAX_PIXELS  # the limit its images were checked against
     warnings: list = field(default_factory=list)  # Problems only reported (e.g. an image no row names)
+
+    def __post_init__(self):
+        for name in ("ids", "prompts", "files"):
+            if not isinstance(getattr(self, name), TextColumn):
+                setattr(self, name, TextColumn(getattr(self, name)))
 
     def __len__(self):
         return len(self.ids)
@@ -97,9 +105,8 @@ class ImageDataset:
         paths = self.paths
         dropped = [Problem(str(paths[i]), message.removeprefix(f"{paths[i]}: "), "")
                    for i, message in sorted((unreadable or {}).items())]
-        return ImageDataset(self.root, [self.ids[i] for i in rows], [self.prompts[i] for i in rows],
-                            [self.files[i] for i in rows], self.rejects + dropped, self.max_pixels,
-                            self.warnings)
+        return ImageDataset(self.root, self.ids.take(rows), self.prompts.take(rows), self.files.take(rows),
+                            self.rejects + dropped, self.max_pixels, self.warnings)
 
     def readable_rows(self, unreadable: dict) -> np.ndarray:
         """Indices of the rows whose image is not in ``unreadable`` ({row: error message});
@@ -124,9 +131,10 @@ class ImageDataset:
 def find_problems(root, decode_images=False, max_pixels=DEFAULT_MAX_PIXELS) -> tuple:
     """Check a dataset folder; return (rows, problems).
 
-    ``rows`` is (imgIds, prompts, image file names): parallel lists of the rows without
-    problems (three lists, not a tuple per row: a large dataset's listing stays small). With
-    ``decode_images`` every image is fully decoded, otherwise only its header is read.
+    ``rows`` is (imgIds, prompts, image file names): parallel ``TextColumn``s of the rows
+    without problems (a large dataset's listing stays small). With ``decode_images`` every
+    image is fully decoded, otherwise only its header is read. Paths are joined as text: a
+    ``Path`` interns its parts, which would keep an interned copy of every name.
     """
     root = Path(root)
     problems = []
@@ -143,7 +151,7 @@ def find_problems(root, decode_images=False, max_pixels=DEFAULT_MAX_PIXELS) -> t
                         f"{IMAGES_DIR}/<imgId>.png|jpg|jpeg|webp.")
 
     image_files, bad_files = _list_images(root, images_dir)
-    ids, prompts, files, first_line_of, first_of_folded = [], [], [], {}, {}
+    ids, prompts, files, first_line_of, first_of_folded = TextColumn(), TextColumn(), TextColumn(), {}, {}
     for line, img_id, prompt in _read_prompts_csv(csv_path):
         where = f"{csv_path} line {line}"
         if not img_id:
@@ -166,7 +174,7 @@ def find_problems(root, decode_images=False, max_pixels=DEFAULT_MAX_PIXELS) -> t
             problems.append(Problem(where, f"{problem} for imgId {shown(img_id)}.",
                                     "Write the prompt (shorter) or remove the row."))
             continue
-        candidates = image_files.pop(img_id, [])  # let go as the rows are read
+        candidates = _file_names(image_files.pop(img_id, []))  # let go as the rows are read
         if not candidates and img_id in bad_files:
             problems.append(bad_files.pop(img_id))
             continue
@@ -180,7 +188,7 @@ def find_problems(root, decode_images=False, max_pixels=DEFAULT_MAX_PIXELS) -> t
             problems.append(Problem(where, f"several images for imgId {shown(img_id)}: {names}.",
                                     "Keep exactly one."))
             continue
-        problem = _check_image(images_dir / candidates[0], decode_images, max_pixels)
+        problem = _check_image(os.path.join(images_dir, candidates[0]), decode_images, max_pixels)
         if problem:
             problems.append(problem)
             continue
@@ -190,8 +198,8 @@ def find_problems(root, decode_images=False, max_pixels=DEFAULT_MAX_PIXELS) -> t
 
     for stem, names in image_files.items():  # the images no row asked for
         if stem not in first_line_of:
-            for name in names:
-                problems.append(Problem(str(images_dir / name), "image has no row in prompts.csv; it is "
+            for name in _file_names(names):
+                problems.append(Problem(os.path.join(images_dir, name), "image has no row in prompts.csv; it is "
                                         "ignored.", "Add a row for it to use it.", "warning"))
     for problem in bad_files.values():  # unusable files that no row asks for
         problems.append(dataclasses.replace(problem, severity="warning"))
@@ -199,32 +207,39 @@ def find_problems(root, decode_images=False, max_pixels=DEFAULT_MAX_PIXELS) -> t
 
 
 def _list_images(root, images_dir):
-    """({stem: [file names]} of the usable image files, {stem: Problem} of the unusable ones)."""
+    """({stem: file name, or a list of them} of the usable image files, {stem: Problem} of the
+    unusable ones)."""
     roots = (root, images_dir)
     image_files, bad_files = {}, {}
-    with os.scandir(images_dir) as entries:
-        for entry in sorted(entries, key=lambda e: e.name):
-            path = Path(entry.path)
-            if path.suffix.lower() not in IMAGE_EXTENSIONS:
-                continue
-            problem = unusable_file_problem(path, roots)
-            if problem:
-                bad_files[path.stem] = Problem(str(path), problem, "Put the image file itself in images/.")
-            else:
-                image_files.setdefault(path.stem, []).append(entry.name)
+    with os.scandir(images_dir) as entries:  # the names only: an entry object costs 150 bytes more
+        names = sorted(entry.name for entry in entries)
+    for name in names:
+        stem, suffix = os.path.splitext(name)
+        if suffix.lower() not in IMAGE_EXTENSIONS:
+            continue
+        path = os.path.join(images_dir, name)
+        problem = unusable_file_problem(path, roots)
+        if problem:
+            bad_files[stem] = Problem(path, problem, "Put the image file itself in images/.")
+        else:  # a name, or a list of names for an id with several files (a list costs 64 bytes)
+            image_files[stem] = name if stem not in image_files else [*_file_names(image_files[stem]), name]
     return image_files, bad_files
+
+
+def _file_names(found) -> list:
+    """The file names ``_list_images`` found for one id (one name, or a list of them)."""
+    return [found] if isinstance(found, str) else found
 
 
 def unusable_file_problem(path, roots):
     """Why ``path`` must not be read as an image, else None: a link whose target lies outside
     every folder of ``roots`` (it is not the dataset's to read), or not a regular file (a
     FIFO would block the reader forever; a device never ends)."""
-    path = Path(path)
-    if path.is_symlink():
+    if os.path.islink(path):
         target = os.path.realpath(path)
         if not any(inside(target, folder) for folder in roots):
             return f"is a link to {shown(target)}, outside {shown(roots[0])}; refused."
-    if not path.is_file():
+    if not os.path.isfile(path):
         return "is not a regular file (a folder, FIFO, device, socket or broken link); skipped."
     return None
 
@@ -417,7 +432,7 @@ def grouped_split(prompts, seed=0, val_fraction=0.15, test_fraction=0.15) -> np.
     order = np.random.default_rng(seed).permutation(len(groups))
     n = len(prompts)
     targets = {"test": _target_size(n, test_fraction), "val": _target_size(n, val_fraction)}
-    splits = np.full(n, "train", dtype=object)
+    splits = np.full(n, "train", dtype=SPLIT_DTYPE)
     filled = {"test": 0, "val": 0}
     for group_index in order:
         indices = members[groups[group_index]]
@@ -438,15 +453,31 @@ def save_splits(path, dataset: ImageDataset, splits):
 
 
 def load_splits(path, dataset: ImageDataset) -> np.ndarray:
-    """Read a split file (imgId,split) and check it covers exactly the dataset's images."""
-    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-    if list(frame.columns) != ["imgId", "split"] or not frame["split"].isin(SPLITS).all():
-        raise DataError(f"{path}: expected columns imgId,split with split in {SPLITS}.")
-    by_id = dict(zip(frame["imgId"], frame["split"]))
+    """Read a split file (imgId,split) and check it covers exactly the dataset's images.
+    Read by the csv module into a column: a DataFrame's text keeps its memory pool's blocks
+    (20 MB at 100,000 rows)."""
+    wrong = f"{path}: expected columns imgId,split with split in {SPLITS}"
+    ids, codes = TextColumn(), []
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            reader = csv.reader(handle)
+            if next(reader, None) != ["imgId", "split"]:
+                raise DataError(f"{wrong}; the first line is not 'imgId,split'.")
+            for row in reader:
+                if len(row) != 2 or row[1] not in SPLITS:
+                    raise DataError(f"{wrong}; line {reader.line_num} is {shown(','.join(row))}.")
+                ids.append(row[0])
+                codes.append(SPLITS.index(row[1]))
+    except (UnicodeDecodeError, csv.Error) as error:
+        raise DataError(f"{wrong} ({error}).") from None
+    splits = np.array(SPLITS, dtype=SPLIT_DTYPE)[np.array(codes, dtype=np.int64)]
+    if ids == dataset.ids:  # as written: in the dataset's order
+        return splits
+    by_id = dict(zip(ids, splits))
     if set(by_id) != set(dataset.ids):
         missing = len(set(dataset.ids) - set(by_id))
         extra = len(set(by_id) - set(dataset.ids))
         raise DataError(f"{path}: the split does not match the dataset in {dataset.root} "
                         f"({missing} image(s) not in the split, {extra} no longer in the "
                         "dataset). Use a new run folder, or --force to start this one anew.")
-    return np.array([by_id[i] for i in dataset.ids], dtype=object)
+    return np.array([by_id[i] for i in dataset.ids], dtype=SPLIT_DTYPE)

@@ -14,7 +14,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -316,12 +316,20 @@ def _take_found(found, offset, unreadable):
         found.clear()
 
 
+def texts_digest(texts) -> str:
+    """sha256 of the texts joined by NUL, a text at a time (no joined copy of them all)."""
+    digest = hashlib.sha256()
+    for index, text in enumerate(texts):
+        digest.update(b"\0" if index else b"")
+        digest.update(text.encode())
+    return digest.hexdigest()
+
+
 def text_embeddings(texts, encoder, cache: EmbeddingCache = None, batch_size=64, progress=True, rows=None):
     """Embeddings of ``texts`` with ``encoder``, cached by the texts and the encoder;
     ``rows`` (indices, in the order wanted): only those rows."""
-    texts = list(texts)
-    key = {"kind": "text", "texts": hashlib.sha256("\0".join(texts).encode()).hexdigest(),
-           "n": len(texts), "encoder": encoder.fingerprint()}
+    texts = texts if isinstance(texts, Sequence) else list(texts)  # a TextColumn: read, not listed
+    key = {"kind": "text", "texts": texts_digest(texts), "n": len(texts), "encoder": encoder.fingerprint()}
     entry = cache.entry("text", key) if cache is not None else None
     if entry is not None and entry[0] == len(texts):
         cached = cache.load("text", key, rows=rows)
@@ -425,7 +433,7 @@ def dataset_embeddings(config, dataset, progress=True, log=print, resume=False, 
     target = on_device(text_encoder(config.text_encoder, config.text_model, config.text_pooling), config.device)
     # the prompts' cache entries hold the rows kept in the dataset's order, whatever the grouping
     in_order = np.sort(rows)
-    prompts, text_rows = [dataset.prompts[i] for i in in_order], np.searchsorted(in_order, rows)
+    prompts, text_rows = dataset.prompts.take(in_order), np.searchsorted(in_order, rows)
     truncated = target.count_truncated(prompts)
     if truncated:
         log(f"{truncated} prompt(s) are longer than {target.name} reads ({target.max_length} tokens): "

@@ -73,12 +73,17 @@ def image_properties(paths) -> pd.DataFrame:
 ATTRIBUTE_BLOCK = 10_000  # attributes.csv rows read at once
 
 
+def has_attributes(data_dir) -> bool:
+    """Whether a dataset was generated: its ``attributes.csv`` says what each image shows."""
+    return (Path(data_dir) / ATTRIBUTES_FILE).is_file()
+
+
 def load_attributes(data_dir, ids):
     """The generated dataset's ``attributes.csv`` rows in the order of ``ids``; None for
     datasets without one (real images)."""
-    path = Path(data_dir) / ATTRIBUTES_FILE
-    if not path.is_file():
+    if not has_attributes(data_dir):
         return None
+    path = Path(data_dir) / ATTRIBUTES_FILE
     wanted = set(ids)
     # a block of rows at a time, keeping those of ``ids``: memory follows them, not the file
     # (a set lookup per row: pandas' isin converts the set again for every block, 4x slower)

@@ -14,10 +14,10 @@ import numpy as np
 import pandas as pd
 
 from img2prompt.data.dataset import normalize_prompt
-from img2prompt.evaluation.search import QUERY_BLOCK, search, unit_rows
+from img2prompt.evaluation.search import QUERY_BLOCK, NeighbourSearch, Rows, search, unit_rows
 
 METHODS = ("mapper", "retrieval", "knn", "mean_prompt")
-BOOTSTRAP_BLOCK = 1 << 20   # resampled indices drawn at once (8 MB)
+BOOTSTRAP_BLOCK = 1 << 18   # resampled indices drawn at once (2 MB)
 
 
 def cosine_rows(a, b) -> np.ndarray:
@@ -32,6 +32,12 @@ def cosine_rows(a, b) -> np.ndarray:
     rows = len(b if one_row[0] else a)
     return np.concatenate([np.sum(unit_rows(block(a, one_row[0], s)) * unit_rows(block(b, one_row[1], s)), axis=1)
                            for s in range(0, rows, QUERY_BLOCK)] or [np.zeros(0, np.float32)])
+
+
+def text_series(texts) -> pd.Series:
+    """A column of Python strings: pandas would copy them into Arrow strings, whose memory
+    pool keeps about 1 KB a row (19 MB for the frame of 15,000 test images)."""
+    return pd.Series(list(texts), dtype=object)
 
 
 def fit_linear_map(x, y, alpha=1.0):
@@ -92,15 +98,27 @@ def evaluate_methods(test, train, bank, predicted, to_metric_space, n_boot=1000,
     ``test`` and ``train`` are dicts with ``prompts``, ``image_emb`` and ``metric_emb`` (and
     ``test`` also ``ids``, ``images``, ``target_emb``); ``bank`` has ``prompts``,
     ``target_emb`` and ``metric_emb``; ``predicted`` are the mapper's target-space
-    predictions; ``to_metric_space`` maps them into the metric space (None: the target
+    predictions, or a function giving those of a slice of the test rows (made a block at a
+    time, never all at once); ``to_metric_space`` maps them into the metric space (None: the target
     space is the metric space); ``generated`` maps further method names (the decoder) to
     (texts, their metric-space embeddings); ``search_method`` (auto, exact, approximate) finds
     the nearest bank prompt and training image (``search.search``; its report is kept with
     each method's scores). Returns (per-image DataFrame, metrics dict).
     """
     truth = test["metric_emb"]
-    predicted_metric = predicted if to_metric_space is None else to_metric_space(predicted)
-    retrieved, retrieval_search = search(predicted, bank["target_emb"], method=search_method, seed=seed)
+    # the mapper's predictions a block of test images at a time: all of them at once are the
+    # largest array of the evaluation (23 MB at 100,000 images)
+    predict = predicted if callable(predicted) else lambda rows: predicted[rows.start:rows.stop]
+    finder = NeighbourSearch(bank["target_emb"], len(truth), method=search_method, seed=seed)
+    retrieved = np.zeros(len(truth), dtype=np.int64)
+    mapper, native = np.zeros(len(truth), np.float32), np.zeros(len(truth), np.float32)
+    for start in range(0, len(truth), QUERY_BLOCK):
+        rows = slice(start, min(start + QUERY_BLOCK, len(truth)))
+        block = np.asarray(predict(rows), dtype=np.float32)
+        retrieved[rows] = finder.nearest(block)
+        mapper[rows] = cosine_rows(block if to_metric_space is None else to_metric_space(block), truth[rows])
+        native[rows] = cosine_rows(block, test["target_emb"][rows])
+    retrieval_search = finder.report()
     # kNN on image embeddings centred on the training mean: raw CNN features are all
     # positive, so uncentred cosines crowd together
     centre = train["image_emb"].mean(axis=0)
@@ -108,20 +126,19 @@ def evaluate_methods(test, train, bank, predicted, to_metric_space, n_boot=1000,
     mean_prompt = train["metric_emb"].mean(axis=0)
 
     scores = {
-        "mapper": cosine_rows(predicted_metric, truth),
-        "retrieval": cosine_rows(bank["metric_emb"][retrieved], truth),
-        "knn": cosine_rows(train["metric_emb"][neighbour], truth),
+        "mapper": mapper,
+        "retrieval": cosine_rows(Rows(bank["metric_emb"], retrieved), truth),  # gathered a block at a time
+        "knn": cosine_rows(Rows(train["metric_emb"], neighbour), truth),
         "mean_prompt": cosine_rows(mean_prompt, truth),
     }
     frame = pd.DataFrame({
-        "imgId": test["ids"], "image": test["images"], "prompt": test["prompts"],
-        "predicted_prompt": [bank["prompts"][i] for i in retrieved],
-        "knn_prompt": [train["prompts"][i] for i in neighbour],
+        "imgId": text_series(test["ids"]), "image": text_series(test["images"]), "prompt": text_series(test["prompts"]),
+        "predicted_prompt": text_series(bank["prompts"][i] for i in retrieved),
+        "knn_prompt": text_series(train["prompts"][i] for i in neighbour),
         **{f"cosine_{name}": scores[name] for name in METHODS},
     })
     methods = {name: summarize(scores[name], n_boot, seed) for name in METHODS}
     if to_metric_space is not None:
-        native = cosine_rows(predicted, test["target_emb"])
         frame["native_cosine_mapper"] = native
         methods["mapper"]["native_mean_cosine"] = float(native.mean())
     methods["retrieval"]["exact_prompt_rate"] = exact_prompt_rate(frame["predicted_prompt"], test["prompts"])
@@ -129,7 +146,7 @@ def evaluate_methods(test, train, bank, predicted, to_metric_space, n_boot=1000,
     methods["retrieval"]["search"], methods["knn"]["search"] = retrieval_search, knn_search
     for name, (texts, embeddings) in (generated or {}).items():
         scores[name] = cosine_rows(embeddings, truth)
-        frame[f"{name}_prompt"] = texts
+        frame[f"{name}_prompt"] = text_series(texts)
         frame[f"cosine_{name}"] = scores[name]
         methods[name] = {**summarize(scores[name], n_boot, seed),
                          "exact_prompt_rate": exact_prompt_rate(texts, test["prompts"]),

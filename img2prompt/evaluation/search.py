@@ -16,9 +16,9 @@ reported with the scores. ``auto`` searches exactly up to ``APPROXIMATE_ABOVE`` 
 import numpy as np
 
 SEARCHES = ("auto", "exact", "approximate")
-SIMILARITY_BLOCK = 1 << 21  # numbers in one working block: the similarities computed at once, or
-                            # a block of normalised query or bank rows (8 MB of float32)
-QUERY_BLOCK = 4096  # queries compared at once (fewer when wide), each with the bank a block of rows at a time
+SIMILARITY_BLOCK = 1 << 20  # numbers in one working block: the similarities computed at once, or
+                            # a block of normalised query or bank rows (4 MB of float32)
+QUERY_BLOCK = 2048  # queries compared at once (fewer when wide), each with the bank a block of rows at a time
 APPROXIMATE_ABOVE = 20_000  # bank rows beyond which "auto" searches approximately
 PROBES = 8  # groups of bank rows each query compares
 KMEANS_ITERATIONS = 10
@@ -32,8 +32,9 @@ def unit_rows(a):
 
 
 class Rows:
-    """Some rows of an array, read like an array of their own (``len``, ``[slice]``,
-    ``[indices]``) without a copy of them: a bank that is part of a larger array."""
+    """Some rows of an array (or texts of a ``TextColumn``), read like an array of their own
+    (``len``, ``[slice]``, ``[indices]``, iteration) without a copy of them: a bank that is
+    part of a larger array."""
 
     def __init__(self, array, rows):
         self.array, self.rows = array, np.asarray(rows)
@@ -43,6 +44,9 @@ class Rows:
 
     def __getitem__(self, index):
         return self.array[self.rows[index]]
+
+    def __iter__(self):
+        return (self.array[row] for row in self.rows)
 
 
 def nearest(queries, bank, centre=None) -> np.ndarray:
@@ -62,21 +66,55 @@ def search(queries, bank, centre=None, method="auto", seed=0):
     """Nearest bank row for each query, exactly or approximately (``method``: auto, exact,
     approximate). Returns (indices, report): the report says which search ran and, for the
     approximate one, its groups, probes and the recall measured on a sample of the queries."""
-    if method not in SEARCHES:
-        raise ValueError(f"search {method!r}: expected one of {', '.join(SEARCHES)}")
-    if method == "exact" or (method == "auto" and len(bank) <= APPROXIMATE_ABOVE) or not len(queries):
-        return nearest(queries, bank, centre), {"search": "exact"}
-    rng = np.random.default_rng(seed)
-    inverted = InvertedFile(bank, centre, rng, len(queries))
-    index = inverted.nearest(queries)
-    checked = np.sort(rng.choice(len(queries), min(len(queries), RECALL_SAMPLE), replace=False))
-    exact = nearest(queries[checked], bank, centre)
-    # a hit: the row found is as similar as the exact one (a tie with another row counts)
-    unit_checked = _unit_block(queries[checked], centre)  # normalised once for both sides
-    found, best = (np.sum(unit_checked * _unit_block(bank[rows], centre), axis=1) for rows in (index[checked], exact))
-    recall = float(np.mean(found >= best - 1e-6)) if len(checked) else float("nan")
-    return index, {"search": "approximate", "groups": inverted.groups, "probes": inverted.probes,
-                   "recall_checked": int(len(checked)), "recall_at_1": recall}
+    finder = NeighbourSearch(bank, len(queries), centre, method, seed)
+    return finder.nearest(queries), finder.report()
+
+
+class NeighbourSearch:
+    """``search`` for queries that come a block at a time, in order (the same answers and
+    report as all of them at once): the bank's index is built once, and the queries of the
+    recall sample are kept as their blocks go by, so that no block outlives its turn."""
+
+    def __init__(self, bank, queries: int, centre=None, method="auto", seed=0):
+        if method not in SEARCHES:
+            raise ValueError(f"search {method!r}: expected one of {', '.join(SEARCHES)}")
+        self.bank, self.centre, self.queries, self.done = bank, centre, queries, 0
+        self.exact = method == "exact" or (method == "auto" and len(bank) <= APPROXIMATE_ABOVE) or not queries
+        if not self.exact:
+            rng = np.random.default_rng(seed)
+            self.inverted = InvertedFile(bank, centre, rng, queries)
+            self.checked = np.sort(rng.choice(queries, min(queries, RECALL_SAMPLE), replace=False))
+            self.sampled, self.found = None, np.zeros(len(self.checked), dtype=np.int64)  # the checked queries, their rows
+
+    def nearest(self, block) -> np.ndarray:
+        """The nearest bank row of each query of the next ``block``."""
+        if self.exact:
+            index = nearest(block, self.bank, self.centre)
+        else:
+            index = self.inverted.nearest(block)
+            if self.sampled is None:  # made once: small arrays left between the blocks would fragment the heap
+                self.sampled = np.zeros((len(self.checked), *np.shape(block)[1:]), dtype=np.float32)
+            taken = (self.checked >= self.done) & (self.checked < self.done + len(block))
+            self.sampled[taken] = block[self.checked[taken] - self.done]
+            self.found[taken] = index[self.checked[taken] - self.done]
+        self.done += len(block)
+        return index
+
+    def report(self) -> dict:
+        """Which search ran; for the approximate one, its recall against the exact search."""
+        if self.exact:
+            return {"search": "exact"}
+        if self.done != self.queries:
+            raise ValueError(f"{self.done} of {self.queries} queries searched: the report needs them all")
+        queries, found = self.sampled, self.found
+        exact = nearest(queries, self.bank, self.centre)
+        # a hit: the row found is as similar as the exact one (a tie with another row counts)
+        unit_checked = _unit_block(queries, self.centre, gathered=True)  # normalised once for both sides
+        similar, best = (np.sum(unit_checked * _unit_block(self.bank[rows], self.centre), axis=1)
+                         for rows in (found, exact))
+        recall = float(np.mean(similar >= best - 1e-6)) if len(queries) else float("nan")
+        return {"search": "approximate", "groups": self.inverted.groups, "probes": self.inverted.probes,
+                "recall_checked": int(len(queries)), "recall_at_1": recall}
 
 
 class InvertedFile:
@@ -91,7 +129,7 @@ class InvertedFile:
         self.groups = int(min(len(bank), max(1, round(best))))
         self.probes = min(probes, self.groups)
         sample = np.sort(rng.choice(len(bank), min(len(bank), SAMPLE_PER_GROUP * self.groups), replace=False))
-        self.centroids = _spherical_kmeans(_unit_block(bank[sample], centre, gathered=True), self.groups, rng)
+        self.centroids = _spherical_kmeans(Rows(bank, sample), centre, self.groups, rng)
         step = _rows_per_block(bank)
         group_of = np.concatenate([nearest(_unit_block(bank[b:b + step], centre), self.centroids)
                                    for b in range(0, len(bank), step)])
@@ -144,15 +182,20 @@ def _compare(unit_queries, bank, centre, rows, best, index):
         del similarity, chunk  # before the next block's are made
 
 
-def _spherical_kmeans(points, k, rng, iterations=KMEANS_ITERATIONS):
-    """``k`` unit centroids of unit ``points`` (Lloyd's iterations, cosine); a centroid that
-    loses all its points stays where it was."""
-    centroids = points[np.sort(rng.choice(len(points), k, replace=False))]
+def _spherical_kmeans(points, centre, k, rng, iterations=KMEANS_ITERATIONS):
+    """``k`` unit centroids of ``points`` less ``centre`` (Lloyd's iterations, cosine); a
+    centroid that loses all its points stays where it was. The points (``Rows`` of the bank)
+    are gathered and normalised a block at a time: no copy of them all is held."""
+    centroids = _unit_block(points[np.sort(rng.choice(len(points), k, replace=False))], centre, gathered=True)
+    step = _rows_per_block(points)
     for _ in range(iterations):
-        assigned = nearest(points, centroids)
-        sums = np.zeros_like(centroids)
-        np.add.at(sums, assigned, points)  # each group's sum, without a reordered copy of the points
-        held = np.flatnonzero(np.bincount(assigned, minlength=k))
+        sums, counts = np.zeros_like(centroids), np.zeros(k, dtype=np.int64)
+        for b in range(0, len(points), step):
+            block = _unit_block(points[b:b + step], centre, gathered=True)
+            assigned = nearest(block, centroids)
+            np.add.at(sums, assigned, block)  # each group's sum, without a reordered copy of the points
+            counts += np.bincount(assigned, minlength=k)
+        held = np.flatnonzero(counts)
         centroids = centroids.copy()
         centroids[held] = unit_rows(sums[held])
     return centroids
