@@ -140,6 +140,12 @@ class SplitPart(Mapping):
         return len(self.FIELDS)
 
 
+def _block_predictions(mapper, test):
+    """The mapper's predictions for a slice of ``test``'s rows, as ``evaluate_methods`` asks
+    for them a block at a time."""
+    return lambda rows: mapper.predict(test["image_emb"][rows]).numpy()
+
+
 class Run:
     """A run folder and its stages; make one with ``Run.create`` or ``Run.open``."""
 
@@ -622,17 +628,15 @@ class Run:
                 log(f"decoder: {len(texts)} prompts generated ({config.decode_strategy})")
                 generated["decoder"] = (texts, text_embeddings(texts, metric_encoder(config.device),
                                                                progress=progress))
-            mapper = self.mapper()
-            frame, scores = evaluate_methods(test, train_texts, bank_part,
-                                             lambda rows: mapper.predict(test["image_emb"][rows]).numpy(), to_metric,
-                                             config.bootstrap, config.seed, generated, config.search)
+            frame, scores = evaluate_methods(test, train_texts, bank_part, _block_predictions(self.mapper(), test),
+                                             to_metric, config.bootstrap, config.seed, generated, config.search)
             text_columns = {"retrieval": "predicted_prompt", **{n: f"{n}_prompt" for n in generated}}
             if self.is_finished(TUNE):  # the same methods on the frozen features, paired
                 frozen = self._prepare(config, progress, log, tuned=False)
                 frozen_test = frozen.part("test")
                 frozen_frame, frozen_scores = evaluate_methods(
                     frozen_test, frozen.part("train"), bank_part,
-                    self.frozen_mapper().predict(frozen_test["image_emb"]).numpy(), to_metric,
+                    _block_predictions(self.frozen_mapper(), frozen_test), to_metric,
                     config.bootstrap, config.seed, search_method=config.search)
                 for name in ("mapper", "retrieval"):
                     scores["methods"][f"frozen_{name}"] = frozen_scores["methods"][name]

@@ -111,13 +111,15 @@ def evaluate_methods(test, train, bank, predicted, to_metric_space, n_boot=1000,
     predict = predicted if callable(predicted) else lambda rows: predicted[rows.start:rows.stop]
     finder = NeighbourSearch(bank["target_emb"], len(truth), method=search_method, seed=seed)
     retrieved = np.zeros(len(truth), dtype=np.int64)
-    mapper, native = np.zeros(len(truth), np.float32), np.zeros(len(truth), np.float32)
+    mapper = np.zeros(len(truth), np.float32)
+    native = None if to_metric_space is None else np.zeros(len(truth), np.float32)  # in the target space
     for start in range(0, len(truth), QUERY_BLOCK):
         rows = slice(start, min(start + QUERY_BLOCK, len(truth)))
         block = np.asarray(predict(rows), dtype=np.float32)
         retrieved[rows] = finder.nearest(block)
         mapper[rows] = cosine_rows(block if to_metric_space is None else to_metric_space(block), truth[rows])
-        native[rows] = cosine_rows(block, test["target_emb"][rows])
+        if native is not None:
+            native[rows] = cosine_rows(block, test["target_emb"][rows])
     retrieval_search = finder.report()
     # kNN on image embeddings centred on the training mean: raw CNN features are all
     # positive, so uncentred cosines crowd together
@@ -138,7 +140,7 @@ def evaluate_methods(test, train, bank, predicted, to_metric_space, n_boot=1000,
         **{f"cosine_{name}": scores[name] for name in METHODS},
     })
     methods = {name: summarize(scores[name], n_boot, seed) for name in METHODS}
-    if to_metric_space is not None:
+    if native is not None:
         frame["native_cosine_mapper"] = native
         methods["mapper"]["native_mean_cosine"] = float(native.mean())
     methods["retrieval"]["exact_prompt_rate"] = exact_prompt_rate(frame["predicted_prompt"], test["prompts"])

@@ -112,7 +112,7 @@ class NeighbourSearch:
         unit_checked = _unit_block(queries, self.centre, gathered=True)  # normalised once for both sides
         similar, best = (np.sum(unit_checked * _unit_block(self.bank[rows], self.centre), axis=1)
                          for rows in (found, exact))
-        recall = float(np.mean(similar >= best - 1e-6)) if len(queries) else float("nan")
+        recall = float(np.mean(similar >= best - 1e-6))  # queries > 0: else the search is exact
         return {"search": "approximate", "groups": self.inverted.groups, "probes": self.inverted.probes,
                 "recall_checked": int(len(queries)), "recall_at_1": recall}
 

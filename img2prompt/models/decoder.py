@@ -197,6 +197,13 @@ class TinyCausalLM(nn.Module):
         return self.positions(torch.arange(start, end, device=device))
 
 
+def next_token_loss(logits, targets, reduction="mean"):
+    """Cross-entropy of ``logits`` against ``targets`` (``PromptDecoder.logits``), the
+    padding (-100) left out."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100,
+                           reduction=reduction)
+
+
 def _keep_mask(shape, dropout, generator, device):
     """A dropout keep mask (bool), drawn from ``generator`` (None: torch's)."""
     return torch.rand(shape, generator=generator, device=device) >= dropout
@@ -422,8 +429,7 @@ class PromptDecoder:
         """Cross-entropy of the next token over the real (unpadded) positions: their mean,
         or (``reduction="none"``) one row per sequence, 0 at the padding."""
         logits, targets = self.logits(image_emb, sequences, masks)
-        losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                 ignore_index=-100, reduction=reduction)
+        losses = next_token_loss(logits, targets, reduction)
         return losses if reduction == "mean" else losses.view(targets.shape)
 
     def token_probability(self, image_emb, texts) -> np.ndarray:

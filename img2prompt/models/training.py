@@ -17,7 +17,7 @@ from img2prompt.devices import autocast
 from img2prompt.encoders.allocator import keep_freed_memory
 from img2prompt.errors import DataError, RunError
 from img2prompt.storage.files import atomic_path
-from img2prompt.models.decoder import TINY
+from img2prompt.models.decoder import TINY, next_token_loss
 from img2prompt.models.early_learning import EarlyLearning
 from img2prompt.models.mapper import Mapper
 from img2prompt.progress import progress_bar
@@ -224,8 +224,7 @@ def train_decoder(decoder, x_train, prompts_train, x_val, prompts_val, config, p
                         # this share's part of the batch's mean token loss: the parts add up to it
                         logits, targets = decoder.logits(x_train[mine], [train_tokens[i] for i in mine], masks)
                         predicted = sum(len(train_tokens[i]) - 1 for i in index)
-                        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                               ignore_index=-100, reduction="sum") / predicted
+                        loss = next_token_loss(logits, targets, "sum") / predicted
                         objective = loss
                         if early is not None:
                             objective = loss + (early.penalty(logits, mine) * (targets != -100)).sum() / predicted
