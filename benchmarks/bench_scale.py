@@ -23,8 +23,9 @@ Targets (issue 12): at 100,000 images each stage within 1.3x of its seconds per 
 2,000, and peak RSS growing by no more than the embeddings themselves plus 10%; Ray-local
 extraction at >= 0.8 of the in-process throughput (printed with and without the start of
 the local instance, which a running cluster does not pay). ``--top``
-leaves out the sizes above it when time is short (on 2 cores: 2,000 and 20,000 images with
-every stage about 25 minutes; 2,000, 20,000 and 100,000 without embed-ray 90 minutes).
+leaves out the sizes above it when time is short, ``--ray-top`` runs embed-ray only up to
+its size (on 2 cores: 2,000 and 20,000 images with every stage about 25 minutes; 2,000,
+20,000 and 100,000 with ``--ray-top 20000`` about 100 minutes).
 
 Then a projection, not a measurement: the hours each stage would take on 2 million images
 on 1, 8 and 64 devices like the one the benchmark ran on (``device`` in the output: a GPU
@@ -122,6 +123,8 @@ def main():
     parser.add_argument("--epochs", type=int, default=2, help="epochs of the training stages")
     parser.add_argument("--stages", default=",".join(STAGES), help="the stages to run (generate, load and "
                         "embed make what the others read)")
+    parser.add_argument("--ray-top", type=int, default=None, help="run embed-ray only up to this size "
+                        "(it takes as long as embed: leave out the largest size in one run of every stage)")
     parser.add_argument("--work", default=None, help="folder for the datasets, runs and caches "
                         "(a new temporary one by default, removed at the end)")
     args = parser.parse_args()
@@ -133,6 +136,8 @@ def main():
         for n in sizes:
             data, run_dir = work / f"synth-{n}", work / f"run-{n}"
             for stage in stages:
+                if stage == "embed-ray" and args.ray_top is not None and n > args.ray_top:
+                    continue
                 measured = run_stage(stage, data, run_dir, args.epochs, n)
                 per = 1000 / n / (args.epochs if stage in PER_EPOCH else 1)
                 rows.append({"images": n, "stage": stage, "s_per_1000": measured["seconds"] * per,
@@ -150,6 +155,11 @@ def main():
         print_projection(rows, sizes, stages, args.epochs)
 
 
+def measured(rows, n, stage):
+    """The row of ``stage`` at ``n`` images, or None where it did not run (embed-ray above ``--ray-top``)."""
+    return next((r for r in rows if r["images"] == n and r["stage"] == stage), None)
+
+
 def print_table(rows, sizes, stages, epochs):
     smallest = {r["stage"]: r["s_per_1000"] for r in rows if r["images"] == sizes[0]}
     print(f"\n| stage | {' | '.join(f'{n:,} images: s/1000 (ratio), peak MB' for n in sizes)} |")
@@ -157,9 +167,9 @@ def print_table(rows, sizes, stages, epochs):
     for stage in stages:
         cells = []
         for n in sizes:
-            row = next(r for r in rows if r["images"] == n and r["stage"] == stage)
-            ratio = row["s_per_1000"] / smallest[stage] if smallest[stage] else float("nan")
-            cells.append(f"{row['s_per_1000']:.2f} ({ratio:.2f}×), {row['peak_mb']:.0f}")
+            row = measured(rows, n, stage)
+            ratio = row and (row["s_per_1000"] / smallest[stage] if smallest[stage] else float("nan"))
+            cells.append(f"{row['s_per_1000']:.2f} ({ratio:.2f}×), {row['peak_mb']:.0f}" if row else "not run")
         name = f"{stage} (per epoch, {epochs} epochs)" if stage in PER_EPOCH else stage
         print(f"| {name} | {' | '.join(cells)} |")
     print(f"\nMemory: the peak's growth from {sizes[0]:,} images against the embeddings' growth (the cache "
@@ -167,15 +177,16 @@ def print_table(rows, sizes, stages, epochs):
     print(f"\n| stage | {' | '.join(f'{n:,} images: growth of the peak, of the embeddings (MB), ratio' for n in sizes[1:])} |")
     print("|---|" + "---|" * (len(sizes) - 1))
     for stage in (s for s in stages if s not in ("generate", "load")):
-        first, *others = (next(r for r in rows if r["images"] == n and r["stage"] == stage) for n in sizes)
+        first, *others = (measured(rows, n, stage) for n in sizes)
         cells = [f"{r['peak_mb'] - first['peak_mb']:+.0f}, {r['embeddings_mb'] - first['embeddings_mb']:+.0f}, "
                  f"{(r['peak_mb'] - first['peak_mb']) / max(r['embeddings_mb'] - first['embeddings_mb'], 1e-9):.2f}×"
-                 for r in others]
+                 if r and first else "not run" for r in others]
         print(f"| {stage} | {' | '.join(cells)} |")
-    if {"embed", "embed-ray"} <= set(stages):
+    ray_sizes = [n for n in sizes if measured(rows, n, "embed") and measured(rows, n, "embed-ray")]
+    if ray_sizes:
         print("\nRay-local extraction (embed-ray) against in-process (embed), throughput ratio: "
               + "; ".join(f"{n:,} images {ray_ratio(rows, n, False):.2f} (without the instance's start "
-                          f"{ray_ratio(rows, n, True):.2f})" for n in sizes))
+                          f"{ray_ratio(rows, n, True):.2f})" for n in ray_sizes))
 
 
 PROJECTED_IMAGES = 2_000_000
@@ -197,7 +208,7 @@ def fitted_seconds(points, n, power):
 def search_power(rows, n):
     """How the evaluation's cost grows with N at ``n`` images: each test image against every
     training image and prompt (exact search, N²), or against √N of them (approximate, N^1.5)."""
-    return 1.5 if next(r["search"] for r in rows if r["images"] == n and r["stage"] == "evaluate") == "approximate" else 2
+    return 1.5 if measured(rows, n, "evaluate")["search"] == "approximate" else 2
 
 
 def print_projection(rows, sizes, stages, epochs):
@@ -208,9 +219,9 @@ def print_projection(rows, sizes, stages, epochs):
     print(f"\n| stage | {' | '.join(f'{d} device(s)' for d in DEVICES)} |")
     print("|---|" + "---|" * len(DEVICES))
     for stage in stages:
-        if stage in NOT_IN_A_STUDY:
+        if stage in NOT_IN_A_STUDY or not all(measured(rows, n, stage) for n in sizes[-2:]):
             continue
-        points = [(n, next(r["seconds"] for r in rows if r["images"] == n and r["stage"] == stage)
+        points = [(n, measured(rows, n, stage)["seconds"]
                    / (epochs if stage in PER_EPOCH else 1)) for n in sizes[-2:]]
         seconds = (fitted_seconds(points, PROJECTED_IMAGES, search_power(rows, sizes[-1])) if stage == "evaluate"
                    else points[-1][1] / points[-1][0] * PROJECTED_IMAGES)
@@ -222,7 +233,7 @@ def print_projection(rows, sizes, stages, epochs):
 def ray_ratio(rows, n, without_start):
     """Ray's images/s over the in-process images/s at ``n`` images (the same work: the run,
     the image features and the prompt embeddings)."""
-    local, ray = (next(r for r in rows if r["images"] == n and r["stage"] == s) for s in ("embed", "embed-ray"))
+    local, ray = measured(rows, n, "embed"), measured(rows, n, "embed-ray")
     return local["seconds"] / (ray["seconds"] - (ray["start_s"] if without_start else 0))
 
 

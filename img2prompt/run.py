@@ -268,6 +268,7 @@ class Run:
     def _prepare(self, config, progress, log, resume=False, tuned=None, lock=True) -> StudyData:
         """The dataset, split and embeddings; ``lock=False`` only reads (a torchrun follower,
         while the main process holds the lock)."""
+        from img2prompt.encoders.allocator import hand_back_freed_memory
         from img2prompt.encoders.embeddings import dataset_embeddings
         with self._lock() if lock else contextlib.nullcontext():
             if lock:
@@ -280,6 +281,8 @@ class Run:
                                        group=[SPLITS.index(split) for split in splits])
             if lock and found.dataset.rejects != dataset.rejects:  # images found unreadable while embedded
                 record_rejects(found.dataset, self._path(REJECTS_FILE), log)
+            del dataset  # the listing in the file's order: the data holds it in split order
+            hand_back_freed_memory()  # what reading freed stays out of the stage's peak
             return StudyData(found.dataset, splits[found.rows], found.image_emb, found.target_emb,
                              found.metric_emb, found.load_decoder_emb)
 

@@ -433,7 +433,9 @@ def dataset_embeddings(config, dataset, progress=True, log=print, resume=False, 
     target = on_device(text_encoder(config.text_encoder, config.text_model, config.text_pooling), config.device)
     # the prompts' cache entries hold the rows kept in the dataset's order, whatever the grouping
     in_order = np.sort(rows)
-    prompts, text_rows = dataset.prompts.take(in_order), np.searchsorted(in_order, rows)
+    every_row = len(in_order) == len(dataset)  # (sorted, distinct: then 0 .. n-1)
+    prompts = dataset.prompts if every_row else dataset.prompts.take(in_order)  # no copy of them all
+    text_rows = np.searchsorted(in_order, rows)
     truncated = target.count_truncated(prompts)
     if truncated:
         log(f"{truncated} prompt(s) are longer than {target.name} reads ({target.max_length} tokens): "
