@@ -138,14 +138,14 @@ def main():
             for stage in stages:
                 if stage == "embed-ray" and args.ray_top is not None and n > args.ray_top:
                     continue
-                measured = run_stage(stage, data, run_dir, args.epochs, n)
+                result = run_stage(stage, data, run_dir, args.epochs, n)
                 per = 1000 / n / (args.epochs if stage in PER_EPOCH else 1)
-                rows.append({"images": n, "stage": stage, "s_per_1000": measured["seconds"] * per,
-                             "peak_mb": measured["peak_mb"], "seconds": measured["seconds"],
-                             "start_s": measured["start_s"], "embeddings_mb": measured["embeddings_mb"],
-                             "search": measured["search"]})
+                rows.append({"images": n, "stage": stage, "s_per_1000": result["seconds"] * per,
+                             "peak_mb": result["peak_mb"], "seconds": result["seconds"],
+                             "start_s": result["start_s"], "embeddings_mb": result["embeddings_mb"],
+                             "search": result["search"]})
                 print(f"{n:>7} {stage:<9} {rows[-1]['s_per_1000']:8.2f} s/1000 images"
-                      f"{' per epoch' if stage in PER_EPOCH else ''}   peak {measured['peak_mb']:7.0f} MB",
+                      f"{' per epoch' if stage in PER_EPOCH else ''}   peak {result['peak_mb']:7.0f} MB",
                       flush=True)
     finally:
         if not args.work:
@@ -168,8 +168,11 @@ def print_table(rows, sizes, stages, epochs):
         cells = []
         for n in sizes:
             row = measured(rows, n, stage)
-            ratio = row and (row["s_per_1000"] / smallest[stage] if smallest[stage] else float("nan"))
-            cells.append(f"{row['s_per_1000']:.2f} ({ratio:.2f}×), {row['peak_mb']:.0f}" if row else "not run")
+            if row is None:
+                cells.append("not run")
+                continue
+            ratio = row["s_per_1000"] / smallest[stage] if smallest[stage] else float("nan")
+            cells.append(f"{row['s_per_1000']:.2f} ({ratio:.2f}×), {row['peak_mb']:.0f}")
         name = f"{stage} (per epoch, {epochs} epochs)" if stage in PER_EPOCH else stage
         print(f"| {name} | {' | '.join(cells)} |")
     print(f"\nMemory: the peak's growth from {sizes[0]:,} images against the embeddings' growth (the cache "

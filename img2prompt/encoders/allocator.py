@@ -4,9 +4,9 @@ A CNN forward pass allocates and frees activation buffers of tens of MB per batc
 hands such blocks back to the kernel at once (mmap/munmap), and the kernel must then fault
 in and zero fresh pages on the next batch: measured on this project's 2-core machine, half
 of the CPU time went to the kernel and EfficientNet-Lite0 ran about 3× slower than with
-freed blocks kept for reuse. The price is that the heap's high-water mark stays resident. Conversely, reading a large
-dataset frees many small objects and blocks that glibc keeps in its heap: handing them back
-once the data is read keeps them out of the stage's peak.
+freed blocks kept for reuse. The price is that the heap's high-water mark stays resident.
+Conversely, reading a large dataset frees many small objects and blocks that glibc keeps in
+its heap: handing them back once the data is read keeps them out of the stage's peak.
 """
 
 import ctypes
@@ -35,8 +35,7 @@ def keep_freed_memory():
     Does nothing on other platforms or C libraries.
     """
     global _applied
-    libc = None if _applied else _glibc()
-    if libc is None:
+    if _applied or (libc := _glibc()) is None:
         return
     libc.mallopt(M_MMAP_THRESHOLD, ctypes.c_int(_LARGEST))
     libc.mallopt(M_TRIM_THRESHOLD, ctypes.c_int(_LARGEST))
