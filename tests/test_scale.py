@@ -90,9 +90,9 @@ def count_comparisons(monkeypatch):
     """[query-row similarities computed], counted in the one place that computes them."""
     counted, real_compare = [0], search._compare
 
-    def counting_compare(unit_queries, bank, centre, rows, best, index):
+    def counting_compare(unit_queries, bank, centre, rows, *rest):
         counted[0] += len(unit_queries) * len(rows)
-        return real_compare(unit_queries, bank, centre, rows, best, index)
+        return real_compare(unit_queries, bank, centre, rows, *rest)
 
     monkeypatch.setattr(search, "_compare", counting_compare)
     return counted
