@@ -106,9 +106,9 @@ else:
     def evaluate():
         global search
         search = run.evaluate(progress=False).method("knn")["search"]["search"]  # exact or approximate
-    seconds, peak = {"train": lambda: timed(lambda: run.train(progress=False)),
-                     "evaluate": lambda: timed(evaluate, passes=3),
-                     "decoder": lambda: timed(lambda: run.train_decoder(progress=False))}[stage]()
+    work = {"train": lambda: run.train(progress=False), "evaluate": evaluate,
+            "decoder": lambda: run.train_decoder(progress=False)}[stage]
+    seconds, peak = timed(work, passes=3 if stage == "evaluate" else 1)
 held = 0  # the embeddings the stage made (its cache entries) or held (the arrays it read)
 if stage.startswith("embed"):
     from pathlib import Path
