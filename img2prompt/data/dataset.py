@@ -123,7 +123,7 @@ class ImageDataset:
         digest = hashlib.sha256()
         # paths as strings: a Path interns its parts, and the interpreter's table of interned
         # strings, grown by 100,000 file names, stays that size (7 MB)
-        folder = str(self.root / IMAGES_DIR)
+        folder = str(self.paths.folder)
         for img_id, name in zip(self.ids, self.files):
             with open(os.path.join(folder, name), "rb") as handle:
                 file_hash = hashlib.file_digest(handle, "sha256").hexdigest()
