@@ -149,12 +149,13 @@ class InvertedFile:
         sample = np.sort(rng.choice(len(bank), min(len(bank), SAMPLE_PER_GROUP * self.groups), replace=False))
         self.centroids = _spherical_kmeans(Rows(bank, sample), centre, self.groups, rng)
         step, every_group = _rows_per_block(bank), np.arange(self.groups)
+        unit_centroids = np.ones(self.groups, np.float32)  # the centroids' row_scales
         group_of, scales = np.zeros(len(bank), np.int64), []
         closeness = np.full(len(bank), -np.inf, np.float32)  # each row's cosine with its group's centroid
         for b in range(0, len(bank), step):  # each row's group, and its scale on the way
             unit, scale = _unit_and_scale(bank[b:b + step], centre)
-            _compare(unit, self.centroids, None, every_group, np.ones(self.groups, np.float32),
-                     closeness[b:b + step], group_of[b:b + step])
+            _compare(unit, self.centroids, None, every_group, unit_centroids, closeness[b:b + step],
+                     group_of[b:b + step])
             scales.append(scale)
         self.scale = np.concatenate(scales)
         least = np.ones(self.groups)
