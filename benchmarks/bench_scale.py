@@ -14,8 +14,8 @@ train (the mapper, ``--epochs`` epochs: per epoch), evaluate (mapper, retrieval,
 prompt, bootstrap intervals), decoder (``--epochs`` epochs of the tiny decoder with its
 validation prompts: per epoch). A stage's seconds are timed inside its process, after the
 imports; load and evaluate, a tenth of a second at 2,000 images, where milliseconds of noise
-move the ratio, as the fastest of three or more passes (until 2 s in all; the peak RSS is
-the first pass's). The table gives seconds per 1,000 images (per epoch for the training stages), the
+move the ratio, after a warm-up pass as the mean of three or more passes filling 10 s (the
+same span at every size; the peak RSS is the first pass's). The table gives seconds per 1,000 images (per epoch for the training stages), the
 ratio to the smallest size, and the peak RSS; a second table the peak's growth from the
 smallest size against the embeddings' (the cache entries an extraction writes, the arrays
 another stage reads). The evaluation searches as the study does by default (``--search
@@ -55,6 +55,7 @@ from pathlib import Path
 CHILD = r'''
 import json, re, sys, time
 stage, data, run_dir, epochs = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+REPEAT_SECONDS = 10
 from img2prompt.config import StudyConfig
 from img2prompt.run import Run
 config = StudyConfig(data_dir=data, run_dir=run_dir, cache_dir=run_dir + "-cache", max_epochs=epochs,
@@ -65,16 +66,22 @@ def peak_mb():
     return int(re.search(r"VmHWM:\s+(\d+)", open("/proc/self/status").read()).group(1)) / 1024
 
 
-def timed(work, passes=1):
-    # (seconds, peak MB): one pass, or for a short stage the fastest of ``passes`` or more (until 2 s
-    # in all), since a few milliseconds of noise are a large part of it; the peak is the first pass's
-    seconds, peak = [], None
-    while len(seconds) < passes or (passes > 1 and sum(seconds) < 2 and len(seconds) < 50):
-        start = time.perf_counter()
-        work()
-        seconds.append(time.perf_counter() - start)
-        peak = peak or peak_mb()
-    return min(seconds), peak
+def timed(work, repeated=False):
+    # (seconds, peak MB): one pass; or for a short stage (``repeated``) a warm-up pass, then
+    # the mean of 3 or more passes filling REPEAT_SECONDS. The same span at every size: the
+    # machine's background load then weighs alike on passes of 0.08 s and of 5 s (the fastest
+    # of 20 short passes against the fastest of 3 long ones favoured the small size). The
+    # peak is the first pass's.
+    start = time.perf_counter()
+    work()
+    seconds, peak = [time.perf_counter() - start], peak_mb()
+    if repeated:
+        seconds = []
+        while len(seconds) < 3 or sum(seconds) < REPEAT_SECONDS:
+            start = time.perf_counter()
+            work()
+            seconds.append(time.perf_counter() - start)
+    return sum(seconds) / len(seconds), peak
 
 
 started, search = 0.0, None  # a local Ray instance's start (embed-ray); the evaluation's search
@@ -83,7 +90,7 @@ if stage == "generate":
     seconds, peak = timed(lambda: generate_dataset(data, SynthParams(n=int(sys.argv[5]))))
 elif stage == "load":
     from img2prompt.data.dataset import grouped_split, load_dataset
-    seconds, peak = timed(lambda: grouped_split(load_dataset(data).prompts), passes=3)
+    seconds, peak = timed(lambda: grouped_split(load_dataset(data).prompts), repeated=True)
 elif stage == "embed":
     seconds, peak = timed(lambda: Run.create(config).data(progress=False))
 elif stage == "embed-ray":  # the same on a local Ray instance, timed with the instance's start
@@ -108,7 +115,7 @@ else:
         search = run.evaluate(progress=False).method("knn")["search"]["search"]  # exact or approximate
     work = {"train": lambda: run.train(progress=False), "evaluate": evaluate,
             "decoder": lambda: run.train_decoder(progress=False)}[stage]
-    seconds, peak = timed(work, passes=3 if stage == "evaluate" else 1)
+    seconds, peak = timed(work, repeated=stage == "evaluate")
 held = 0  # the embeddings the stage made (its cache entries) or held (the arrays it read)
 if stage.startswith("embed"):
     from pathlib import Path
