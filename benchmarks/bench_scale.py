@@ -15,8 +15,9 @@ prompt, bootstrap intervals), decoder (``--epochs`` epochs of the tiny decoder w
 validation prompts: per epoch). A stage's seconds are timed inside its process, after the
 imports; load and evaluate, a tenth of a second at 2,000 images, where milliseconds of noise
 move the ratio, after a warm-up pass as the mean of three or more passes filling 10 s (the
-same span at every size; the peak RSS is the first pass's). The table gives seconds per 1,000 images (per epoch for the training stages), the
-ratio to the smallest size, and the peak RSS; a second table the peak's growth from the
+same span at every size; the peak RSS is the first pass's). The table gives seconds per
+1,000 images (per epoch for the training stages), the ratio to the smallest size, and the
+peak RSS; a second table the peak's growth from the
 smallest size against the embeddings' (the cache entries an extraction writes, the arrays
 another stage reads). The evaluation searches as the study does by default (``--search
 auto``: exactly up to 20,000 bank rows, approximately beyond).
