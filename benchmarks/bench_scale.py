@@ -56,7 +56,6 @@ from pathlib import Path
 CHILD = r'''
 import json, re, sys, time
 stage, data, run_dir, epochs = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-REPEAT_SECONDS = 10
 from img2prompt.config import StudyConfig
 from img2prompt.run import Run
 config = StudyConfig(data_dir=data, run_dir=run_dir, cache_dir=run_dir + "-cache", max_epochs=epochs,
@@ -67,21 +66,25 @@ def peak_mb():
     return int(re.search(r"VmHWM:\s+(\d+)", open("/proc/self/status").read()).group(1)) / 1024
 
 
+REPEAT_SECONDS = 10  # the span a short stage's passes fill
+
+
 def timed(work, repeated=False):
     # (seconds, peak MB): one pass; or for a short stage (``repeated``) a warm-up pass, then
     # the mean of 3 or more passes filling REPEAT_SECONDS. The same span at every size: the
     # machine's background load then weighs alike on passes of 0.08 s and of 5 s (the fastest
     # of 20 short passes against the fastest of 3 long ones favoured the small size). The
     # peak is the first pass's.
-    start = time.perf_counter()
-    work()
-    seconds, peak = [time.perf_counter() - start], peak_mb()
+    def one_pass():
+        start = time.perf_counter()
+        work()
+        return time.perf_counter() - start
+
+    seconds, peak = [one_pass()], peak_mb()
     if repeated:
-        seconds = []
+        seconds = []  # the first pass was the warm-up
         while len(seconds) < 3 or sum(seconds) < REPEAT_SECONDS:
-            start = time.perf_counter()
-            work()
-            seconds.append(time.perf_counter() - start)
+            seconds.append(one_pass())
     return sum(seconds) / len(seconds), peak
 
 

@@ -124,9 +124,12 @@ class NeighbourSearch:
             raise ValueError(f"{self.done} of {self.queries} queries searched: the report needs them all")
         queries, found = self.sampled, self.found
         unit_checked = _unit_block(queries, self.centre, gathered=True)  # normalised once for all
-        similar = np.sum(unit_checked * _unit_block(self.bank[found], self.centre), axis=1)
-        exact = self.inverted.exact_nearest(unit_checked, similar)
-        best = np.sum(unit_checked * _unit_block(self.bank[exact], self.centre), axis=1)
+
+        def cosines(rows):  # each checked query's with its row of ``rows``
+            return np.sum(unit_checked * _unit_block(self.bank[rows], self.centre), axis=1)
+
+        similar = cosines(found)
+        best = cosines(self.inverted.exact_nearest(unit_checked, similar))
         # a hit: the row found is as similar as the exact one (a tie with another row counts)
         recall = float(np.mean(similar >= best - 1e-6))  # queries > 0: else the search is exact
         return {"search": "approximate", "groups": self.inverted.groups, "probes": self.inverted.probes,
