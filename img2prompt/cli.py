@@ -50,7 +50,8 @@ def chosen_options(args, names) -> dict:
 
 
 def config_from_args(args, names, **values) -> StudyConfig:
-    return StudyConfig(**chosen_options(args, names), **values)
+    """The settings given on the command line, checked before anything runs."""
+    return StudyConfig(**chosen_options(args, names), **values).validate()
 
 
 def cmd_validate(args):

@@ -1,6 +1,7 @@
 """One configuration object for the CLI and the notebooks, saved in every run dir."""
 
 import json
+import math
 import platform
 import subprocess
 from dataclasses import asdict, dataclass, field, fields
@@ -42,14 +43,14 @@ class StudyConfig:
                             "(leave them out, listed in rejects.csv)", choices=ON_ERROR)
     max_pixels: int = _option(64_000_000, "largest width x height of an image, checked before "
                               "decoding (decompression-bomb guard)", minimum=1)
-    seed: int = _option(0, "seed of the split, initialisation and shuffling")
-    val_fraction: float = _option(0.15, "fraction of images in the validation split", minimum=0)
-    test_fraction: float = _option(0.15, "fraction of images in the test split", minimum=0)
+    seed: int = _option(0, "seed of the split, initialisation and shuffling", minimum=0, maximum=2**32 - 2)
+    val_fraction: float = _option(0.15, "fraction of images in the validation split", minimum=0, below=1)
+    test_fraction: float = _option(0.15, "fraction of images in the test split", minimum=0, below=1)
     hidden_size: int = _option(1024, "mapper hidden layer width", minimum=1)
     depth: int = _option(2, "number of hidden layers of the mapper (0 = linear)", minimum=0)
     dropout: float = _option(0.1, "dropout after each hidden layer", minimum=0, below=1)
-    learning_rate: float = _option(1e-3, "AdamW learning rate")
-    weight_decay: float = _option(0.05, "AdamW weight decay")
+    learning_rate: float = _option(1e-3, "AdamW learning rate", above=0)
+    weight_decay: float = _option(0.05, "AdamW weight decay", minimum=0)
     batch_size: int = _option(128, "training batch size", minimum=1)
     max_epochs: int = _option(300, "most training epochs", minimum=1)
     patience: int = _option(25, "epochs without validation improvement before stopping", minimum=1)
@@ -58,10 +59,10 @@ class StudyConfig:
     tune_blocks: int = _option(5, "--tune encoder: the encoder's top blocks that learn (its head too); "
                                "the frozen blocks below run once and are cached", minimum=0)
     tune_learning_rate: float = _option(1e-4, "--tune encoder: learning rate of the mapper and the top "
-                                        "block", minimum=0)
+                                        "block", above=0)
     layer_decay: float = _option(0.8, "--tune encoder: each block down learns this times slower", minimum=0)
     ema_decay: float = _option(0.99, "--tune encoder: exponential moving average of the weights, per "
-                               "step (the average is validated and kept; 0: off)", minimum=0)
+                               "step (the average is validated and kept; 0: off)", minimum=0, below=1)
     tune_batch_size: int = _option(32, "--tune encoder: images per step", minimum=1)
     accumulate_steps: int = _option(1, "--tune encoder: batches whose gradients add up before a step",
                                     minimum=1)
@@ -70,7 +71,7 @@ class StudyConfig:
                                  "stopping", minimum=1)
     embed_batch_size: int = _option(32, "images per batch when extracting embeddings", minimum=1)
     num_workers: int = _option(-1, "DataLoader workers that decode images (-1: one per core beyond "
-                               "two, at most 4; 0: decode in the main process)")
+                               "two, at most 4; 0: decode in the main process)", minimum=-1)
     engine: str = _option("local", "where image embeddings are extracted: local (this process) or ray "
                           "(a Ray Data pipeline: images decoded in CPU tasks, encoded in an actor pool, one "
                           "actor per GPU; the same cache entry)", choices=("local", "ray"))
@@ -97,7 +98,7 @@ class StudyConfig:
                                "or both", choices=("middle", "last", "both"))
     decoder_colors: int = _option(4, "the decoder also reads colour histograms of the image and of "
                                   "its grid cells, with this many levels per channel (0: none)",
-                                  minimum=0)
+                                  minimum=0, maximum=16)
     prefix_length: int = _option(8, "vectors the image embedding becomes at the decoder's input", minimum=1)
     decoder_width: int = _option(256, "tiny decoder: embedding width", minimum=1)
     decoder_layers: int = _option(3, "tiny decoder: transformer layers", minimum=1)
@@ -111,7 +112,7 @@ class StudyConfig:
                                             "average so that what no image shows is not learnt by heart "
                                             "(0: off)", minimum=0)
     decoder_learning_rate: float = _option(1e-3, "decoder AdamW learning rate (at its peak: it rises over "
-                                           "the first epoch and falls along a cosine to 0 at decoder_epochs)")
+                                           "the first epoch and falls along a cosine to 0 at decoder_epochs)", above=0)
     decoder_batch_size: int = _option(64, "decoder training batch size", minimum=1)
     decoder_epochs: int = _option(30, "decoder training epochs (the learning rate's schedule ends there)",
                                   minimum=1)
@@ -120,44 +121,36 @@ class StudyConfig:
     decoder_patience: int = _option(6, "epochs without validation improvement before the decoder stops",
                                    minimum=1)
     decode_strategy: str = _option("beam", "greedy | beam | sample", choices=("greedy", "beam", "sample"))
-    beam_width: int = _option(4, "beams per image (beam search)")
-    top_p: float = _option(0.9, "nucleus sampling: probability mass kept")
-    temperature: float = _option(1.0, "sampling temperature")
-    max_length: int = _option(40, "most tokens per generated prompt (training prompts are cut there)")
-    no_repeat_ngram: int = _option(3, "never repeat an n-gram of this size in a prompt (0: off)")
+    beam_width: int = _option(4, "beams per image (beam search)", minimum=1)
+    top_p: float = _option(0.9, "nucleus sampling: probability mass kept", above=0, maximum=1)
+    temperature: float = _option(1.0, "sampling temperature", above=0)
+    max_length: int = _option(40, "most tokens per generated prompt (training prompts are cut there)",
+                              minimum=1)
+    no_repeat_ngram: int = _option(3, "never repeat an n-gram of this size in a prompt (0: off)", minimum=0)
 
     def generated_data_dir(self) -> str:
         """Where the generated default dataset of these settings lives."""
         return str(Path(self.synth_root) / f"synth-{self.n_images}-{self.image_size}-seed{self.seed}")
 
     def validate(self):
-        """RunError naming every setting of the wrong type or out of range, at once."""
+        """RunError naming every setting of the wrong type or out of range, at once, with its
+        value and the values allowed; run before anything is written."""
         problems = [p for spec in fields(self) if (p := _problem(spec, getattr(self, spec.name)))]
-        if not 0 <= self.val_fraction + self.test_fraction < 1:
-            problems.append("val_fraction + test_fraction must be in [0, 1)")
-        if not self.ema_decay < 1:
-            problems.append(f"ema_decay must be below 1 (got {self.ema_decay!r})")
+        if not problems and self.val_fraction + self.test_fraction >= 1:
+            problems.append(f"val_fraction + test_fraction must be below 1 (got {self.val_fraction!r} + "
+                            f"{self.test_fraction!r})")
+        if not problems and self.decoder_width % self.decoder_heads:
+            problems.append(f"decoder_width (--decoder-width) must be a multiple of decoder_heads "
+                            f"(--decoder-heads) (got {self.decoder_width} and {self.decoder_heads})")
         if problems:
             raise RunError("; ".join(problems) + ".")
-        self.decode_options()
         return self
 
     def decode_options(self, strategy=None):
-        """The decoding settings (``strategy`` overrides the run's), checked: a bad value is
-        named with its option."""
-        from img2prompt.models.generation import STRATEGIES, DecodeOptions
-        strategy = strategy or self.decode_strategy
-        problems = [message for bad, message in (
-            (strategy not in STRATEGIES, f"--decode-strategy must be one of "
-             f"{', '.join(STRATEGIES)} (got '{strategy}')"),
-            (self.beam_width < 1, "--beam-width must be at least 1"),
-            (not 0 < self.top_p <= 1, "--top-p must be in (0, 1]"),
-            (self.temperature <= 0, "--temperature must be positive"),
-            (self.max_length < 1, "--max-length must be at least 1"),
-            (self.no_repeat_ngram < 0, "--no-repeat-ngram must be 0 (off) or more"),
-        ) if bad]
-        if problems:
-            raise RunError("; ".join(problems) + ".")
+        """The decoding settings (``strategy`` overrides the run's), checked."""
+        from img2prompt.models.generation import DecodeOptions
+        strategy = check_setting("decode_strategy", strategy or self.decode_strategy)
+        self.validate()
         return DecodeOptions(strategy=strategy, beam_width=self.beam_width,
                              top_p=self.top_p, temperature=self.temperature,
                              max_length=self.max_length, no_repeat_ngram=self.no_repeat_ngram,
@@ -178,10 +171,15 @@ class StudyConfig:
         try:
             values = json.loads(path.read_text(encoding="utf-8"))["config"]
             known = {f.name for f in fields(cls)}
-            return cls(**{k: v for k, v in values.items() if k in known})
+            config = cls(**{k: v for k, v in values.items() if k in known})
         except (ValueError, KeyError, TypeError, AttributeError) as error:  # ValueError: JSON, UTF-8
             raise RunError(f"{path}: not a readable img2prompt config ({type(error).__name__}: "
                            f"{error}). Train the run again in a new folder.") from None
+        try:
+            return config.validate()
+        except RunError as error:
+            raise RunError(f"{path}: {error} Correct the value in {path}, or train the run again "
+                           "in a new folder.") from None
 
 
 FIELDS = {spec.name: spec for spec in fields(StudyConfig)}
@@ -196,19 +194,33 @@ def check_setting(name, value):
 
 
 def _problem(spec, value):
-    default = spec.default
+    """What is wrong with ``value`` for the field ``spec``, naming the setting (and its
+    command-line option), the value and what is allowed; None when it is valid."""
+    default, rules = spec.default, spec.metadata
     kind = type(default) if default is not None else str
     if value is None and default is None:
         return None
+    name = f"{spec.name} (--{spec.name.replace('_', '-')})"
     if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else kind):
-        return f"{spec.name} must be a {kind.__name__} (got {value!r})"
-    if spec.metadata.get("choices") and value not in spec.metadata["choices"]:
-        return f"{spec.name} must be one of {', '.join(spec.metadata['choices'])} (got {value!r})"
-    if "minimum" in spec.metadata and value < spec.metadata["minimum"]:
-        return f"{spec.name} must be at least {spec.metadata['minimum']} (got {value!r})"
-    if "below" in spec.metadata and value >= spec.metadata["below"]:
-        return f"{spec.name} must be below {spec.metadata['below']} (got {value!r})"
-    return None
+        return f"{name} must be {'an integer' if kind is int else f'a {kind.__name__}'} (got {value!r})"
+    if rules.get("choices") and value not in rules["choices"]:
+        return f"{name} must be one of {', '.join(rules['choices'])} (got {value!r})"
+    if kind is str:
+        return None
+    broken = (not math.isfinite(value) or value < rules.get("minimum", -math.inf)
+              or value > rules.get("maximum", math.inf) or value <= rules.get("above", -math.inf)
+              or value >= rules.get("below", math.inf))
+    return f"{name} must be {allowed_values(spec)} (got {value!r})" if broken else None
+
+
+def allowed_values(spec) -> str:
+    """The values a numeric setting takes, in words: "a finite number at least 0 and below 1"."""
+    rules = spec.metadata
+    bounds = [f"{word} {rules[key]:,}" for key, word in (("minimum", "at least"), ("above", "above"),
+                                                       ("maximum", "at most"), ("below", "below"))
+              if key in rules]
+    kind = "an integer" if type(spec.default) is int else "a finite number"
+    return " and ".join([f"{kind} {bounds[0]}" if bounds else kind, *bounds[1:]])
 
 
 def package_versions() -> dict:

@@ -6,6 +6,7 @@ ids from untrusted data, so ``printable`` escapes what could drive a terminal.
 """
 
 import re
+import sys
 
 # C0/C1 control characters (escape sequences start with ESC) and Unicode direction overrides
 _UNPRINTABLE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
@@ -40,3 +41,22 @@ class ModelUnavailableError(Img2PromptError):
 
 class RunError(Img2PromptError):
     """A run directory is missing, incomplete or does not match its dataset."""
+
+
+class TrainingDiverged(RunError):
+    """A training's losses became infinite or NaN: its learning rate is too high for it."""
+
+
+_noticed = set()
+
+
+def notice(message):
+    """Tell the user something worth knowing that stops nothing (once per process), on
+    stderr: the command line and notebooks show it, results on stdout stay clean."""
+    if message not in _noticed:
+        _noticed.add(message)
+        print(f"notice: {printable(message)}", file=sys.stderr, flush=True)
+
+
+class StorageError(Img2PromptError):
+    """A file could not be written (a full disk, a folder without permission) or read back."""

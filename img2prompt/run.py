@@ -26,7 +26,6 @@ stage runs, so that inference (``predict``) stays light.
 import contextlib
 import dataclasses
 import functools
-import json
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -38,11 +37,15 @@ import pandas as pd
 from img2prompt.config import CONFIG_FILE, StudyConfig
 from img2prompt.data.dataset import (REJECTS_FILE, SPLITS, ImageDataset, grouped_split, load_dataset,
                                      load_splits, record_rejects, save_splits, unique_prompts)
-from img2prompt.errors import RunError
+from img2prompt.errors import RunError, TrainingDiverged
+
 from img2prompt.evaluation.scores import Metrics
-from img2prompt.storage.checkpoints import load_tensors, save_tensors
-from img2prompt.storage.files import write_csv, write_json
-from img2prompt.storage.ownership import MANIFEST_FILE, claim, find_owned
+from img2prompt.storage.checkpoints import PROVENANCE, check_provenance, load_tensors, save_tensors
+
+from img2prompt.storage.files import read_csv, read_json, write_csv, write_json
+
+from img2prompt.storage.ownership import MANIFEST_FILE, claim, find_owned, unreadable_manifest
+
 
 RUN_KIND = "run"
 # stages recorded as finished in the manifest
@@ -170,6 +173,7 @@ class Run:
         except that the notebooks (``origin="notebooks"``) rerun a study they made."""
         from img2prompt.data.synth import study_dataset
         config.validate()
+        claim(config.run_dir, RUN_KIND, create=False)  # a folder it may not use: refused before the data is made
         config = dataclasses.replace(config, data_dir=study_dataset(config))
         folder = claim(config.run_dir, RUN_KIND)
         with folder.lock(f"run folder {folder.root}"):
@@ -193,6 +197,8 @@ class Run:
         """The run in ``run_dir``, working on ``device`` (default auto); RunError when the
         folder is not a run the project made."""
         folder = find_owned(run_dir)
+        if folder is not None and folder.kind is None:
+            raise unreadable_manifest(folder)
         if folder is None or folder.kind != RUN_KIND:
             if (Path(run_dir) / CONFIG_FILE).is_file():
                 raise RunError(f"{run_dir}: has no {MANIFEST_FILE} recording what img2prompt wrote "
@@ -286,6 +292,23 @@ class Run:
             return StudyData(found.dataset, splits[found.rows], found.image_emb, found.target_emb,
                              found.metric_emb, found.load_decoder_emb)
 
+    def provenance(self, *parts, tuned=None) -> dict:
+        """What the run's models are made from, as its settings say now: for each part asked,
+        ``image_encoder`` (its identity; fine-tuned per ``tuned``, by default as the run is),
+        ``text_encoder`` (the target space's), ``decoder_input`` (what the decoder reads
+        beside the pooled vector). Saved in each model file and compared when it is loaded."""
+        from img2prompt.encoders.text import text_encoder
+        config, made = self.config, {}
+        if "image_encoder" in parts:
+            made["image_encoder"] = self.image_encoder(tuned).identity()
+        if "text_encoder" in parts:
+            made["text_encoder"] = text_encoder(config.text_encoder, config.text_model,
+                                                config.text_pooling).fingerprint()
+        if "decoder_input" in parts:
+            made["decoder_input"] = {"grid": config.decoder_grid, "colors": config.decoder_colors,
+                                     "grid_map": config.decoder_map}
+        return made
+
     def image_encoder(self, tuned=None, config=None):
         """The run's image encoder: with its fine-tuned top layers once ``--tune encoder``
         finished (``tuned=False``: the frozen one it started from)."""
@@ -307,9 +330,6 @@ class Run:
         is saved as it goes; ``resume`` continues an interrupted training (and embedding
         extraction) instead."""
         from img2prompt import distributed
-        from img2prompt.models.mapper import load_mapper, save_mapper
-        from img2prompt.reports.plots import plot_history, save_figure
-        from img2prompt.evaluation.search import Rows
 
         if not distributed.is_main():
             return self._follow_training(resume)
@@ -322,34 +342,48 @@ class Run:
                 self.folder.mark_unfinished(TUNE)  # so the data is the frozen encoder's features
                 return self.data(progress, log, resume=resume)
 
-            data, config = distributed.main_first(prepare), self.config
-            train_part, val_part = data.part("train"), data.part("val")
-            tune = config.tune == "encoder"
-            head_file = self._path(FROZEN_MODEL_FILE if tune else MODEL_FILE)
-            state = self._path(TRAINING_STATE_FILE)
-            if self._head_trained(resume):
-                log("resuming: the mapper on frozen features is trained; fine-tuning")
-                model, history = load_mapper(head_file), self.history()
-            else:
-                if resume and state.is_file():
-                    log("resuming the training")
-                log(f"training the mapper ({config.depth} hidden layer(s) of {config.hidden_size}) on "
-                    f"{len(train_part['ids'])} images, validating on {len(val_part['ids'])}")
-                model, history = self._train_mapper(train_part, val_part, progress, resume)
-                save_mapper(model, head_file)
-                write_csv(self._path(HISTORY_FILE), history)
-                save_figure(plot_history(history), self._path(FIGURES["loss"]))
-                if self.folder.owns(state):
-                    self.folder.remove(state)  # only once everything it led to is saved
-            summary = self._summary(history, train_part, val_part)
-            if tune:
-                summary["tuned"] = self._fine_tune(data, model, resume, progress, log)
-            prompts, first = unique_prompts(train_part["prompts"])
-            save_tensors(self._path(BANK_FILE), {"target_emb": Rows(train_part["target_emb"], first)},
-                         {"prompts": prompts})  # the distinct prompts' rows, written in place
+            data = distributed.main_first(prepare)
+            with self._failing(TRAIN):
+                summary = self._train_stages(data, resume, progress, log)
             self.folder.mark_finished(TRAIN)
         log(f"best epoch {summary['best_epoch']} of {summary['epochs']}: validation cosine "
             f"{summary['val_cosine']:.4f}; model in {self._path(MODEL_FILE)}")
+        return summary
+
+    def _train_stages(self, data, resume, progress, log) -> dict:
+        """The mapper on frozen features, then with ``tune="encoder"`` the fine-tuning; the
+        prompt bank; their files saved (the main process)."""
+        from img2prompt.evaluation.search import Rows
+        from img2prompt.models.mapper import save_mapper
+        from img2prompt.reports.plots import plot_history, save_figure
+
+        config = self.config
+        train_part, val_part = data.part("train"), data.part("val")
+        tune = config.tune == "encoder"
+        head_file = self._path(FROZEN_MODEL_FILE if tune else MODEL_FILE)
+        state = self._path(TRAINING_STATE_FILE)
+        mapper_made_from = self.provenance("image_encoder", "text_encoder", tuned=False)
+        if self._head_trained(resume):
+            log("resuming: the mapper on frozen features is trained; fine-tuning")
+            model, history = self._head(), self.history()
+
+        else:
+            if resume and state.is_file():
+                log("resuming the training")
+            log(f"training the mapper ({config.depth} hidden layer(s) of {config.hidden_size}) on "
+                f"{len(train_part['ids'])} images, validating on {len(val_part['ids'])}")
+            model, history = self._train_mapper(train_part, val_part, progress, resume)
+            save_mapper(model, head_file, mapper_made_from)
+            write_csv(self._path(HISTORY_FILE), history)
+            save_figure(plot_history(history), self._path(FIGURES["loss"]))
+            if self.folder.owns(state):
+                self.folder.remove(state)  # only once everything it led to is saved
+        summary = self._summary(history, train_part, val_part)
+        if tune:
+            summary["tuned"] = self._fine_tune(data, model, resume, progress, log)
+        prompts, first = unique_prompts(train_part["prompts"])
+        save_tensors(self._path(BANK_FILE), {"target_emb": Rows(train_part["target_emb"], first)},
+                     {"prompts": prompts, PROVENANCE: self.provenance("text_encoder")})  # rows written in place
         return summary
 
     def _train_mapper(self, train_part, val_part, progress, resume):
@@ -369,11 +403,10 @@ class Run:
         """A follower under torchrun (``distributed``): once the main process has the
         embeddings in the cache, train beside it on a share of each batch (the mapper, then
         the encoder's top with it); write nothing."""
-        from img2prompt.models.mapper import load_mapper
         data = self._follower_data()
         train_part, val_part = data.part("train"), data.part("val")
         if self._head_trained(resume):  # as the main process does
-            model, history = load_mapper(self._path(FROZEN_MODEL_FILE)), self.history()
+            model, history = self._head(), self.history()
         else:
             model, history = self._train_mapper(train_part, val_part, False, resume)
         if self.config.tune == "encoder":
@@ -425,7 +458,7 @@ class Run:
         if not distributed.is_main():
             return None
         save_tuned(model, self._path(TUNED_ENCODER_FILE))
-        save_mapper(model.mapper, self._path(MODEL_FILE))
+        save_mapper(model.mapper, self._path(MODEL_FILE), self.provenance("image_encoder", "text_encoder", tuned=True))
         write_csv(self._path(TUNE_HISTORY_FILE), history)
         save_figure(plot_tune_history(history, self.history()), self._path(FIGURES["tune"]))
         if self.folder.owns(state):
@@ -442,14 +475,15 @@ class Run:
     def mapper(self):
         from img2prompt.models.mapper import load_mapper
         self._require(TRAIN, "train --resume --out")
-        return load_mapper(self._path(MODEL_FILE))
+        return load_mapper(self._path(MODEL_FILE), self.provenance("image_encoder", "text_encoder"))
 
     def prompt_bank(self):
         """(prompts, target-space embeddings) of the prompts retrieval answers with."""
         self._require(TRAIN, "train --resume --out")
         path = self._path(BANK_FILE)
-        tensors, metadata = load_tensors(path, "prompt bank", "Train the run again.", framework="numpy",
-                                         required=("prompts",))
+        fix = "Train the run again ('img2prompt train --force')."
+        tensors, metadata = load_tensors(path, "prompt bank", fix, framework="numpy", required=("prompts",))
+        check_provenance(path, metadata, self.provenance("text_encoder"), fix)
         prompts, bank = metadata["prompts"], tensors.get("target_emb")
         if bank is None or not isinstance(prompts, list) or len(prompts) != len(bank):
             raise RunError(f"{path}: not an img2prompt prompt bank (prompts and embeddings do not "
@@ -458,17 +492,26 @@ class Run:
 
     def history(self) -> pd.DataFrame:
         """The mapper's training on frozen features, one row per epoch."""
-        return pd.read_csv(self._path(HISTORY_FILE))
+        return read_csv(self._path(HISTORY_FILE), f"Train the run again ('img2prompt train --force --out {self.root}').",
+                        columns=("epoch", "val_cosine", "best"))
 
     def tune_history(self):
         """Fine-tuning (``tune="encoder"``), one row per epoch (0: before it); None otherwise."""
-        return pd.read_csv(self._path(TUNE_HISTORY_FILE)) if self.is_finished(TUNE) else None
+        if not self.is_finished(TUNE):
+            return None
+        return read_csv(self._path(TUNE_HISTORY_FILE), "Train the run again ('img2prompt train --tune encoder "
+                        f"--force --out {self.root}').", columns=("epoch", "val_cosine", "best"))
 
     def frozen_mapper(self):
         """The mapper trained on frozen features before fine-tuning."""
-        from img2prompt.models.mapper import load_mapper
         self._require(TUNE, "train --tune encoder --force --out")
-        return load_mapper(self._path(FROZEN_MODEL_FILE))
+        return self._head()
+
+    def _head(self):
+        """The mapper on frozen features of a ``--tune encoder`` run (saved before fine-tuning)."""
+        from img2prompt.models.mapper import load_mapper
+        return load_mapper(self._path(FROZEN_MODEL_FILE), self.provenance("image_encoder", "text_encoder",
+                                                                           tuned=False))
 
     # --- the decoder -------------------------------------------------------------------------------
 
@@ -490,8 +533,9 @@ class Run:
 
             data = distributed.main_first(prepare)
             self.folder.mark_unfinished(DECODER)
-            decoder, summary, history = self._fit_decoder(data, self.config, progress, log)
-            save_decoder(decoder, self._path(DECODER_FILE))
+            with self._failing(DECODER):
+                decoder, summary, history = self._fit_decoder(data, self.config, progress, log)
+            save_decoder(decoder, self._path(DECODER_FILE), self.provenance("image_encoder", "decoder_input"))
             write_csv(self._path(DECODER_HISTORY_FILE), history)
             save_figure(plot_decoder_history(history), self._path(FIGURES["decoder_loss"]))
             self.save_summary("decoder", summary)
@@ -583,10 +627,11 @@ class Run:
     def decoder(self):
         from img2prompt.models.decoder import load_decoder
         self._require(DECODER, "train-decoder --run")
-        return load_decoder(self._path(DECODER_FILE))
+        return load_decoder(self._path(DECODER_FILE), self.provenance("image_encoder", "decoder_input"))
 
     def decoder_history(self) -> pd.DataFrame:
-        return pd.read_csv(self._path(DECODER_HISTORY_FILE))
+        return read_csv(self._path(DECODER_HISTORY_FILE), "Train the decoder again ('img2prompt train-decoder "
+                        f"--force --run {self.root}').", columns=("epoch", "val_loss", "best"))
 
     # --- evaluation -------------------------------------------------------------------------------
 
@@ -665,12 +710,18 @@ class Run:
 
     def metrics(self) -> Metrics:
         self._require(EVALUATE, "evaluate --run")
-        return Metrics(json.loads(self._path(METRICS_FILE).read_text()))
+        fix = f"Evaluate the run again ('img2prompt evaluate --run {self.root}')."
+        metrics = read_json(self._path(METRICS_FILE), fix)
+        if not isinstance(metrics.get("methods"), dict):
+            raise RunError(f"{self._path(METRICS_FILE)}: holds no scores of methods. {fix}")
+        return Metrics(metrics)
+
 
     def results(self) -> pd.DataFrame:
         """Per test image: its prompt, each method's prompt and cosine (test_results.csv)."""
         self._require(EVALUATE, "evaluate --run")
-        return pd.read_csv(self._path(RESULTS_FILE), keep_default_na=False)
+        return read_csv(self._path(RESULTS_FILE), f"Evaluate the run again ('img2prompt evaluate --run {self.root}').",
+                        columns=("imgId", "prompt"), keep_default_na=False)
 
     def image_paths(self, names) -> list:
         """The dataset files of the test images named in ``results()['image']``."""
@@ -683,16 +734,31 @@ class Run:
         write_json(self._path(SUMMARIES[name]), summary)
 
     def summary(self, name) -> dict:
-        path = self._path(SUMMARIES[name])
-        if not path.is_file():
-            raise RunError(f"{path}: not written yet; run the notebook or stage that writes it.")
-        return json.loads(path.read_text())
+        return read_json(self._path(SUMMARIES[name]), "Run the notebook or stage that writes it.")
 
     def predictor(self, method="retrieval", decode_options=None):
         from img2prompt.predict import Predictor
         return Predictor(self, method, decode_options)
 
     def _require(self, stage, command):
-        if not self.is_finished(stage):
-            raise RunError(f"{self.root}: its {stage} stage did not finish. Run it with 'img2prompt "
-                           f"{command} {self.root}' (or start the run anew).")
+        if self.is_finished(stage):
+            return
+        writer = self.folder.writer()
+        if writer:
+            raise RunError(f"{self.root}: its {stage} stage is being run by process {writer} now. Wait "
+                           "for it to finish, then run this again.")
+        if stage in self.folder.failed:
+            raise RunError(f"{self.root}: its {stage} stage failed: {self.folder.failed[stage]}")
+        raise RunError(f"{self.root}: its {stage} stage did not finish. Run it with 'img2prompt "
+                       f"{command} {self.root}' (or start the run anew).")
+
+    @contextlib.contextmanager
+    def _failing(self, stage):
+        """A training that diverges marks its stage failed, with the message, so that a later
+        command says why instead of suggesting --resume (which would diverge again)."""
+        try:
+            yield
+        except TrainingDiverged as error:
+            self.folder.mark_failed(stage, str(error))
+            raise
+

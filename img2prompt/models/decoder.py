@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from img2prompt.config import StudyConfig, check_setting
-from img2prompt.storage.checkpoints import foreign, load_tensors, save_tensors
+from img2prompt.storage.checkpoints import PROVENANCE, check_provenance, foreign, load_tensors, save_tensors
+
 from img2prompt.errors import ModelUnavailableError, RunError
 from img2prompt.models.generation import DecodeOptions, generate
 
@@ -530,8 +531,9 @@ def _smollm2_folder():
 
 # --- checkpoints --------------------------------------------------------------------------
 
-def save_decoder(decoder: PromptDecoder, path):
-    """safetensors + JSON spec; a frozen pretrained LM is not copied (its source is recorded)."""
+def save_decoder(decoder: PromptDecoder, path, provenance: dict = None):
+    """safetensors + JSON spec and ``provenance`` (the image encoder and the inputs it was
+    trained on); a frozen pretrained LM is not copied (its source is recorded)."""
     state = decoder.model.state_dict()
     if decoder.spec["decoder"] != TINY and decoder.spec["tune"] == "prefix":
         state = {k: v for k, v in state.items() if not k.startswith("lm.")}
@@ -540,12 +542,16 @@ def save_decoder(decoder: PromptDecoder, path):
         if (tensor.data_ptr(), tuple(tensor.shape)) not in seen:
             seen.add((tensor.data_ptr(), tuple(tensor.shape)))
             stored[name] = tensor
-    save_tensors(path, stored, {"spec": decoder.spec})
+    save_tensors(path, stored, {"spec": decoder.spec, **({PROVENANCE: provenance} if provenance else {})})
 
 
-def load_decoder(path) -> PromptDecoder:
+def load_decoder(path, provenance: dict = None) -> PromptDecoder:
+    """The decoder saved at ``path``; refused when ``provenance`` (the run's) is not what it
+    was trained on."""
     fix = "Train it again ('img2prompt train-decoder --force')."
     state, metadata = load_tensors(path, "trained decoder", fix, required=("spec",))
+    if provenance is not None:
+        check_provenance(path, metadata, provenance, fix)
     spec = metadata["spec"]
     try:
         if spec["decoder"] == TINY:

@@ -27,9 +27,12 @@ from img2prompt import distributed
 from img2prompt.devices import autocast
 from img2prompt.errors import DataError, RunError
 from img2prompt.models.training import (CHECKPOINT_SECONDS, CPU, batch_share_loss, cosine_loss,
-                                        restore_training_state, save_training_state, training_fingerprint)
+                                        restore_training_state, save_training_state, stop_if_diverged,
+                                        training_fingerprint)
+
 from img2prompt.progress import progress_bar
-from img2prompt.storage.checkpoints import save_tensors
+from img2prompt.storage.checkpoints import PROVENANCE, save_tensors
+
 
 TUNING_SETTINGS = ("seed", "tune_blocks", "tune_learning_rate", "layer_decay", "ema_decay",
                    "tune_batch_size", "accumulate_steps", "tune_epochs", "tune_patience")
@@ -138,6 +141,8 @@ def fine_tune(encoder, mapper, trunk_train, y_train, trunk_val, y_val, config, p
             seconds = time.perf_counter() - start
             total = distributed.sum_number(total)
             val_cosine = _val_cosine(kept(), trunk_val, y_val, device)
+            stop_if_diverged("fine-tuning", epoch, "tune_learning_rate", config,
+                             training_loss=total / len(trunk_train), validation_cosine=val_cosine)
             rows.append({"epoch": epoch, "train_loss": total / len(trunk_train), "val_cosine": val_cosine,
                          "seconds": time.perf_counter() - start, "images_per_s": len(trunk_train) / seconds})
             if val_cosine > best_cosine:
@@ -170,9 +175,11 @@ def _val_cosine(model, trunk, target, device, batch=128) -> float:
 
 
 def save_tuned(model: TunedTop, path):
-    """The tuned layers' weights, named as in the encoder's own state_dict (``use_tuned``)."""
+    """The tuned layers' weights, named as in the encoder's own state_dict (``use_tuned``),
+    with the identity of the encoder they were tuned from."""
     tuned = {id(p) for layer in model.layers for p in [*layer.parameters(), *layer.buffers()]}
     state = {name: tensor for name, tensor in model.encoder.model.state_dict(keep_vars=True).items()
              if id(tensor) in tuned}
     save_tensors(path, {name: tensor.detach() for name, tensor in state.items()},
-                 {"encoder": model.encoder.name, "tune_blocks": model.tune_blocks})
+                 {"encoder": model.encoder.name, "tune_blocks": model.tune_blocks,
+                  PROVENANCE: {"image_encoder": model.encoder.identity()}})

@@ -4,7 +4,8 @@ import torch
 from torch import nn
 
 from img2prompt.config import StudyConfig
-from img2prompt.storage.checkpoints import foreign, load_tensors, save_tensors
+from img2prompt.storage.checkpoints import PROVENANCE, check_provenance, foreign, load_tensors, save_tensors
+
 
 
 class Mapper(nn.Module):
@@ -72,13 +73,19 @@ class Mapper(nn.Module):
             return predicted
 
 
-def save_mapper(model: Mapper, path):
-    save_tensors(path, model.state_dict(), {"hparams": model.hparams})
+def save_mapper(model: Mapper, path, provenance: dict = None):
+    """The weights, the shape and ``provenance``: the encoders the mapper was trained with."""
+    save_tensors(path, model.state_dict(), {"hparams": model.hparams,
+                                            **({PROVENANCE: provenance} if provenance else {})})
 
 
-def load_mapper(path) -> Mapper:
+def load_mapper(path, provenance: dict = None) -> Mapper:
+    """The mapper saved at ``path``; refused when ``provenance`` (the run's encoders) is not
+    what it was trained with."""
     fix = "Train the run again ('img2prompt train --force')."
     state, metadata = load_tensors(path, "trained mapper", fix, required=("hparams",))
+    if provenance is not None:
+        check_provenance(path, metadata, provenance, fix)
     try:
         model = Mapper(**metadata["hparams"])
         model.load_state_dict(state)

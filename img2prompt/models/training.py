@@ -3,9 +3,12 @@ the prompt decoder (cross-entropy with teacher forcing, early stopping on valida
 
 import copy
 import hashlib
+import io
 import math
 import time
+import zlib
 from pathlib import Path
+
 
 import numpy as np
 import pandas as pd
@@ -15,7 +18,8 @@ import torch.nn.functional as F
 from img2prompt import distributed
 from img2prompt.devices import autocast
 from img2prompt.encoders.allocator import keep_freed_memory
-from img2prompt.errors import DataError, RunError
+from img2prompt.errors import DataError, RunError, TrainingDiverged
+
 from img2prompt.storage.files import atomic_path
 from img2prompt.models.decoder import TINY, next_token_loss
 from img2prompt.models.early_learning import EarlyLearning
@@ -44,6 +48,17 @@ def batch_share_loss(model, mapper, inputs, targets, index, dropper, device):
     with autocast(device):
         cosines = F.cosine_similarity(model(inputs[mine].to(device), keep), targets[mine].to(device), dim=1)
         return (1.0 - cosines).sum() / len(index)
+
+
+def stop_if_diverged(what, epoch, setting, config, **losses):
+    """TrainingDiverged naming the epoch, the losses and the setting to lower, when a loss
+    is infinite or NaN (the weights overflowed: nothing after this epoch is worth keeping)."""
+    if all(math.isfinite(value) for value in losses.values()):
+        return
+    shown = ", ".join(f"{name.replace('_', ' ')} {value:.4g}" for name, value in losses.items())
+    raise TrainingDiverged(
+        f"the {what}'s training diverged in epoch {epoch} ({shown}): its weights overflowed. Lower "
+        f"--{setting.replace('_', '-')} (now {getattr(config, setting):g}) and train again with --force.")
 
 
 CPU = torch.device("cpu")
@@ -102,6 +117,8 @@ def train_mapper(x_train, y_train, x_val, y_val, config, progress=True, state_pa
                 total += loss.item() * len(index)
             total = distributed.sum_number(total)
             val_loss = validation_loss(model, x_val, y_val)
+            stop_if_diverged("mapper", epoch, "learning_rate", config, training_loss=total / len(x_train),
+                             validation_loss=val_loss)
             rows.append({"epoch": epoch, "train_loss": total / len(x_train), "val_loss": val_loss,
                          "val_cosine": 1.0 - val_loss, "seconds": time.perf_counter() - start})
             if 1.0 - val_loss > best_cosine:
@@ -154,19 +171,33 @@ def restore_training_state(path, inputs, model, optimizer, shuffler, dropper) ->
     return state
 
 
+STATE_CHECKSUM = b"\nimg2prompt-crc32:"  # then 8 hex digits: the checksum of the bytes before it
+
+
 def save_training_state(path, state):
+    """``torch.save``'s bytes followed by their checksum (``load_training_state`` checks it)."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    data = buffer.getvalue()
     with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+        tmp.write_bytes(data + STATE_CHECKSUM + f"{zlib.crc32(data):08x}".encode())
 
 
 def load_training_state(path):
+    """The state ``save_training_state`` wrote; RunError naming the file when it is missing,
+    damaged (its checksum) or unreadable."""
     if not path or not Path(path).is_file():
         raise RunError(f"{path}: no interrupted training to resume. Train without --resume.")
+    fix = "Train without --resume (--force starts the run anew)."
+    stored = Path(path).read_bytes()
+    data, _, checksum = stored.rpartition(STATE_CHECKSUM)
+    if checksum.decode("ascii", "replace") != f"{zlib.crc32(data):08x}":
+        raise RunError(f"{path}: damaged training state (its data does not match its checksum). {fix}")
     try:
         # tensors and plain values only, no pickled code; onto the CPU whatever device saved it
-        return torch.load(path, weights_only=True, map_location=CPU)
+        return torch.load(io.BytesIO(data), weights_only=True, map_location=CPU)
     except Exception as error:  # noqa: BLE001 - torch raises many types for a bad file
-        raise RunError(f"{path}: unreadable training state ({error}). Train without --resume.") from None
+        raise RunError(f"{path}: unreadable training state ({error}). {fix}") from None
 
 
 def train_decoder(decoder, x_train, prompts_train, x_val, prompts_val, config, progress=True,
@@ -240,6 +271,8 @@ def train_decoder(decoder, x_train, prompts_train, x_val, prompts_val, config, p
             train_seconds = time.perf_counter() - start
             row = {"epoch": epoch, "train_loss": total / len(x_train),
                    "val_loss": _decoder_loss(decoder, x_val, val_tokens, batch)}
+            stop_if_diverged("decoder", epoch, "decoder_learning_rate", config, training_loss=row["train_loss"],
+                             validation_loss=row["val_loss"])
             if val_score is not None:
                 row["val_cosine"] = val_score(decoder)
             value = row["val_cosine"] if val_score is not None else -row["val_loss"]

@@ -27,6 +27,7 @@ os.umask(_UMASK)
 FILE_MODE = 0o666 & ~_UMASK  # what open() gives a new file; mkstemp gives 0600
 
 MANIFEST_FILE = ".img2prompt-manifest.jsonl"
+_NO_FOLLOW = getattr(os, "O_NOFOLLOW", 0)  # opening a link fails (POSIX; Windows has no such links)
 LOCK_FILE = ".img2prompt.lock"
 INTERNAL_FILES = (MANIFEST_FILE, LOCK_FILE)
 
@@ -43,7 +44,7 @@ class OwnedFolder:
     def __init__(self, root):
         self.root = Path(root)
         self.manifest = self.root / MANIFEST_FILE
-        self.kind, self.origin, self.files, self.finished = None, None, set(), set()
+        self.kind, self.origin, self.files, self.finished, self.failed = None, None, set(), set(), {}
         self._identity, self._offset = None, 0
         self.refresh()
 
@@ -54,7 +55,7 @@ class OwnedFolder:
         appended since the last read are parsed, unless the file was rewritten (``clear``)."""
         stat = self.manifest.stat()
         if self._identity != (stat.st_dev, stat.st_ino) or stat.st_size < self._offset:
-            self.kind, self.origin, self.files, self.finished = None, None, set(), set()
+            self.kind, self.origin, self.files, self.finished, self.failed = None, None, set(), set(), {}
             self._identity, self._offset = (stat.st_dev, stat.st_ino), 0
         if stat.st_size == self._offset:
             return
@@ -80,15 +81,21 @@ class OwnedFolder:
             self.files.discard(event["removed"])
         if "finished" in event:
             self.finished.add(event["finished"])
+            self.failed.pop(event["finished"], None)
         if "unfinished" in event:
             self.finished.discard(event["unfinished"])
+            self.failed.pop(event["unfinished"], None)
+        if "failed" in event:
+            self.failed[event["failed"]] = str(event.get("reason", ""))
 
     # --- recording ------------------------------------------------------------------------
 
     def _append(self, *events, durable=False):
         self.refresh()
         torn = self.manifest.stat().st_size > self._offset  # a crash cut the last line short
-        with open(self.manifest, "a", encoding="utf-8") as handle:
+        # never through a link: appending would write into whatever it points to
+        with os.fdopen(os.open(self.manifest, os.O_WRONLY | os.O_APPEND | _NO_FOLLOW), "a",
+                       encoding="utf-8") as handle:
             handle.write("\n" * torn + "".join(json.dumps(e) + "\n" for e in events))
             if durable:
                 handle.flush()
@@ -96,10 +103,29 @@ class OwnedFolder:
         self.refresh()
 
     def relative(self, path) -> str:
-        """``path`` relative to the folder, links in the folders above it resolved."""
-        path = Path(path)
-        inside = Path(os.path.realpath(path.parent)) / path.name
-        return inside.relative_to(os.path.realpath(self.root)).as_posix()
+        """``path``'s name in the folder. The folder itself may be reached through links; below
+        its top, a link is refused (FolderError naming it): writing or deleting through it
+        would change what it points to, which the project did not make."""
+        path = Path(os.path.abspath(path))
+        top = os.path.realpath(self.root)
+        name = next((path.relative_to(above).as_posix() for above in path.parents
+                     if os.path.realpath(above) == top), None)
+        if name is None:
+            raise FolderError(f"{path}: outside the img2prompt folder {self.root}; img2prompt neither "
+                              "writes nor deletes it there.")
+        self._refuse_links(name)
+        return name
+
+    def _refuse_links(self, name):
+        """FolderError naming the first link on the way from the folder's top to ``name``."""
+        path = self.root
+        for part in Path(name).parts:
+            path = path / part
+            if path.is_symlink():
+                raise FolderError(
+                    f"{path}: is a link (to {os.path.realpath(path)}) inside the img2prompt folder "
+                    f"{self.root}. img2prompt writes and deletes only the files it made there, never "
+                    "through a link. Remove the link (what it points to stays as it is), then run this again.")
 
     def record(self, *paths):
         """Record ``paths`` as written by the project, before they are written. A file of
@@ -120,7 +146,8 @@ class OwnedFolder:
         return self.relative(path) in self.files
 
     def remove(self, path):
-        """Delete a file the project wrote here (refused for any other file)."""
+        """Delete a file the project wrote here (refused for any other file, and for a path
+        that passes through a link: ``relative``)."""
         name = self.relative(path)
         self.refresh()
         if name not in self.files:
@@ -134,10 +161,13 @@ class OwnedFolder:
 
     def clear(self, keep=()):
         """Delete every recorded file (except those under the ``keep`` prefixes) and the
-        folders that this leaves empty; files the project did not write stay. The manifest
-        is rewritten with what is kept, and no stage is finished any more."""
+        folders that this leaves empty; files the project did not write stay, and nothing is
+        deleted when a recorded name passes through a link (``relative``). The manifest is
+        rewritten with what is kept, and no stage is finished any more."""
         self.refresh()
         kept = {name for name in self.files if any(name.startswith(prefix) for prefix in keep)}
+        for name in self.files - kept:  # every one checked before anything is deleted
+            self._refuse_links(name)
         for name in sorted(self.files - kept, reverse=True):
             target = self.root / name
             if target.is_dir() and not target.is_symlink():
@@ -159,6 +189,15 @@ class OwnedFolder:
 
     def mark_unfinished(self, stage):
         self._append({"unfinished": stage}, durable=True)
+
+    def mark_failed(self, stage, reason):
+        """The stage stopped on an error a rerun with the same settings would meet again."""
+        self._append({"failed": stage, "reason": reason}, durable=True)
+
+    def writer(self):
+        """The id of another process writing the folder now (holding its lock), else None."""
+        return lock_holder(self.root / LOCK_FILE)
+
 
     def is_finished(self, stage) -> bool:
         self.refresh()
@@ -212,12 +251,17 @@ def _files_under(entry: Path) -> list:
 def find_owned(root):
     """The folder's OwnedFolder when it has a manifest, else None."""
     root = Path(root)
+    if (root / MANIFEST_FILE).is_symlink():
+        raise FolderError(f"{root / MANIFEST_FILE}: is a link, not the manifest img2prompt writes; the "
+                          "folder is left alone. Remove the link, or choose another folder.")
     return OwnedFolder(root) if (root / MANIFEST_FILE).is_file() else None
 
 
-def claim(root, kind, adopt=None) -> OwnedFolder:
+def claim(root, kind, adopt=None, create=True) -> OwnedFolder:
     """Open ``root`` as the project's folder of ``kind``: created with a fresh manifest when
     it is missing or empty, opened when its manifest says ``kind``, refused otherwise.
+    ``create=False`` only checks (nothing is made; None for a folder to be created), so a
+    command can refuse a folder before its slow first steps.
 
     ``adopt(path) -> bool`` may accept a folder without a manifest whose every entry the
     project can prove it wrote (e.g. cache files named by their content hash): they are
@@ -235,17 +279,28 @@ def claim(root, kind, adopt=None) -> OwnedFolder:
                 f"no {MANIFEST_FILE} recording what img2prompt wrote, so img2prompt will not write "
                 "into it or empty it. Choose a new or empty folder, or move those files away "
                 "yourself. (A folder made by an older img2prompt has no record either.)")
+        if not create:
+            return None
         root.mkdir(parents=True, exist_ok=True)
         adopted = sorted(p.relative_to(root).as_posix() for e in entries for p in _files_under(e))
         _write_manifest(root / MANIFEST_FILE, [{"kind": kind}, *({"wrote": n} for n in adopted)])
         folder = OwnedFolder(root)
+    if folder.kind is None:
+        raise unreadable_manifest(folder)
     if folder.kind != kind:
         raise FolderError(f"{root}: is an img2prompt {folder.kind} folder, not a {kind} folder. "
                           "Choose another folder.")
     return folder
 
 
+def unreadable_manifest(folder) -> FolderError:
+    return FolderError(f"{folder.manifest}: holds no readable record of what img2prompt wrote (damaged?), "
+                       f"so {folder.root} is left alone. Choose another folder, or empty this one "
+                       "yourself and run again.")
+
+
 def record_write(path):
+
     """Before the project writes ``path``: record it in the manifest of the folder that owns
     it (the file's parent or grandparent). Outside owned folders nothing is recorded."""
     path = Path(path)
@@ -271,9 +326,10 @@ _held = {}  # lock path -> [fd, depth] of the locks this process holds
 
 
 @contextlib.contextmanager
-def lock(path, what):
-    """Hold an exclusive advisory lock on ``path`` (created when missing), or fail at once
-    with the process that holds it. Re-entrant within one process."""
+def lock(path, what, waiting=None):
+    """Hold an exclusive advisory lock on ``path`` (created when missing). When another
+    process holds it: fail at once naming that process, or with ``waiting`` (a function
+    taking a message) say so and wait for it. Re-entrant within one process."""
     key = os.path.realpath(path)
     if key in _held:
         _held[key][1] += 1
@@ -282,15 +338,17 @@ def lock(path, what):
         finally:
             _held[key][1] -= 1
         return
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = _open_lock_file(path)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
+        if not _try_lock(fd):
+            if waiting is None:
+                raise FolderError(f"{what} is in use by process {_holder(fd)} (lock file {path}). Wait for "
+                                  "it to finish, or stop that process, then run this again.")
+            waiting(f"{what} is in use by process {_holder(fd)}: waiting for it to finish")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+    except BaseException:
         os.close(fd)
-        raise FolderError(f"{what} is in use by process {holder} (lock file {path}). Wait for it "
-                          "to finish, or stop that process, then run this again.") from None
+        raise
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     _held[key] = [fd, 1]
@@ -300,3 +358,42 @@ def lock(path, what):
         del _held[key]
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
+
+
+def lock_holder(path):
+    """The id of another process that holds the lock on ``path`` now, else None."""
+    if os.path.realpath(path) in _held or not os.path.isfile(path):
+        return None
+    fd = _open_lock_file(path)
+    try:
+        if _try_lock(fd):
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return None
+        return _holder(fd)
+    finally:
+        os.close(fd)
+
+
+def _open_lock_file(path) -> int:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    try:  # never through a link: the lock file is truncated to hold this process's id
+        return os.open(path, os.O_RDWR | os.O_CREAT | _NO_FOLLOW, 0o644)
+    except OSError as error:
+        if not os.path.islink(path):
+            raise
+        raise FolderError(f"{path}: the lock file is a link ({error.strerror}); nothing is written through "
+                          "it. Remove the link, then run this again.") from None
+
+
+def _try_lock(fd) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _holder(fd) -> str:
+    """The process id its holder wrote into a lock file ("?" while it is being written)."""
+    return os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
+
