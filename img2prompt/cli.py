@@ -9,7 +9,10 @@ import argparse
 import dataclasses
 import json
 import os
+import signal
 import sys
+import threading
+
 from pathlib import Path
 
 from img2prompt.config import FIELDS, StudyConfig
@@ -310,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never hang on hub retries; set 0 to allow
     args = build_parser().parse_args(argv)
+    before = _stop_on_sigterm()
     try:
         return args.handler(args)
     except Img2PromptError as error:
@@ -318,6 +322,25 @@ def main(argv=None) -> int:
     except OSError as error:  # unwritable folder, full disk, …: the message names the path
         log(f"error: {error}")
         return 2
-    except KeyboardInterrupt:
-        log("interrupted")
-        return 130
+    except KeyboardInterrupt as stop:
+        terminated = stop.args == (TERMINATED,)
+        log(f"{'terminated' if terminated else 'interrupted'} (train and embed continue with --resume)")
+        return 143 if terminated else 130
+    finally:
+        if before is not None:
+            signal.signal(signal.SIGTERM, before)
+
+
+TERMINATED = "SIGTERM"
+
+
+def _stop_on_sigterm():
+    """SIGTERM (a scheduler's or torchrun's stop) ends a command as Ctrl-C does, through its
+    cleanup: temporary files removed, locks released, the state kept for --resume. Returns
+    the handler it replaced (None off the main thread, where Python allows none)."""
+    def stop(signum, frame):
+        raise KeyboardInterrupt(TERMINATED)
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, stop)

@@ -100,9 +100,9 @@ def test_nucleus_sampling_is_seeded_and_stays_in_the_nucleus():
 
 
 def test_decode_options_are_checked():
-    with pytest.raises(RunError, match="--decode-strategy must be one of greedy, beam, sample"):
+    with pytest.raises(RunError, match="decode_strategy \\(--decode-strategy\\) must be one of greedy, beam, sample"):
         StudyConfig(decode_strategy="best").decode_options()
-    with pytest.raises(RunError, match="--top-p must be in"):
+    with pytest.raises(RunError, match="top_p \\(--top-p\\) must be a finite number above 0 and at most 1"):
         StudyConfig(top_p=0).decode_options()
 
 
@@ -264,7 +264,7 @@ def test_generate_and_predict_with_the_decoder(decoder_run, capsys):
     assert [line.split("\t")[1] for line in lines] == [g["prompt"] for g in generated]
     assert main(["generate", "--run", str(decoder_run["run"]), str(images[0]),
                  "--decode-strategy", "best", "--quiet"]) == 2
-    assert "--decode-strategy must be one of" in capsys.readouterr().err
+    assert "decode_strategy (--decode-strategy) must be one of" in capsys.readouterr().err
 
 
 def test_smollm2_loads_from_its_package_offline_and_stays_frozen():

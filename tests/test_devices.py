@@ -35,7 +35,7 @@ def test_a_missing_gpu_is_one_clear_message(small_dataset, tmp_path, capsys):
     assert main(["train", "--data", str(small_dataset), "--out", str(tmp_path / "run"), "--device", "cuda",
                  "--quiet"]) == 2
     assert "--device cuda" in capsys.readouterr().err
-    with pytest.raises(RunError, match="device must be one of"):
+    with pytest.raises(RunError, match="device \\(--device\\) must be one of"):
         StudyConfig(device="tpu").validate()
 
 

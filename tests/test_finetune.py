@@ -146,5 +146,5 @@ def test_more_blocks_than_the_encoder_has_are_refused():
 
 def test_tuned_layers_of_another_encoder_are_refused(tuned_run):
     other = image_encoder("efficientnet-lite2").use_tuned(tuned_run["run"] / "encoder.safetensors")
-    with pytest.raises(RunError, match="do not fit"):
+    with pytest.raises(RunError, match="was not made for this run's settings"):
         _ = other.model

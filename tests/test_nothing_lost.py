@@ -265,24 +265,6 @@ def test_two_downloads_never_append_to_one_partial_file(tmp_path):
     assert not (dest.parent / "part-000001.zip.partial").exists()
 
 
-def test_an_embedding_cache_entry_in_use_is_refused(small_dataset, tmp_path):
-    from img2prompt.data.dataset import load_dataset
-    from img2prompt.encoders.embeddings import EmbeddingCache, image_embeddings
-    from img2prompt.errors import Img2PromptError
-    from img2prompt.encoders.image import image_encoder
-    dataset, encoder = load_dataset(small_dataset), image_encoder("efficientnet-lite0")
-    cache = EmbeddingCache(tmp_path / "cache")
-    key = {"kind": "image", "images": dataset.images_fingerprint(), "encoder": encoder.fingerprint()}
-    cache.folder()
-    holder = hold_lock(cache.root / f".{cache.path('image', key).stem}.lock")
-    try:
-        with pytest.raises(Img2PromptError, match=f"in use by process {holder.pid}"):
-            image_embeddings(dataset, encoder, cache, progress=False)
-    finally:
-        holder.kill()
-        holder.wait()
-
-
 # --- 14. a run is finished only when its last record says so -------------------------------------------
 
 def test_a_kill_between_model_and_bank_leaves_a_run_that_resume_completes(small_dataset, tmp_path,

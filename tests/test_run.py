@@ -59,10 +59,11 @@ def test_settings_change_only_checked_and_saved_with_the_run(trained_run, tmp_pa
     run = Run.open(tmp_path / "run")
     run.update(bootstrap=50, bank="all")
     assert StudyConfig.load(tmp_path / "run").bootstrap == 50 and Run.open(tmp_path / "run").config.bank == "all"
-    for bad, message in (({"bootstap": 5}, "unknown setting"), ({"bank": "some"}, "bank must be one of"),
-                         ({"hidden_size": "big"}, "hidden_size must be a int"),
-                         ({"max_epochs": 0}, "max_epochs must be at least 1"),
-                         ({"decoder_prefix_dropout": 1.0}, "decoder_prefix_dropout must be below 1"),
+    for bad, message in (({"bootstap": 5}, "unknown setting"), ({"bank": "some"}, "bank \\(--bank\\) must be one of"),
+                         ({"hidden_size": "big"}, "hidden_size \\(--hidden-size\\) must be an integer"),
+                         ({"max_epochs": 0}, "max_epochs \\(--max-epochs\\) must be an integer at least 1"),
+                         ({"decoder_prefix_dropout": 1.0}, "decoder_prefix_dropout .* must be a finite number at least 0 "
+                                                           "and below 1"),
                          ({"top_p": 1.5}, "--top-p")):
         with pytest.raises(RunError, match=message):
             run.update(**bad)

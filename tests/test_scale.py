@@ -370,7 +370,7 @@ def test_some_rows_of_an_array_are_saved_without_a_copy_of_them(tmp_path):
     tracemalloc.stop()
     tensors, metadata = load_tensors(tmp_path / "bank.safetensors", "bank", "", framework="numpy")
     np.testing.assert_array_equal(tensors["target_emb"], array[rows])
-    assert metadata == {"prompts": ["x"]}
+    assert metadata["prompts"] == ["x"] and set(metadata) == {"prompts", "crc32"}
     assert peak < array[rows].nbytes / 4, f"peak {peak / 1e6:.1f} MB"
     big_endian = np.arange(6, dtype=">f4").reshape(2, 3)  # written little-endian, as safetensors does
     save_tensors(tmp_path / "b.safetensors", {"b": big_endian}, {})

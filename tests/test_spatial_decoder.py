@@ -131,7 +131,7 @@ def test_the_decoder_reads_colours_from_pixels_only_where_there_are_pixels(small
 
 def test_the_decoder_grid_is_a_checked_option(decoder_run, capsys):  # noqa: F811
     assert main(["train-decoder", "--run", str(decoder_run["run"]), "--decoder-grid", "-1", "--quiet"]) == 2
-    assert "decoder_grid must be at least 0" in capsys.readouterr().err
+    assert "decoder_grid (--decoder-grid) must be an integer at least 0" in capsys.readouterr().err
     config = json.loads((decoder_run["run"] / "config.json").read_text())["config"]
     assert config["decoder_grid"] == 3
 

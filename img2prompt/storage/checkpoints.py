@@ -205,14 +205,15 @@ def check_provenance(path, metadata, expected: dict, fix):
 
 
 def _described(value, other) -> str:
-    """``value`` (a part of a provenance) in words, naming what differs from ``other``."""
+    """``value`` (a part of a provenance) in words, naming what differs from ``other``: a
+    weights' hash in short, another short value as it is, a long one (preprocessing) by name."""
     if not isinstance(value, dict):
         return json.dumps(value)
     other = other if isinstance(other, dict) else {}
-    shown = [f"{key} {_short(item)}" for key, item in value.items() if key != "name" and item != other.get(key)]
+    shown = []
+    for key, item in value.items():
+        if key != "name" and item != other.get(key):
+            text = item if isinstance(item, str) else json.dumps(item)
+            digest = len(text) > 16 and all(c in "0123456789abcdef" for c in text)
+            shown.append(f"{key} {text[:12]}…" if digest else f"{key} {text}" if len(text) <= 30 else f"other {key}")
     return " ".join([str(value.get("name", "?")), *(["(" + ", ".join(shown) + ")"] if shown else [])])
-
-
-def _short(item) -> str:
-    text = item if isinstance(item, str) else json.dumps(item)
-    return text[:12] + "…" if len(text) > 16 and all(c in "0123456789abcdef" for c in text) else text[:60]

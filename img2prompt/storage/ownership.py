@@ -10,14 +10,19 @@ A non-empty folder without a manifest was not made by the project: it is refused
 emptied. ``files.atomic_path`` records every write in the manifest of the folder that holds
 it (the file's parent or grandparent), so no writer can forget to.
 
-Locks are ``fcntl.flock`` on a lock file: a second writer is told which process holds it.
+Locks are advisory locks on a lock file (``fcntl.flock``; on Windows ``msvcrt.locking``), which
+holds the id of the process holding it: a second writer is told which process that is.
 """
 
 import contextlib
-import fcntl
+try:
+    import fcntl
+except ImportError:  # Windows: msvcrt's locks (``_lock_file``)
+    fcntl = None
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 
 from img2prompt.errors import Img2PromptError
@@ -345,18 +350,19 @@ def lock(path, what, waiting=None):
                 raise FolderError(f"{what} is in use by process {_holder(fd)} (lock file {path}). Wait for "
                                   "it to finish, or stop that process, then run this again.")
             waiting(f"{what} is in use by process {_holder(fd)}: waiting for it to finish")
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            _lock_file(fd, wait=True)
     except BaseException:
         os.close(fd)
         raise
     os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    os.lseek(fd, 0, os.SEEK_SET)
+    os.write(fd, f"{os.getpid()}\n".encode())
     _held[key] = [fd, 1]
     try:
         yield
     finally:
         del _held[key]
-        fcntl.flock(fd, fcntl.LOCK_UN)
+        _unlock_file(fd)
         os.close(fd)
 
 
@@ -367,7 +373,7 @@ def lock_holder(path):
     fd = _open_lock_file(path)
     try:
         if _try_lock(fd):
-            fcntl.flock(fd, fcntl.LOCK_UN)
+            _unlock_file(fd)
             return None
         return _holder(fd)
     finally:
@@ -387,13 +393,43 @@ def _open_lock_file(path) -> int:
 
 def _try_lock(fd) -> bool:
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        _lock_file(fd, wait=False)
+    except OSError:  # BlockingIOError; on Windows PermissionError
         return False
     return True
 
 
+# Windows locks byte ranges, which no other process may then read: the lock is on a byte far
+# beyond the process id that the file holds
+_WINDOWS_LOCKED_BYTE = 1 << 30
+
+
+def _lock_file(fd, wait):
+    if fcntl is not None:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        return
+    import msvcrt
+    os.lseek(fd, _WINDOWS_LOCKED_BYTE, os.SEEK_SET)
+    while True:
+        try:
+            return msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        except OSError:
+            if not wait:
+                raise
+            time.sleep(0.5)
+
+
+def _unlock_file(fd):
+    if fcntl is not None:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return
+    import msvcrt
+    os.lseek(fd, _WINDOWS_LOCKED_BYTE, os.SEEK_SET)
+    msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
+
+
 def _holder(fd) -> str:
     """The process id its holder wrote into a lock file ("?" while it is being written)."""
-    return os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
+    os.lseek(fd, 0, os.SEEK_SET)
+    return os.read(fd, 32).decode("ascii", "replace").strip() or "?"
 
