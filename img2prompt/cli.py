@@ -15,7 +15,7 @@ import threading
 
 from pathlib import Path
 
-from img2prompt.config import FIELDS, StudyConfig
+from img2prompt.config import FIELDS, StudyConfig, check_setting
 from img2prompt.errors import Img2PromptError, printable
 
 DATA_OPTIONS = ("on_error", "max_pixels")
@@ -123,10 +123,10 @@ def cmd_train(args):
                                   data_dir=args.data, run_dir=args.out)
         return Run.create(config, force=args.force, log=log)
 
-    distributed.start()  # under torchrun: the main process makes the run, the others join it
-    run = distributed.main_first(start_run) or Run.open(args.out, args.device)
-    summary = run.train(resume=args.resume, progress=not args.quiet, log=log)
-    if not distributed.is_main():
+    with distributed.process_group(process_timeout(args)) as main:  # under torchrun: every process
+        run = distributed.main_first(start_run) or Run.open(args.out, args.device)  # the main one makes the run
+        summary = run.train(resume=args.resume, progress=not args.quiet, log=log)
+    if not main:
         return 0  # the main process reports
     print(json.dumps(summary) if args.json else
           f"trained {summary['run_dir']}: validation cosine {summary['val_cosine']:.4f} "
@@ -134,7 +134,12 @@ def cmd_train(args):
     return 0
 
 
+def process_timeout(args) -> int:
+    return check_setting("process_timeout", args.process_timeout or FIELDS["process_timeout"].default)
+
+
 def cmd_evaluate(args):
+
     from img2prompt.run import Run
     run = Run.open(args.run, args.device)
     metrics = run.evaluate(bank=args.bank, search=args.search, data_dir=args.data, progress=not args.quiet, log=log)
@@ -147,15 +152,11 @@ def cmd_train_decoder(args):
     from img2prompt import distributed
     from img2prompt.run import Run
 
-    def open_run():
+    with distributed.process_group(process_timeout(args)) as main:  # under torchrun: every process
         run = Run.open(args.run, args.device)
-        run.update(**chosen_options(args, DECODER_OPTIONS + DECODING_OPTIONS))
-        return run
-
-    distributed.start()  # under torchrun: the main process saves the settings, the others read them
-    run = distributed.main_first(open_run) or Run.open(args.run, args.device)
-    summary = run.train_decoder(force=args.force, progress=not args.quiet, log=log)
-    if not distributed.is_main():
+        run.update(**chosen_options(args, DECODER_OPTIONS + DECODING_OPTIONS))  # saved by the main process
+        summary = run.train_decoder(force=args.force, resume=args.resume, progress=not args.quiet, log=log)
+    if not main:
         return 0  # the main process reports
     print(json.dumps(summary) if args.json else
           f"trained the {summary['decoder']} decoder of {args.run}: validation loss "
@@ -266,7 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue an interrupted run of this "
                        "--out with its saved settings (embedding extraction and training)")
     train.add_argument("--json", action="store_true", help="print the summary as JSON")
-    add_config_options(train, DATA_OPTIONS + ENCODER_OPTIONS + TRAINING_OPTIONS)
+    add_config_options(train, DATA_OPTIONS + ENCODER_OPTIONS + TRAINING_OPTIONS + ("process_timeout",))
+
 
     evaluate = command("evaluate", "score all methods on the run's test split", cmd_evaluate)
     evaluate.add_argument("--run", required=True, help="run folder made by train")
@@ -282,8 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "and cached embeddings)", cmd_train_decoder)
     train_decoder.add_argument("--run", required=True, help="run folder made by train (or notebook 01)")
     train_decoder.add_argument("--force", action="store_true", help="retrain an existing decoder")
+    train_decoder.add_argument("--resume", action="store_true", help="continue an interrupted decoder training")
     train_decoder.add_argument("--json", action="store_true", help="print the summary as JSON")
-    add_config_options(train_decoder, DECODER_OPTIONS + DECODING_OPTIONS)
+    add_config_options(train_decoder, DECODER_OPTIONS + DECODING_OPTIONS + ("process_timeout",))
 
     predict = command("predict", "predict the prompt of any images with a trained run", cmd_predict)
     predict.add_argument("--method", choices=("retrieval", "decoder"), default="retrieval",

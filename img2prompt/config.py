@@ -77,6 +77,8 @@ class StudyConfig:
                           "actor per GPU; the same cache entry)", choices=("local", "ray"))
     ray_address: str = _option("", "engine ray: the cluster's address (e.g. auto, or host:6379); empty: "
                                "a local Ray instance on this machine's cores, started for the job")
+    process_timeout: int = _option(720, "torchrun: minutes a process waits for the others (the followers "
+                                   "wait while the main process extracts the embeddings)", minimum=1)
     device: str = _option("auto", "where models run: auto (a CUDA GPU, then Apple MPS, then the CPU) | "
                           "cpu | cuda | mps", choices=("auto", "cpu", "cuda", "mps"))
     bank: str = _option("train", "prompt bank for retrieval: train (training prompts) or all",
@@ -148,7 +150,7 @@ class StudyConfig:
 
     def decode_options(self, strategy=None):
         """The decoding settings (``strategy`` overrides the run's), checked."""
-        from img2prompt.models.generation import DecodeOptions
+        from img2prompt.models.decoder import DecodeOptions
         strategy = check_setting("decode_strategy", strategy or self.decode_strategy)
         self.validate()
         return DecodeOptions(strategy=strategy, beam_width=self.beam_width,

@@ -1,36 +1,57 @@
-"""Data-parallel training with ``torchrun`` (torch.distributed: gloo on CPUs, NCCL on GPUs).
+"""Data-parallel training with ``torchrun`` and torch's ``DistributedDataParallel``.
 
 ``torchrun --nproc-per-node N -m img2prompt train …`` starts N processes of the same
 command. Process 0, the *main* one, does what one process does alone: it makes the run
 folder, extracts the embeddings into the cache and writes every file. The others, the
-*followers*, wait for it, read the embeddings from the cache and train beside it: each
-batch is split between the processes, each computes the gradient of its share, and the
-gradients are summed before every step, so all processes keep the same weights and take the
-steps one process would take (up to the order of floating-point sums). The dropout masks of
-the mapper and of the decoder (its prefix MLP and tiny LM) are drawn for the whole batch from a
-generator every process holds alike, each process keeping its share's rows
-(``Mapper.dropout_masks``, ``PromptDecoder.dropout_masks``). Without torchrun everything here
-is a no-op.
+*followers*, wait for it (``main_first``), read the embeddings from the cache and train
+beside it: each batch is shared out between the processes, ``wrap`` puts the model in
+``DistributedDataParallel``, which averages the gradients, and each process draws its own
+dropout. Decisions that must agree (the validation, early stopping, the kept epoch) are
+taken by the main process and sent to the others (``from_main``), so no process can stop
+at another epoch than the rest. Without torchrun everything here is a no-op.
+
+One process group serves both devices (``cpu:gloo,cuda:nccl``): every tensor a collective
+touches lives on the training device.
 """
 
+import contextlib
 import os
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
+from img2prompt.config import StudyConfig
 from img2prompt.errors import RunError
 
-# the followers wait for the main process while it extracts embeddings: allow hours
-TIMEOUT = timedelta(hours=12)
 
-
-def start():
-    """Join the process group when torchrun started this process (WORLD_SIZE > 1)."""
+def start(timeout_minutes=StudyConfig.process_timeout):
+    """Join the process group when torchrun started this process (WORLD_SIZE > 1). A process
+    waits for the others at most ``timeout_minutes`` (the followers wait while the main one
+    extracts the embeddings)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        backend = "gloo"
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # "cuda" is this process's GPU
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=TIMEOUT)
+            backend = "cpu:gloo,cuda:nccl"
+        dist.init_process_group(backend, timeout=timedelta(minutes=timeout_minutes))
+
+
+def stop():
+    """Leave the process group (at the end of a command)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def process_group(timeout_minutes=StudyConfig.process_timeout):
+    """The process group for the time of a command (``start``, then ``stop``); yields whether
+    this is the main process."""
+    start(timeout_minutes)
+    try:
+        yield is_main()
+    finally:
+        stop()
 
 
 def world_size() -> int:
@@ -45,36 +66,35 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def share(index):
+def share(batch):
     """This process's share of a batch (every world_size()-th item, from its rank on)."""
-    return index[rank()::world_size()]
+    return batch[rank()::world_size()]
 
 
-def sum_gradients(parameters):
-    """Add up the gradients of all processes (one collective for all parameters)."""
+def wrap(model, device):
+    """``model`` in DistributedDataParallel under torchrun (it averages the gradients of the
+    processes' shares in backward), else ``model`` itself."""
     if world_size() == 1:
-        return
-    parameters = [p for p in parameters if p.requires_grad]
-    for p in parameters:
-        if p.grad is None:  # a process whose share was empty still takes part
-            p.grad = torch.zeros_like(p)
-    flat = torch.cat([p.grad.reshape(-1) for p in parameters])
-    dist.all_reduce(flat)
-    for p, summed in zip(parameters, flat.split([p.numel() for p in parameters])):
-        p.grad.copy_(summed.view_as(p))
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+    return DistributedDataParallel(model, device_ids=[device.index or 0] if device.type == "cuda" else None,
+                                   broadcast_buffers=False)  # frozen statistics (BatchNorm) stay as they are
 
 
-def sum_tensor(tensor):
-    """Add up ``tensor`` over all processes, in place."""
+def sum_over_processes(tensor):
+    """``tensor`` (on the training device) added up over all processes, in place."""
     if world_size() > 1:
         dist.all_reduce(tensor)
     return tensor
 
 
-def sum_number(value: float) -> float:
+def from_main(work):
+    """``work()`` done by the main process alone, its result given to every process."""
     if world_size() == 1:
-        return value
-    return float(sum_tensor(torch.tensor([value], dtype=torch.float64)).item())
+        return work()
+    box = [work() if is_main() else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def main_first(work):

@@ -27,3 +27,8 @@ def progress_bar(total, unit, enabled=None, description=None):
         return notebook_tqdm(total=total, unit=f" {unit}", desc=description, leave=False)
     return tqdm(total=total, unit=f" {unit}", desc=description, dynamic_ncols=True,
                 disable=enabled is False or not sys.stderr.isatty(), leave=False)
+
+
+def bars_shown(enabled=None) -> bool:
+    """Whether ``progress_bar(..., enabled)`` shows a bar (for libraries that draw their own)."""
+    return enabled is not False and os.environ.get(QUIET_VARIABLE) != "0" and (in_notebook() or sys.stderr.isatty())

@@ -10,14 +10,15 @@ The command line and the notebooks call these same methods. Settings change only
 ``update`` (checked, then saved with the run). Each stage holds the folder's lock, writes
 its files, and marks itself finished in the folder's manifest last (``storage.ownership``):
 a run is finished only when its manifest says so, and starting it anew removes only what
-the project wrote there.
+the project wrote there. Under torchrun (``distributed``) every process trains and only the
+main one locks and writes.
 
 Files: config.json, splits.csv, rejects.csv (rows skipped), best_model.safetensors,
 prompt_bank.safetensors, history.csv, training_state.pt (while a training is unfinished);
 with ``tune="encoder"`` also encoder.safetensors (the fine-tuned top layers),
 frozen_model.safetensors (the mapper before fine-tuning), tune_history.csv, tune_state.pt;
-decoder.safetensors, decoder_history.csv, test_results.csv, metrics.json, figures/, and the
-summaries behind each notebook's conclusions (``SUMMARIES``).
+decoder.safetensors, decoder_history.csv, decoder_state.pt, test_results.csv,
+metrics.json, figures/, and the summaries behind each notebook's conclusions (``SUMMARIES``).
 
 Importing this module loads no training, plotting or notebook code: those load when a
 stage runs, so that inference (``predict``) stays light.
@@ -25,27 +26,22 @@ stage runs, so that inference (``predict``) stays light.
 
 import contextlib
 import dataclasses
-import functools
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from img2prompt import distributed
 from img2prompt.config import CONFIG_FILE, StudyConfig
 from img2prompt.data.dataset import (REJECTS_FILE, SPLITS, ImageDataset, grouped_split, load_dataset,
                                      load_splits, record_rejects, save_splits, unique_prompts)
+from img2prompt.data.study import StudyData
 from img2prompt.errors import RunError, TrainingDiverged
-
 from img2prompt.evaluation.scores import Metrics
 from img2prompt.storage.checkpoints import PROVENANCE, check_provenance, load_tensors, save_tensors
-
 from img2prompt.storage.files import read_csv, read_json, write_csv, write_json
-
 from img2prompt.storage.ownership import MANIFEST_FILE, claim, find_owned, unreadable_manifest
-
 
 RUN_KIND = "run"
 # stages recorded as finished in the manifest
@@ -61,6 +57,7 @@ TUNE_HISTORY_FILE = "tune_history.csv"
 TUNE_STATE_FILE = "tune_state.pt"
 DECODER_FILE = "decoder.safetensors"
 DECODER_HISTORY_FILE = "decoder_history.csv"
+DECODER_STATE_FILE = "decoder_state.pt"
 RESULTS_FILE = "test_results.csv"
 METRICS_FILE = "metrics.json"
 FIGURES = {"loss": "figures/loss_curve.png", "tune": "figures/tune_curve.png",
@@ -72,81 +69,6 @@ SUMMARIES = {"data": "data_summary.json", "embedding": "embedding_summary.json",
 
 def _quiet(*_args, **_kwargs):
     pass
-
-
-def decoder_input(grid, colors, grid_map="last") -> str:
-    """What a decoder reads, in words."""
-    parts = ["the pooled vector"]
-    if grid:
-        maps = "the middle and last maps" if grid_map == "both" else f"the {grid_map} map"
-        parts.append(f"a {grid}x{grid} grid of {maps}")
-    if colors:
-        parts.append(f"colour histograms ({colors} levels)")
-    return " + ".join(parts)
-
-
-@dataclass
-class StudyData:
-    """A dataset with its split and its embeddings (image, target text, metric text, and
-    the decoder's input: the image embedding followed by its feature-map grid and colour
-    histograms, ``ImageEncoder.forward``, read by ``load_decoder_emb`` when first used).
-    Its rows come grouped by split (train, val, test; each in the dataset's order), so that
-    a split's rows are a slice of each array."""
-
-    dataset: ImageDataset
-    splits: np.ndarray
-    image_emb: np.ndarray
-    target_emb: np.ndarray
-    metric_emb: np.ndarray
-    load_decoder_emb: Callable = None
-
-    @functools.cached_property
-    def decoder_emb(self) -> np.ndarray:
-        return self.image_emb if self.load_decoder_emb is None else self.load_decoder_emb()
-
-    def part(self, split) -> "SplitPart":
-        return SplitPart(self, self.splits == split)
-
-
-class SplitPart(Mapping):
-    """One split's rows of a StudyData, read like a dict: ``ids``, ``prompts``, ``images``
-    (``TextColumn``s) and the embeddings. An embedding is a view of the whole array when the split's rows are
-    one slice of it (as a run's data holds them), else a copy made when first read; either
-    way a stage holds only what it uses (the decoder's input is 14,448 numbers per image)."""
-
-    FIELDS = ("ids", "prompts", "images", "image_emb", "target_emb", "metric_emb", "decoder_emb")
-
-    def __init__(self, data: StudyData, mask):
-        self._data, self._mask, self._read = data, mask, {}
-
-    def __getitem__(self, name):
-        if name not in self._read:
-            self._read[name] = self._select(name)
-        return self._read[name]
-
-    def _select(self, name):
-        data, mask = self._data, self._mask
-        if name not in self.FIELDS:
-            raise KeyError(name)
-        rows = np.flatnonzero(mask)
-        texts = {"ids": data.dataset.ids, "prompts": data.dataset.prompts, "images": data.dataset.files}
-        if name in texts:  # a TextColumn of the split's rows
-            return texts[name].take(rows)
-        if len(rows) and rows[-1] - rows[0] + 1 == len(rows):  # one slice: a view, no copy
-            return getattr(data, name)[rows[0]:rows[-1] + 1]
-        return getattr(data, name)[mask]
-
-    def __iter__(self):
-        return iter(self.FIELDS)
-
-    def __len__(self):
-        return len(self.FIELDS)
-
-
-def _block_predictions(mapper, test):
-    """The mapper's predictions for a slice of ``test``'s rows, as ``evaluate_methods`` asks
-    for them a block at a time."""
-    return lambda rows: mapper.predict(test["image_emb"][rows]).numpy()
 
 
 class Run:
@@ -218,11 +140,11 @@ class Run:
         unknown = sorted(set(settings) - {f.name for f in dataclasses.fields(StudyConfig)})
         if unknown:
             raise RunError(f"unknown setting(s) {', '.join(unknown)}.")
-        config = dataclasses.replace(self.config, **settings)
-        config.validate()
+        config = dataclasses.replace(self.config, **settings).validate()
         if config != self.config:
-            with self._lock():
-                config.save(self.root)
+            if distributed.is_main():
+                with self._lock():
+                    config.save(self.root)
             self.config, self._data = config, None
         return config
 
@@ -230,7 +152,8 @@ class Run:
         return self.folder.is_finished(stage)
 
     def _lock(self):
-        return self.folder.lock(f"run folder {self.root}")
+        """The folder's lock, held by the main process (torchrun's followers only read)."""
+        return self.folder.lock(f"run folder {self.root}") if distributed.is_main() else contextlib.nullcontext()
 
     def _path(self, name) -> Path:
         return self.root / name
@@ -242,7 +165,8 @@ class Run:
         listed in the run's rejects.csv."""
         config = config or self.config
         dataset = load_dataset(config.data_dir, config.on_error, config.max_pixels)
-        record_rejects(dataset, self._path(REJECTS_FILE), log)
+        if distributed.is_main():
+            record_rejects(dataset, self._path(REJECTS_FILE), log)
         return dataset
 
     def _split(self, dataset, log=_quiet) -> np.ndarray:
@@ -254,7 +178,7 @@ class Run:
             config = self.config
             splits = grouped_split(dataset.prompts, config.seed, config.val_fraction, config.test_fraction)
             save_splits(path, dataset, splits)
-        counts = {s: int((splits == s).sum()) for s in ("train", "val", "test")}
+        counts = {s: int((splits == s).sum()) for s in SPLITS}
         log(f"dataset {dataset.root}: {len(dataset)} images; split {counts} (grouped by prompt)")
         return splits
 
@@ -268,29 +192,27 @@ class Run:
         tuned = self.is_finished(TUNE)  # whose features: the frozen or the fine-tuned encoder's
         if self._data is None or resume or self._data_tuned != tuned:
             self._data = None  # not held twice while read again
-            self._data, self._data_tuned = self._prepare(self.config, progress, log, resume), tuned
+            self._data, self._data_tuned = self.prepare(self.config, progress, log, resume), tuned
         return self._data
 
-    def _prepare(self, config, progress, log, resume=False, tuned=None, lock=True) -> StudyData:
-        """The dataset, split and embeddings; ``lock=False`` only reads (a torchrun follower,
-        while the main process holds the lock)."""
-        from img2prompt.encoders.allocator import hand_back_freed_memory
+    def prepare(self, config, progress=None, log=_quiet, resume=False, tuned=None) -> StudyData:
+        """The dataset, split and embeddings of ``config`` (the run's, or a variant of it).
+        Under torchrun the main process extracts the embeddings first; the others then read
+        them from the cache."""
         from img2prompt.encoders.embeddings import dataset_embeddings
-        with self._lock() if lock else contextlib.nullcontext():
-            if lock:
+
+        def embedded():
+            with self._lock():
                 dataset = self.dataset(log, config)
-                splits = self._split(dataset, log)
-            else:  # made by the main process: read them
-                dataset = load_dataset(config.data_dir, config.on_error, config.max_pixels)
-                splits = self.splits(dataset)
-            found = dataset_embeddings(config, dataset, progress, log, resume, self.image_encoder(tuned, config),
-                                       group=[SPLITS.index(split) for split in splits])
-            if lock and found.dataset.rejects != dataset.rejects:  # images found unreadable while embedded
-                record_rejects(found.dataset, self._path(REJECTS_FILE), log)
-            del dataset  # the listing in the file's order: the data holds it in split order
-            hand_back_freed_memory()  # what reading freed stays out of the stage's peak
-            return StudyData(found.dataset, splits[found.rows], found.image_emb, found.target_emb,
-                             found.metric_emb, found.load_decoder_emb)
+                splits = self._split(dataset, log) if distributed.is_main() else self.splits(dataset)
+                found = dataset_embeddings(config, dataset, progress, log, resume, self.image_encoder(tuned, config),
+                                           group=[SPLITS.index(split) for split in splits])
+                if distributed.is_main() and found.dataset.rejects != dataset.rejects:  # found while embedded
+                    record_rejects(found.dataset, self._path(REJECTS_FILE), log)
+                return StudyData(found.dataset, splits[found.rows], found.image_emb, found.target_emb,
+                                 found.metric_emb, found.load_decoder_emb)
+
+        return distributed.main_first(embedded) or embedded()
 
     def provenance(self, *parts, tuned=None) -> dict:
         """What the run's models are made from, as its settings say now: for each part asked,
@@ -315,9 +237,7 @@ class Run:
         from img2prompt.encoders.image import image_encoder
         config = config or self.config
         encoder = image_encoder(config.image_encoder, config.image_weights, config.device)
-        if tuned is None:
-            tuned = self.is_finished(TUNE)
-        if tuned:
+        if self.is_finished(TUNE) if tuned is None else tuned:
             encoder.use_tuned(self._path(TUNED_ENCODER_FILE))
         return encoder
 
@@ -329,95 +249,60 @@ class Run:
         (the training prompts, for retrieval), the histories and curves. The training state
         is saved as it goes; ``resume`` continues an interrupted training (and embedding
         extraction) instead."""
-        from img2prompt import distributed
+        from img2prompt.evaluation.search import Rows
 
-        if not distributed.is_main():
-            return self._follow_training(resume)
+        def start():
+            if resume and self.is_finished(TRAIN):
+                raise RunError(f"{self.root}: this run finished; nothing to resume (--force trains it anew).")
+            self.folder.mark_unfinished(TRAIN)
+            self.folder.mark_unfinished(TUNE)  # so the data is the frozen encoder's features
+
+        main = distributed.is_main()
         with self._lock():
-            def prepare():
-                if resume and self.is_finished(TRAIN):
-                    raise RunError(f"{self.root}: this run finished; nothing to resume (--force trains "
-                                   "it anew).")
-                self.folder.mark_unfinished(TRAIN)
-                self.folder.mark_unfinished(TUNE)  # so the data is the frozen encoder's features
-                return self.data(progress, log, resume=resume)
-
-            data = distributed.main_first(prepare)
+            distributed.main_first(start)
+            data = self.data(progress, log, resume=resume)
             with self._failing(TRAIN):
-                summary = self._train_stages(data, resume, progress, log)
-            self.folder.mark_finished(TRAIN)
+                summary = self._train_mapper(data, resume, progress, log if main else _quiet)
+                if self.config.tune == "encoder":
+                    summary["tuned"] = self._fine_tune(data, resume, progress, log if main else _quiet)
+            if main:
+                prompts, first = unique_prompts(data.part("train")["prompts"])
+                save_tensors(self._path(BANK_FILE), {"target_emb": Rows(data.part("train")["target_emb"], first)},
+                             {"prompts": prompts, PROVENANCE: self.provenance("text_encoder")})  # rows read in place
+                self.folder.mark_finished(TRAIN)
         log(f"best epoch {summary['best_epoch']} of {summary['epochs']}: validation cosine "
             f"{summary['val_cosine']:.4f}; model in {self._path(MODEL_FILE)}")
         return summary
 
-    def _train_stages(self, data, resume, progress, log) -> dict:
-        """The mapper on frozen features, then with ``tune="encoder"`` the fine-tuning; the
-        prompt bank; their files saved (the main process)."""
-        from img2prompt.evaluation.search import Rows
-        from img2prompt.models.mapper import save_mapper
+    def _train_mapper(self, data, resume, progress, log) -> dict:
+        """The mapper on frozen features, continuing a saved training state if ``resume``;
+        its model, history and curve saved (the main process)."""
+        from img2prompt.models.training import train_mapper
         from img2prompt.reports.plots import plot_history, save_figure
 
-        config = self.config
-        train_part, val_part = data.part("train"), data.part("val")
-        tune = config.tune == "encoder"
-        head_file = self._path(FROZEN_MODEL_FILE if tune else MODEL_FILE)
+        config, train_part, val_part = self.config, data.part("train"), data.part("val")
+        head_file = self._path(FROZEN_MODEL_FILE if config.tune == "encoder" else MODEL_FILE)
         state = self._path(TRAINING_STATE_FILE)
-        mapper_made_from = self.provenance("image_encoder", "text_encoder", tuned=False)
-        if self._head_trained(resume):
+        if resume and config.tune == "encoder" and self.folder.owns(head_file) and head_file.is_file():
             log("resuming: the mapper on frozen features is trained; fine-tuning")
-            model, history = self._head(), self.history()
-
-        else:
-            if resume and state.is_file():
-                log("resuming the training")
-            log(f"training the mapper ({config.depth} hidden layer(s) of {config.hidden_size}) on "
-                f"{len(train_part['ids'])} images, validating on {len(val_part['ids'])}")
-            model, history = self._train_mapper(train_part, val_part, progress, resume)
-            save_mapper(model, head_file, mapper_made_from)
+            return self._summary(self.history(), train_part, val_part)
+        log(f"{'resuming' if resume and state.is_file() else 'training'} the mapper ({config.depth} hidden "
+            f"layer(s) of {config.hidden_size}) on {len(train_part['ids'])} images, validating on "
+            f"{len(val_part['ids'])}")
+        model, history = train_mapper(train_part["image_emb"], train_part["target_emb"], val_part["image_emb"],
+                                      val_part["target_emb"], config, progress, state_path=state,
+                                      resume=resume and state.is_file(), device=self.device)
+        if distributed.is_main():
+            self._save_mapper(model, head_file, tuned=False)
             write_csv(self._path(HISTORY_FILE), history)
             save_figure(plot_history(history), self._path(FIGURES["loss"]))
             if self.folder.owns(state):
                 self.folder.remove(state)  # only once everything it led to is saved
-        summary = self._summary(history, train_part, val_part)
-        if tune:
-            summary["tuned"] = self._fine_tune(data, model, resume, progress, log)
-        prompts, first = unique_prompts(train_part["prompts"])
-        save_tensors(self._path(BANK_FILE), {"target_emb": Rows(train_part["target_emb"], first)},
-                     {"prompts": prompts, PROVENANCE: self.provenance("text_encoder")})  # rows written in place
-        return summary
-
-    def _train_mapper(self, train_part, val_part, progress, resume):
-        """(mapper, history) on frozen features, continuing a saved training state if ``resume``."""
-        from img2prompt.models.training import train_mapper
-        state = self._path(TRAINING_STATE_FILE)
-        return train_mapper(train_part["image_emb"], train_part["target_emb"], val_part["image_emb"],
-                            val_part["target_emb"], self.config, progress, state_path=state,
-                            resume=resume and state.is_file(), device=self.device)
-
-    def _head_trained(self, resume) -> bool:
-        """Whether a resumed ``--tune encoder`` run has its mapper on frozen features already."""
-        head_file = self._path(FROZEN_MODEL_FILE)
-        return resume and self.config.tune == "encoder" and self.folder.owns(head_file) and head_file.is_file()
-
-    def _follow_training(self, resume) -> dict:
-        """A follower under torchrun (``distributed``): once the main process has the
-        embeddings in the cache, train beside it on a share of each batch (the mapper, then
-        the encoder's top with it); write nothing."""
-        data = self._follower_data()
-        train_part, val_part = data.part("train"), data.part("val")
-        if self._head_trained(resume):  # as the main process does
-            model, history = self._head(), self.history()
-        else:
-            model, history = self._train_mapper(train_part, val_part, False, resume)
-        if self.config.tune == "encoder":
-            self._fine_tune(data, model, resume, False, _quiet)
         return self._summary(history, train_part, val_part)
 
-    def _follower_data(self) -> StudyData:
-        """A torchrun follower's data: once the main process has it, read from the cache."""
-        from img2prompt import distributed
-        distributed.main_first(None)
-        return self._prepare(self.config, False, _quiet, lock=False)
+    def _save_mapper(self, model, path, tuned):
+        from img2prompt.models.mapper import save_mapper
+        save_mapper(model, path, self.provenance("image_encoder", "text_encoder", tuned=tuned))
 
     def _summary(self, history, train_part, val_part) -> dict:
         best = history[history["best"]].iloc[0]
@@ -426,51 +311,44 @@ class Run:
                 "val_loss_at_best": float(best["val_loss"]), "seconds": float(history["seconds"].sum()),
                 "train_images": len(train_part["ids"]), "val_images": len(val_part["ids"])}
 
-    def _fine_tune(self, data, mapper, resume, progress, log) -> dict:
-        """Fine-tune the encoder's top blocks with ``mapper``; save them and the tuned mapper,
-        then make the run's features anew with the tuned encoder (a torchrun follower only
-        trains beside the main process: None)."""
-        from img2prompt import distributed
+    def _fine_tune(self, data, resume, progress, log) -> dict:
+        """Fine-tune the encoder's top blocks with the mapper on frozen features; save them and
+        the tuned mapper, then make the run's features anew with the tuned encoder."""
         from img2prompt.encoders.embeddings import EmbeddingCache, trunk_features
         from img2prompt.models.finetune import fine_tune, save_tuned
-        from img2prompt.models.mapper import save_mapper
         from img2prompt.reports.plots import plot_tune_history, save_figure
 
-        config, encoder = self.config, self.image_encoder(tuned=False)
-        started = time.perf_counter()
+        config, encoder, started = self.config, self.image_encoder(tuned=False), time.perf_counter()
 
-        def trunk_of_every_image():
+        def trunk_of_every_image():  # the frozen blocks' output, through the cache
             return trunk_features(data.dataset, encoder, config.tune_blocks, EmbeddingCache(config.cache_dir),
                                   config.embed_batch_size, config.num_workers, progress)
 
-        trunk = distributed.main_first(trunk_of_every_image)
-        if trunk is None:  # a follower: from the cache, once the main process has put it there
-            trunk = trunk_of_every_image()
+        trunk = distributed.main_first(trunk_of_every_image)  # the main process fills the cache first
+        trunk = trunk_of_every_image() if trunk is None else trunk
         trunk_seconds = time.perf_counter() - started
         state = self._path(TUNE_STATE_FILE)
         resumed = resume and state.is_file()
         log(f"fine-tuning the top {config.tune_blocks} block(s) of {encoder.name} with the mapper "
             f"({'resumed; ' if resumed else ''}frozen blocks run once: {trunk_seconds:.0f} s)")
         train, val = (data.splits == "train"), (data.splits == "val")
-        model, history = fine_tune(encoder, mapper, trunk[train], data.target_emb[train], trunk[val],
-                                   data.target_emb[val], config, progress, state_path=state,
-                                   resume=resumed, device=self.device)
-        if not distributed.is_main():
-            return None
-        save_tuned(model, self._path(TUNED_ENCODER_FILE))
-        save_mapper(model.mapper, self._path(MODEL_FILE), self.provenance("image_encoder", "text_encoder", tuned=True))
-        write_csv(self._path(TUNE_HISTORY_FILE), history)
-        save_figure(plot_tune_history(history, self.history()), self._path(FIGURES["tune"]))
-        if self.folder.owns(state):
-            self.folder.remove(state)
-        self.folder.mark_finished(TUNE)
-        self.data(progress, log)  # from now on: the fine-tuned encoder's features
+        model, history = fine_tune(encoder, self._head(), trunk[train], data.target_emb[train], trunk[val],
+                                   data.target_emb[val], config, progress, state_path=state, resume=resumed,
+                                   device=self.device)
+        if distributed.is_main():
+            save_tuned(model, self._path(TUNED_ENCODER_FILE))
+            self._save_mapper(model.mapper, self._path(MODEL_FILE), tuned=True)
+            write_csv(self._path(TUNE_HISTORY_FILE), history)
+            save_figure(plot_tune_history(history, self.history()), self._path(FIGURES["tune"]))
+            if self.folder.owns(state):
+                self.folder.remove(state)
+            self.folder.mark_finished(TUNE)
         best = history[history["best"]].iloc[0]
         return {"best_epoch": int(best["epoch"]), "epochs": int(history["epoch"].max()),
                 "val_cosine": float(best["val_cosine"]), "start_val_cosine": float(history["val_cosine"].iloc[0]),
                 "tune_blocks": config.tune_blocks, "trunk_seconds": trunk_seconds,
                 "seconds": float(history["seconds"].sum()),
-                "images_per_s": float(history["images_per_s"].median())}
+                "images_per_s": float(history["samples_per_s"].median())}
 
     def mapper(self):
         from img2prompt.models.mapper import load_mapper
@@ -480,14 +358,12 @@ class Run:
     def prompt_bank(self):
         """(prompts, target-space embeddings) of the prompts retrieval answers with."""
         self._require(TRAIN, "train --resume --out")
-        path = self._path(BANK_FILE)
-        fix = "Train the run again ('img2prompt train --force')."
+        path, fix = self._path(BANK_FILE), "Train the run again ('img2prompt train --force')."
         tensors, metadata = load_tensors(path, "prompt bank", fix, framework="numpy", required=("prompts",))
         check_provenance(path, metadata, self.provenance("text_encoder"), fix)
         prompts, bank = metadata["prompts"], tensors.get("target_emb")
         if bank is None or not isinstance(prompts, list) or len(prompts) != len(bank):
-            raise RunError(f"{path}: not an img2prompt prompt bank (prompts and embeddings do not "
-                           "match). Train the run again.")
+            raise RunError(f"{path}: not an img2prompt prompt bank (prompts and embeddings do not match). {fix}")
         return prompts, bank
 
     def history(self) -> pd.DataFrame:
@@ -515,42 +391,47 @@ class Run:
 
     # --- the decoder -------------------------------------------------------------------------------
 
-    def train_decoder(self, force=False, progress=None, log=_quiet) -> dict:
+    def train_decoder(self, force=False, resume=False, progress=None, log=_quiet) -> dict:
         """Train the prompt decoder on the run's data (cached embeddings); save it, its
-        history, loss curve and summary. A trained decoder is only replaced with ``force``."""
-        from img2prompt import distributed
+        history, loss curve and summary. A trained decoder is only replaced with ``force``;
+        ``resume`` continues an interrupted training."""
         from img2prompt.models.decoder import save_decoder
         from img2prompt.reports.plots import plot_decoder_history, save_figure
 
-        if not distributed.is_main():  # a torchrun follower: train beside the main process, write nothing
-            return self._fit_decoder(self._follower_data(), self.config, False, _quiet)[1]
-        with self._lock():
-            def prepare():
-                if self.is_finished(DECODER) and not force:
-                    raise RunError(f"{self.root}: already holds a trained decoder. Pass --force to train "
-                                   "it anew.")
-                return self.data(progress, log)
-
-            data = distributed.main_first(prepare)
+        def start():
+            if self.is_finished(DECODER) and not (force or resume):
+                raise RunError(f"{self.root}: already holds a trained decoder. Pass --force to train it anew.")
             self.folder.mark_unfinished(DECODER)
+
+        main = distributed.is_main()
+        with self._lock():
+            distributed.main_first(start)
+            state = self._path(DECODER_STATE_FILE)
+
             with self._failing(DECODER):
-                decoder, summary, history = self._fit_decoder(data, self.config, progress, log)
-            save_decoder(decoder, self._path(DECODER_FILE), self.provenance("image_encoder", "decoder_input"))
-            write_csv(self._path(DECODER_HISTORY_FILE), history)
-            save_figure(plot_decoder_history(history), self._path(FIGURES["decoder_loss"]))
-            self.save_summary("decoder", summary)
-            self.folder.mark_finished(DECODER)
+                decoder, summary, history = self.fit_decoder(self.data(progress, log), self.config, progress,
+                                                             log if main else _quiet, state, resume and state.is_file())
+            if main:
+                save_decoder(decoder, self._path(DECODER_FILE), self.provenance("image_encoder", "decoder_input"))
+                write_csv(self._path(DECODER_HISTORY_FILE), history)
+                save_figure(plot_decoder_history(history), self._path(FIGURES["decoder_loss"]))
+                self.save_summary("decoder", summary)
+                if self.folder.owns(state):
+                    self.folder.remove(state)
+                self.folder.mark_finished(DECODER)
         log(f"best epoch {summary['best_epoch']} of {summary['epochs']}: validation cosine "
             f"{summary['val_cosine']:.4f} (greedy); {summary['seconds']:.0f} s; decoder in "
             f"{self._path(DECODER_FILE)}")
         return summary
 
-    def _fit_decoder(self, data, config, progress, log):
-        """A decoder of ``config`` trained on ``data`` (its decoder input): (decoder, summary, history)."""
+    def fit_decoder(self, data, config, progress=None, log=_quiet, state_path=None, resume=False):
+        """A decoder of ``config`` trained on ``data`` (its decoder input): (decoder, summary,
+        history); the epoch kept is the one whose greedy prompts for the validation images
+        come closest to the true ones (metric cosine)."""
         from img2prompt.encoders.embeddings import text_embeddings
         from img2prompt.encoders.text import metric_encoder
         from img2prompt.evaluation.scores import cosine_rows
-        from img2prompt.models.decoder import build_decoder
+        from img2prompt.models.decoder import build_decoder, describe_input
         from img2prompt.models.training import train_decoder
 
         train_part, val_part = data.part("train"), data.part("val")
@@ -560,11 +441,10 @@ class Run:
                                 config.seed, config.decoder_grid, config.decoder_colors, config.decoder_map,
                                 data.image_emb.shape[1], config.decoder_prefix_dropout)
         trainable = sum(p.numel() for p in decoder.trainable_parameters())
-        reads = decoder_input(config.decoder_grid, config.decoder_colors, config.decoder_map)
-        log(f"training the {config.decoder} decoder ({trainable:,} trainable parameters, reads {reads}) "
-            f"on {len(train_part['ids'])} images, validating on {len(val_part['ids'])}")
+        log(f"training the {config.decoder} decoder ({trainable:,} trainable parameters, reads "
+            f"{describe_input(config.decoder_grid, config.decoder_colors, config.decoder_map)}) on "
+            f"{len(train_part['ids'])} images, validating on {len(val_part['ids'])}")
         metric, greedy = metric_encoder(config.device), config.decode_options("greedy")
-
         scored = slice(0, config.decoder_val_images or None)
 
         def val_cosine(model):  # what the evaluation measures, on (some of) the validation images
@@ -575,54 +455,22 @@ class Run:
         started = time.perf_counter()
         history, cut = train_decoder(decoder, train_part["decoder_emb"], train_part["prompts"],
                                      val_part["decoder_emb"], val_part["prompts"], config, progress,
-                                     val_score=val_cosine, device=self.device)
+                                     val_score=val_cosine, device=self.device, state_path=state_path, resume=resume)
         best = history[history["best"]].iloc[0]
         summary = {"decoder": config.decoder, "grid": config.decoder_grid, "grid_map": config.decoder_map,
-                   "trainable_parameters": trainable,
-                   "best_epoch": int(best["epoch"]), "epochs": len(history),
+                   "trainable_parameters": trainable, "best_epoch": int(best["epoch"]), "epochs": len(history),
                    "val_cosine": float(best["val_cosine"]), "val_loss": float(best["val_loss"]),
-                   "train_loss": float(best["train_loss"]),
-                   "train_samples_per_s": float(history["samples_per_s"].median()),
+                   "train_loss": float(best["train_loss"]), "train_samples_per_s": float(history["samples_per_s"].median()),
                    "seconds": time.perf_counter() - started, "prompts_cut_to_max_length": cut,
                    "vocabulary": decoder.tokens.size}
         return decoder, summary, history
 
     def compare_decoder_inputs(self, progress=None, log=_quiet) -> pd.DataFrame:
-        """The run's decoder against one trained the same way on the pooled vector alone (or,
-        when the run's decoder reads only that, on the default grid and colours): per input,
-        its training, and on the test split its greedy prompts' mean cosine, exact-prompt
-        rate and the attribute families it names right (generated data). Nothing is saved."""
-        from img2prompt.encoders.embeddings import text_embeddings
-        from img2prompt.encoders.text import metric_encoder
-        from img2prompt.evaluation.analysis import attribute_matches, has_attributes
-        from img2prompt.evaluation.scores import cosine_rows, exact_prompt_rate
-
+        """The run's decoder against one trained the same way on other inputs
+        (``analysis.compare_decoder_inputs``)."""
+        from img2prompt.evaluation.analysis import compare_decoder_inputs
         self._require(DECODER, "train-decoder --run")
-        own = (self.config.decoder_grid, self.config.decoder_colors, self.config.decoder_map)
-        default = (StudyConfig.decoder_grid, StudyConfig.decoder_colors, StudyConfig.decoder_map)
-        rows = {}
-        for grid, colors, grid_map in ((0, 0, own[2]), own if own[:2] != (0, 0) else default):
-            config = dataclasses.replace(self.config, decoder_grid=grid, decoder_colors=colors,
-                                         decoder_map=grid_map)
-            if (grid, colors, grid_map) == own:
-                decoder, summary = self.decoder().to(self.device), self.summary("decoder")
-                data = self.data(progress, log)
-            else:
-                with self._lock():
-                    data = self._prepare(config, progress, log)
-                decoder, summary, _ = self._fit_decoder(data, config, progress, log)
-            test = data.part("test")
-            texts = decoder.generate(test["decoder_emb"], config.decode_options("greedy"))
-            cosine = cosine_rows(text_embeddings(texts, metric_encoder(config.device), progress=False),
-                                 test["metric_emb"])
-            name = decoder_input(grid, colors, grid_map)
-            rows[name] = {"test cosine (greedy)": float(cosine.mean()),
-                          "exact prompts": exact_prompt_rate(texts, test["prompts"]),
-                          "val cosine": summary["val_cosine"], "epochs": summary["epochs"],
-                          "seconds": summary["seconds"], "input width": data.decoder_emb.shape[1]}
-            if has_attributes(config.data_dir):
-                rows[name].update(attribute_matches(test["prompts"], texts).mean().to_dict())
-        return pd.DataFrame(rows).T
+        return compare_decoder_inputs(self, progress, log)
 
     def decoder(self):
         from img2prompt.models.decoder import load_decoder
@@ -639,70 +487,18 @@ class Run:
         """Score every method on the test split (the decoder's text too, once trained); write
         test_results.csv and metrics.json. ``bank`` (train | all), ``search`` (auto | exact |
         approximate) and ``data_dir`` (the dataset moved) apply to this evaluation only."""
-        from img2prompt.encoders.embeddings import text_embeddings
-        from img2prompt.encoders.text import METRIC_ENCODER, metric_encoder
-        from img2prompt.evaluation.analysis import attribute_matches, has_attributes
-        from img2prompt.evaluation.scores import evaluate_methods, fit_linear_map, paired_difference
-        from img2prompt.evaluation.search import Rows
+        from img2prompt.evaluation.study import evaluate_run
 
         with self._lock():
             self._require(TRAIN, "train --resume --out")
             if not self._path(SPLITS_FILE).is_file():  # a new split would leak training images into test
                 raise RunError(f"{self._path(SPLITS_FILE)}: not found; the run's split is lost. Train "
                                "the run again with --force.")
-            config = dataclasses.replace(self.config, bank=bank or self.config.bank,
-                                         search=search or self.config.search,
-                                         data_dir=str(data_dir or self.config.data_dir))
-            config.validate()
-            data = self._prepare(config, progress, log) if data_dir else self.data(progress, log)
+            config = dataclasses.replace(self.config, bank=bank or self.config.bank, search=search or self.config.search,
+                                         data_dir=str(data_dir or self.config.data_dir)).validate()
+            data = self.prepare(config, progress, log) if data_dir else self.data(progress, log)
             self.folder.mark_unfinished(EVALUATE)
-            test, train_part = data.part("test"), data.part("train")
-            if not test["ids"]:
-                raise RunError(f"{self.root}: the test split is empty; train with --test-fraction > 0.")
-            bank_mask = np.ones(len(data.splits), bool) if config.bank == "all" else data.splits == "train"
-            bank_rows = np.flatnonzero(bank_mask)
-            first_of_each = unique_prompts(Rows(data.dataset.prompts, bank_rows))[1]
-            bank_rows = bank_rows[first_of_each]  # each distinct prompt once, read in place (texts too)
-            bank_part = {name: Rows(array, bank_rows) for name, array in (
-                ("prompts", data.dataset.prompts), ("target_emb", data.target_emb), ("metric_emb", data.metric_emb))}
-            # the training prompts are read for kNN's answers only: in place, not a column of their own
-            train_texts = {"prompts": Rows(data.dataset.prompts, np.flatnonzero(data.splits == "train")),
-                           **{name: train_part[name] for name in ("image_emb", "metric_emb")}}
-            to_metric = (None if config.text_encoder == METRIC_ENCODER
-                         else fit_linear_map(train_part["target_emb"], train_part["metric_emb"]))
-            generated = {}
-            if self.is_finished(DECODER):
-                texts = self.decoder().to(self.device).generate(test["decoder_emb"], config.decode_options())
-                log(f"decoder: {len(texts)} prompts generated ({config.decode_strategy})")
-                generated["decoder"] = (texts, text_embeddings(texts, metric_encoder(config.device),
-                                                               progress=progress))
-            frame, scores = evaluate_methods(test, train_texts, bank_part, _block_predictions(self.mapper(), test),
-                                             to_metric, config.bootstrap, config.seed, generated, config.search)
-            text_columns = {"retrieval": "predicted_prompt", **{n: f"{n}_prompt" for n in generated}}
-            if self.is_finished(TUNE):  # the same methods on the frozen features, paired
-                frozen = self._prepare(config, progress, log, tuned=False)
-                frozen_test = frozen.part("test")
-                frozen_frame, frozen_scores = evaluate_methods(
-                    frozen_test, frozen.part("train"), bank_part,
-                    _block_predictions(self.frozen_mapper(), frozen_test), to_metric,
-                    config.bootstrap, config.seed, search_method=config.search)
-                for name in ("mapper", "retrieval"):
-                    scores["methods"][f"frozen_{name}"] = frozen_scores["methods"][name]
-                    frame[f"cosine_frozen_{name}"] = frozen_frame[f"cosine_{name}"]
-                    scores["comparisons"][f"{name}_minus_frozen_{name}"] = paired_difference(
-                        frame[f"cosine_{name}"].to_numpy(), frozen_frame[f"cosine_{name}"].to_numpy(),
-                        config.bootstrap, config.seed)
-                frame["frozen_predicted_prompt"] = frozen_frame["predicted_prompt"]
-                text_columns["frozen_retrieval"] = "frozen_predicted_prompt"
-            if has_attributes(config.data_dir):  # generated data: which attributes each text method states
-                for name, column in text_columns.items():
-                    accuracy = attribute_matches(test["prompts"], frame[column]).mean()
-                    scores["methods"][name]["attribute_accuracy"] = accuracy.round(6).to_dict()
-            metrics = {"run_dir": str(self.root), "data_dir": config.data_dir, "n_test": len(test["ids"]),
-                       "n_train": len(train_part["ids"]), "image_encoder": config.image_encoder,
-                       "tune": "encoder" if self.is_finished(TUNE) else "head",
-                       "text_encoder": config.text_encoder, "metric_encoder": "all-MiniLM-L6-v2",
-                       "bank": config.bank, **scores}
+            frame, metrics = evaluate_run(self, data, config, progress, log)
             write_csv(self._path(RESULTS_FILE), frame)
             write_json(self._path(METRICS_FILE), metrics)
             self.folder.mark_finished(EVALUATE)
@@ -715,7 +511,6 @@ class Run:
         if not isinstance(metrics.get("methods"), dict):
             raise RunError(f"{self._path(METRICS_FILE)}: holds no scores of methods. {fix}")
         return Metrics(metrics)
-
 
     def results(self) -> pd.DataFrame:
         """Per test image: its prompt, each method's prompt and cosine (test_results.csv)."""
@@ -759,6 +554,6 @@ class Run:
         try:
             yield
         except TrainingDiverged as error:
-            self.folder.mark_failed(stage, str(error))
+            if distributed.is_main():
+                self.folder.mark_failed(stage, str(error))
             raise
-

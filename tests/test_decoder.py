@@ -2,7 +2,6 @@
 checkpoints, pretrained causal LMs (tiny random GPT-2 in a temp folder), CLI and evaluation."""
 
 import dataclasses
-import itertools
 import json
 import math
 import shutil
@@ -14,89 +13,71 @@ import torch
 
 from img2prompt.cli import main
 from img2prompt.config import StudyConfig
-from img2prompt.models.decoder import build_decoder, load_decoder, save_decoder
+from img2prompt.models.decoder import DecodeOptions, build_decoder, load_decoder, save_decoder
 from img2prompt.errors import ModelUnavailableError, RunError
 from img2prompt.evaluation.scores import distinct_ngrams
-from img2prompt.models.generation import DecodeOptions, banned_tokens, generate
 from img2prompt.models.training import train_decoder
 
-BOS, EOS, A, B = 0, 1, 2, 3
+def untrained(prefix_length=3, seed=0):
+    x, prompts = toy_data()
+    return build_decoder("tiny", x.shape[1], prompts, prefix_length, 32, 2, 2, 0.1, seed=seed), x
 
 
-def table_scorer(table):
-    """Next-token log-probabilities looked up by the sequence so far (BOS stripped);
-    sequences not in the table end at once."""
-    def scorer(tokens, rows):
-        out = []
-        for sequence in tokens.tolist():
-            probs = table.get(tuple(sequence[1:]), {EOS: 1.0})
-            row = torch.full((4,), -math.inf)
-            for token, p in probs.items():
-                row[token] = math.log(p)
-            out.append(row)
-        return torch.stack(out)
-    return scorer
+def test_the_tiny_decoder_is_a_transformers_gpt2_built_from_the_config():
+    from transformers import GPT2LMHeadModel
+    decoder, _ = untrained()
+    lm = decoder.model.lm
+    assert isinstance(lm, GPT2LMHeadModel)
+    assert (lm.config.n_layer, lm.config.n_embd, lm.config.n_head, lm.config.vocab_size) == (2, 32, 2, decoder.tokens.size)
+    assert lm.lm_head.weight is lm.transformer.wte.weight  # tied input and output embeddings
 
 
-# greedy takes A (0.6) and then must end badly; the best sequence starts with B (0.4)
-TRAP = {(): {A: 0.6, B: 0.4},
-        (A,): {EOS: 0.3, A: 0.35, B: 0.35},
-        (A, A): {EOS: 0.5, B: 0.5}, (A, B): {EOS: 0.5, A: 0.5},
-        (B,): {EOS: 0.95, A: 0.05}}
+def test_decoding_goes_through_the_language_model_s_generate(monkeypatch):
+    decoder, x = untrained()
+    calls, real = [], type(decoder.model.lm).generate
+
+    def spy(self, *args, **kwargs):
+        calls.append(kwargs)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(decoder.model.lm), "generate", spy)
+    decoder.generate(x[:3], DecodeOptions(strategy="beam", beam_width=4, max_length=7, no_repeat_ngram=2))
+    decoder.generate(x[:3], DecodeOptions(strategy="sample", top_p=0.8, temperature=0.7, max_length=5))
+    beam, sample = calls
+    assert beam["inputs_embeds"].shape[1] == decoder.model.prefix_length + 1  # the prefix, then the start token
+    assert (beam["num_beams"], beam["max_new_tokens"], beam["no_repeat_ngram_size"], beam["do_sample"]) == (4, 7, 2, False)
+    assert (sample["do_sample"], sample["top_p"], sample["temperature"]) == (True, 0.8, 0.7)
 
 
-def sequence_log_prob(table, sequence):
-    total, prefix = 0.0, ()
-    for token in [*sequence, EOS]:
-        probs = table.get(prefix, {EOS: 1.0})
-        if token not in probs:
-            return -math.inf
-        total += math.log(probs[token])
-        prefix += (token,)
-    return total
-
-
-def best_by_enumeration(table, max_length):
-    candidates = [list(c) for n in range(max_length) for c in itertools.product((A, B), repeat=n)]
-    return max(candidates, key=lambda c: sequence_log_prob(table, c))
-
-
-def test_beam_search_returns_the_highest_scoring_sequence():
-    options = DecodeOptions(strategy="beam", beam_width=2, max_length=5, no_repeat_ngram=0,
-                            length_penalty=0.0)
-    best = best_by_enumeration(TRAP, 4)
-    assert best == [B]
-    assert generate(table_scorer(TRAP), 1, BOS, EOS, options) == [best]
-    greedy = generate(table_scorer(TRAP), 1, BOS, EOS, dataclasses.replace(options, strategy="greedy"))
-    assert greedy != [best] and greedy[0][0] == A  # the trap beam search avoids
-
-
-def test_generation_respects_the_maximum_length():
-    never_ends = lambda tokens, rows: torch.log_softmax(torch.tensor([[-9.0, -9.0, 1.0, 0.5]]).repeat(len(tokens), 1), 1)
+def test_generation_respects_the_maximum_length_and_the_cache_changes_nothing(monkeypatch):
+    decoder, x = untrained()
     for strategy in ("greedy", "beam", "sample"):
         options = DecodeOptions(strategy=strategy, max_length=6, no_repeat_ngram=0, beam_width=3)
-        outputs = generate(never_ends, 3, BOS, EOS, options)
-        assert len(outputs) == 3 and all(len(o) == 6 for o in outputs), strategy
+        texts = decoder.generate(x, options)
+        assert len(texts) == len(x) and all(len(decoder.tokens.encode(t)) <= 6 for t in texts), strategy
+        real = type(decoder.model.lm).generate
+        monkeypatch.setattr(type(decoder.model.lm), "generate", lambda self, **kw: real(self, use_cache=False, **kw))
+        assert decoder.generate(x, options) == texts, strategy  # the key/value cache only saves time
+        monkeypatch.undo()
 
 
-def test_repeated_ngrams_are_never_generated():
-    assert banned_tokens([BOS, A, B, A], 2) == {B}
-    assert banned_tokens([BOS, A, B, A, B], 3) == {A}
-    favours_a = lambda tokens, rows: torch.log_softmax(torch.tensor([[-9.0, -5.0, 2.0, 1.0]]).repeat(len(tokens), 1), 1)
-    for strategy in ("greedy", "beam"):
-        output = generate(favours_a, 1, BOS, EOS, DecodeOptions(strategy=strategy, max_length=8, no_repeat_ngram=2))[0]
-        bigrams = list(zip(output, output[1:]))
-        assert len(bigrams) == len(set(bigrams)), (strategy, output)
+def test_sampling_is_seeded_and_leaves_the_global_random_state_alone():
+    decoder, x = untrained()
+    options = DecodeOptions(strategy="sample", max_length=8, seed=3)
+    state = torch.get_rng_state()
+    first = decoder.generate(x, options)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert decoder.generate(x, options) == first
+    assert decoder.generate(x, dataclasses.replace(options, seed=4)) != first
 
 
-def test_nucleus_sampling_is_seeded_and_stays_in_the_nucleus():
-    table = {(): {A: 0.85, B: 0.1, EOS: 0.05}}
-    options = DecodeOptions(strategy="sample", top_p=0.8, max_length=1, seed=3)
-    assert generate(table_scorer(table), 20, BOS, EOS, options) == [[A]] * 20  # B and EOS outside
-    wide = dataclasses.replace(options, top_p=1.0, temperature=2.0)
-    first = generate(table_scorer(table), 200, BOS, EOS, wide)
-    assert first == generate(table_scorer(table), 200, BOS, EOS, wide)
-    assert {tuple(o) for o in first} == {(A,), (B,), ()}
+def test_a_decoder_saved_by_an_older_img2prompt_must_be_trained_again(tmp_path):
+    from safetensors.torch import save_file
+    path = tmp_path / "decoder.safetensors"
+    save_file({"prefix.0.weight": torch.ones(2, 2)}, str(path),
+              metadata={"spec": json.dumps({"decoder": "tiny", "width": 32, "layers": 1, "heads": 2})})
+    with pytest.raises(RunError, match="saved by an older img2prompt.*train-decoder --force"):
+        load_decoder(path)
 
 
 def test_decode_options_are_checked():
@@ -186,10 +167,10 @@ def tiny_gpt2(tmp_path_factory, tiny_bert):
 def test_a_causal_lm_from_a_folder_trains_saves_and_loads(tiny_gpt2, tmp_path, tune):
     x, prompts = toy_data()
     decoder = build_decoder(str(tiny_gpt2), x.shape[1], prefix_length=2, tune=tune)
-    lm_weights = decoder.model.lm.model.transformer.h[0].attn.c_attn.weight.clone()
+    lm_weights = decoder.model.lm.transformer.h[0].attn.c_attn.weight.clone()
     history, _ = train_decoder(decoder, x, prompts, x, prompts, tiny_config(decoder_epochs=4), progress=False)
     assert history["train_loss"].iloc[-1] < history["train_loss"].iloc[0]
-    changed = not torch.equal(lm_weights, decoder.model.lm.model.transformer.h[0].attn.c_attn.weight)
+    changed = not torch.equal(lm_weights, decoder.model.lm.transformer.h[0].attn.c_attn.weight)
     assert changed == (tune == "all")  # frozen unless tuned
     save_decoder(decoder, tmp_path / "decoder.safetensors")
     stored = (tmp_path / "decoder.safetensors").stat().st_size
@@ -278,67 +259,6 @@ def test_smollm2_loads_from_its_package_offline_and_stays_frozen():
     assert math.isfinite(loss.item())
     texts = decoder.generate(x[:2], DecodeOptions(strategy="greedy", max_length=5))
     assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
-
-
-def test_cached_keys_give_the_numbers_of_the_whole_sequence_as_sequences_end():
-    from img2prompt.models.decoder import CachedScorer
-    x, prompts = toy_data()
-    decoder = build_decoder("tiny", x.shape[1], prompts, 3, 32, 2, 2, 0.1)
-    model = decoder.model.eval()
-    with torch.inference_mode():
-        prefix = model.prefix_embeds(torch.as_tensor(x[:5], dtype=torch.float32))
-
-        def whole(tokens, rows):
-            return torch.log_softmax(model(None, tokens, prefix=prefix[rows])[:, -1], dim=-1)
-
-        cached, tokens, rows = CachedScorer(model, prefix), torch.randint(4, 9, (5, 1)), torch.arange(5)
-        for step, ended in enumerate([[], [1], [], [0, 4], []]):  # sequences end along the way
-            keep = [i for i in range(len(rows)) if i not in ended]
-            tokens, rows = tokens[keep], rows[keep]
-            assert torch.allclose(cached(tokens, rows), whole(tokens, rows), atol=1e-5), step
-            tokens = torch.cat([tokens, torch.randint(4, 9, (len(rows), 1))], dim=1)
-
-
-def test_greedy_and_sampled_prompts_are_the_same_with_the_cache():
-    import img2prompt.models.decoder as decoder_module
-    x, prompts = toy_data()
-    decoder = build_decoder("tiny", x.shape[1], prompts, 3, 32, 2, 2, 0.1)
-    decoder.model.eval()
-    for strategy in ("greedy", "sample"):
-        options = DecodeOptions(strategy=strategy, max_length=12)
-        cached = decoder.generate(x, options)
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(decoder_module, "CachedScorer", None)  # would fail if it were used
-            patch.setattr(decoder_module, "TinyCausalLM", type("NotTiny", (), {}))
-            assert decoder.generate(x, options) == cached
-
-
-def test_the_tiny_lm_computes_torch_s_layers_and_each_prompt_keeps_its_dropout_masks():
-    """Its own layer code gives torch's TransformerEncoder numbers (saved decoders load as
-    they were), and a prompt's loss depends only on its own dropout masks (the prefix MLP's
-    and the LM's, cut to its length): what lets each torchrun process train its share of a
-    batch as one process would."""
-    from img2prompt.models.decoder import TinyCausalLM
-    torch.manual_seed(0)
-    lm, embeds = TinyCausalLM(20, 32, 2, 4, dropout=0.3).eval(), torch.randn(4, 9, 32)
-    hidden = embeds + lm.positions.weight[:9]
-    mask = torch.nn.Transformer.generate_square_subsequent_mask(9)
-    torchs = lm.norm(lm.blocks(hidden, mask=mask, is_causal=True)) @ lm.tokens.weight.T
-    assert torch.allclose(lm(embeds), torchs, atol=1e-5)
-    x, prompts = toy_data(n=6)
-    decoder = build_decoder("tiny", x.shape[1], prompts, 3, 32, 2, 4, dropout=0.3, prefix_dropout=0.5)
-    decoder.model.train()
-    x = torch.as_tensor(x)
-    sequences, _ = decoder.encode_prompts(prompts, 12)
-    sequences[0] = sequences[0] + sequences[0][1:]  # the batch's longest: the others' masks are cut
-    masks = decoder.dropout_masks(sequences, torch.Generator().manual_seed(1))
-    assert masks["prefix"].shape == (6, 512) and masks["lm"][1][2].shape[:2] == (6, 3 + len(sequences[0]) - 1)
-    whole = decoder.loss(x, sequences, reduction="none", masks=masks)
-    other = decoder.dropout_masks(sequences, torch.Generator().manual_seed(2))
-    assert not torch.allclose(whole, decoder.loss(x, sequences, reduction="none", masks=other))
-    share = decoder.dropout_masks(sequences, torch.Generator().manual_seed(1), keep_rows=lambda m: m[1::2])
-    mine = decoder.loss(x[1::2], sequences[1::2], reduction="none", masks=share)
-    assert torch.allclose(whole[1::2, :mine.shape[1]], mine, atol=1e-5)
 
 
 def test_early_learning_averages_each_prompt_s_predictions_and_pulls_toward_them():

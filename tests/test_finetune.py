@@ -12,7 +12,7 @@ from img2prompt.cli import main
 from img2prompt.config import StudyConfig
 from img2prompt.encoders.image import image_encoder
 from img2prompt.errors import RunError
-from img2prompt.models import finetune
+from img2prompt.models import finetune, training
 from img2prompt.models.mapper import Mapper
 from img2prompt.predict import Predictor
 from img2prompt.run import Run
@@ -107,8 +107,8 @@ def test_an_interrupted_fine_tuning_resumes_to_the_same_result(tmp_path, monkeyp
 
     _, uninterrupted = finetune.fine_tune(image_encoder("efficientnet-lite0"), fresh_mapper(), trunk[:30],
                                           target[:30], trunk[30:], target[30:], config, progress=False)
-    monkeypatch.setattr(finetune, "CHECKPOINT_SECONDS", 0)
-    real, calls = finetune._val_cosine, []
+    monkeypatch.setattr(training, "CHECKPOINT_SECONDS", 0)
+    real, calls = finetune.mapper_cosines, []
 
     def stop_in_epoch_3(*args, **kwargs):
         calls.append(1)
@@ -117,16 +117,16 @@ def test_an_interrupted_fine_tuning_resumes_to_the_same_result(tmp_path, monkeyp
         return real(*args, **kwargs)
 
     state = tmp_path / "tune_state.pt"
-    monkeypatch.setattr(finetune, "_val_cosine", stop_in_epoch_3)
+    monkeypatch.setattr(finetune, "mapper_cosines", stop_in_epoch_3)
     with pytest.raises(KeyboardInterrupt):
         finetune.fine_tune(encoder, fresh_mapper(), trunk[:30], target[:30], trunk[30:], target[30:],
                            config, progress=False, state_path=state)
-    monkeypatch.setattr(finetune, "_val_cosine", real)
+    monkeypatch.setattr(finetune, "mapper_cosines", real)
     _, resumed = finetune.fine_tune(image_encoder("efficientnet-lite0"), fresh_mapper(), trunk[:30],
                                     target[:30], trunk[30:], target[30:], config, progress=False,
                                     state_path=state, resume=True)
-    pd.testing.assert_frame_equal(resumed.drop(columns=["seconds", "images_per_s"]),
-                                  uninterrupted.drop(columns=["seconds", "images_per_s"]))
+    pd.testing.assert_frame_equal(resumed.drop(columns=["seconds", "samples_per_s"]),
+                                  uninterrupted.drop(columns=["seconds", "samples_per_s"]))
     with pytest.raises(RunError, match="other data or settings"):
         finetune.fine_tune(image_encoder("efficientnet-lite0"), fresh_mapper(), trunk[:30], target[:30] * 2,
                            trunk[30:], target[30:], config, progress=False, state_path=state, resume=True)

@@ -112,8 +112,8 @@ def test_a_training_stopped_by_a_signal_resumes_to_the_same_model(sig, small_dat
         import time
         from img2prompt.models import training
         training.CHECKPOINT_SECONDS = 0
-        real = training.validation_loss
-        training.validation_loss = lambda *args, **kwargs: time.sleep(0.05) or real(*args, **kwargs)
+        real = training.mapper_cosines
+        training.mapper_cosines = lambda *args, **kwargs: time.sleep(0.05) or real(*args, **kwargs)
     """
     status, err = signalled(command(args, slow_epochs), lambda: (run / "training_state.pt").is_file(), sig)
     assert status == EXIT[sig] and "Traceback" not in err, err
@@ -136,8 +136,8 @@ def test_a_decoder_training_stopped_by_a_signal_trains_again_to_the_same_decoder
     slow_epochs = """
         import time
         from img2prompt.models import training
-        real = training._decoder_loss
-        training._decoder_loss = lambda *args, **kwargs: time.sleep(0.5) or real(*args, **kwargs)
+        real = training.decoder_loss
+        training.decoder_loss = lambda *args, **kwargs: time.sleep(0.5) or real(*args, **kwargs)
     """
     status, err = signalled(command(decoder_args(run) + ["--force"], slow_epochs), in_the_stage, sig)
     assert status == EXIT[sig] and "Traceback" not in err, err

@@ -12,7 +12,6 @@ from img2prompt.data.dataset import load_dataset
 from img2prompt.encoders.embeddings import EmbeddingCache, image_embeddings
 from img2prompt.encoders.image import image_encoder
 from img2prompt.errors import DataError
-from img2prompt.models.mapper import Mapper
 
 
 def test_an_interrupted_extraction_resumes_from_the_saved_rows(small_dataset, tmp_path, monkeypatch):
@@ -50,19 +49,19 @@ def test_an_interrupted_training_resumes_to_the_same_result(tmp_path, monkeypatc
     monkeypatch.setattr(training, "CHECKPOINT_SECONDS", 0)
     _, uninterrupted = training.train_mapper(x[:60], y[:60], x[60:], y[60:], config, progress=False)
 
-    real_predict, calls = Mapper.predict, []
+    real_validation, calls = training.mapper_cosines, []
 
-    def stop_in_epoch_5(self, *args, **kwargs):
+    def stop_in_epoch_5(*args, **kwargs):
         calls.append(1)
         if len(calls) == 5:
             raise KeyboardInterrupt
-        return real_predict(self, *args, **kwargs)
+        return real_validation(*args, **kwargs)
 
-    monkeypatch.setattr(Mapper, "predict", stop_in_epoch_5)
+    monkeypatch.setattr(training, "mapper_cosines", stop_in_epoch_5)
     with pytest.raises(KeyboardInterrupt):
         training.train_mapper(x[:60], y[:60], x[60:], y[60:], config, progress=False, state_path=state)
     assert state.is_file()
-    monkeypatch.setattr(Mapper, "predict", real_predict)
+    monkeypatch.setattr(training, "mapper_cosines", real_validation)
     model, resumed = training.train_mapper(x[:60], y[:60], x[60:], y[60:], config, progress=False,
                                            state_path=state, resume=True)
     columns = ["epoch", "train_loss", "val_loss", "best"]

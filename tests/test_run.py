@@ -20,7 +20,7 @@ from img2prompt.errors import RunError
 from img2prompt.evaluation import analysis
 from img2prompt.evaluation.scores import Metrics
 from img2prompt.models.decoder import build_decoder
-from img2prompt.models.generation import DecodeOptions
+from img2prompt.models.decoder import DecodeOptions
 from img2prompt.models.mapper import Mapper
 from img2prompt.reports.notebooks import declared_parameters, find_notebooks
 
@@ -131,7 +131,7 @@ def test_every_default_is_declared_once_in_the_config():
 
 def test_the_linear_probe_and_unseen_pair_groups():
     from img2prompt.data.dataset import ImageDataset
-    from img2prompt.run import StudyData
+    from img2prompt.data.study import StudyData
     rng = np.random.default_rng(0)
     prompts = [f"prompt {i % 40}" for i in range(120)]
     target = rng.normal(size=(40, 6))[[i % 40 for i in range(120)]]

@@ -163,24 +163,3 @@ def test_with_a_layout_the_prefix_reads_every_cell_and_each_part_has_its_scale(t
     loaded = load_decoder(tmp_path / "decoder.safetensors").model
     with torch.inference_mode():
         assert torch.equal(loaded.prefix_embeds(moved), after)
-
-
-def test_a_decoder_saved_before_layouts_reads_its_input_as_it_did(tmp_path):
-    from img2prompt.models.decoder import build_decoder, load_decoder, save_decoder
-    width = 8 * 5 + 64 * 5  # pooled vector and cells as wide, as the last map gave them
-    decoder = build_decoder("tiny", width, ["a red circle"], width=32, layers=1, heads=2, grid=2, colors=4)
-    for key in ("layout", "pooled_dim", "grid_map"):
-        del decoder.spec[key]
-    model = decoder.model = type(decoder.model)(decoder.model.lm, width, 8, 512, grid=2, colors=4)
-    data = torch.rand(20, width)
-    model.fit_to_data(data)
-    del model._buffers["cell_scale"]  # one scale for the pooled vector and the cells, then
-    save_decoder(decoder, tmp_path / "old.safetensors")
-    old = load_decoder(tmp_path / "old.safetensors").model
-    assert not old.layout and old.cell_dim == 8 and old.cell_scale == old.input_scale
-    x = (data[:1] - old.input_mean)[:, :40] / old.input_scale
-    with torch.inference_mode():
-        cells = old.prefix_embeds(data[:1])[:, 8:]
-        expected = old.cell(x[:, 8:].view(1, 8, 4).transpose(1, 2)) + old.cell_place
-        expected = expected + old.cell_colors(((data[:1] - old.input_mean)[:, 104:] / old.color_scale).view(1, 4, 64))
-    assert torch.allclose(cells, expected, atol=1e-6)

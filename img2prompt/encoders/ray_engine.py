@@ -41,9 +41,8 @@ def _ray():
         import ray
         import ray.data
     except ImportError as error:
-        raise RunError(f"--engine ray needs the ray package ({error}). It is one of the project's "
-                       "dependencies: run ./run_tests.sh or ./run_all.sh once to set up .venv, or "
-                       "use --engine local.") from None
+        raise RunError(f"--engine ray needs Ray ({error}): pip install 'img2prompt[scale]' (./run_all.sh's "
+                       ".venv has it), or use --engine local.") from None
     return ray
 
 

