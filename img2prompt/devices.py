@@ -8,6 +8,7 @@ results are identical to a run without this module. The CPU is the tested defaul
 """
 
 import contextlib
+import os
 
 import torch
 
@@ -54,3 +55,11 @@ def pin_memory(device: torch.device) -> bool:
     """Whether DataLoaders should pin their batches (only worth it for a GPU)."""
     return device.type == "cuda"
 
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may use: its affinity where the platform tells it (Linux), else
+    all of the machine's (macOS and Windows have no ``os.sched_getaffinity``)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1

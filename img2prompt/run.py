@@ -26,7 +26,6 @@ stage runs, so that inference (``predict``) stays light.
 
 import contextlib
 import dataclasses
-import time
 from pathlib import Path
 
 import numpy as np
@@ -278,7 +277,7 @@ class Run:
         """The mapper on frozen features, continuing a saved training state if ``resume``;
         its model, history and curve saved (the main process)."""
         from img2prompt.models.training import train_mapper
-        from img2prompt.reports.plots import plot_history, save_figure
+        from img2prompt.reports.plots import plot_history
 
         config, train_part, val_part = self.config, data.part("train"), data.part("val")
         head_file = self._path(FROZEN_MODEL_FILE if config.tune == "encoder" else MODEL_FILE)
@@ -294,61 +293,44 @@ class Run:
                                       resume=resume and state.is_file(), device=self.device)
         if distributed.is_main():
             self._save_mapper(model, head_file, tuned=False)
-            write_csv(self._path(HISTORY_FILE), history)
-            save_figure(plot_history(history), self._path(FIGURES["loss"]))
-            if self.folder.owns(state):
-                self.folder.remove(state)  # only once everything it led to is saved
+            self._save_training(history, HISTORY_FILE, plot_history(history), "loss", state)
         return self._summary(history, train_part, val_part)
 
     def _save_mapper(self, model, path, tuned):
         from img2prompt.models.mapper import save_mapper
         save_mapper(model, path, self.provenance("image_encoder", "text_encoder", tuned=tuned))
 
+    def _save_training(self, history, history_file, figure, curve, state):
+        """A training's history and curve; then its state goes (only once everything it led
+        to is saved)."""
+        from img2prompt.reports.plots import save_figure
+        write_csv(self._path(history_file), history)
+        save_figure(figure, self._path(FIGURES[curve]))
+        if self.folder.owns(state):
+            self.folder.remove(state)
+
     def _summary(self, history, train_part, val_part) -> dict:
-        best = history[history["best"]].iloc[0]
-        return {"run_dir": str(self.root), "best_epoch": int(best["epoch"]), "epochs": len(history),
-                "val_cosine": float(best["val_cosine"]), "train_loss_at_best": float(best["train_loss"]),
+        from img2prompt.models.training import best_epoch, history_best
+        best = history_best(history)
+        return {"run_dir": str(self.root), **best_epoch(history), "train_loss_at_best": float(best["train_loss"]),
                 "val_loss_at_best": float(best["val_loss"]), "seconds": float(history["seconds"].sum()),
                 "train_images": len(train_part["ids"]), "val_images": len(val_part["ids"])}
 
     def _fine_tune(self, data, resume, progress, log) -> dict:
         """Fine-tune the encoder's top blocks with the mapper on frozen features; save them and
-        the tuned mapper, then make the run's features anew with the tuned encoder."""
-        from img2prompt.encoders.embeddings import EmbeddingCache, trunk_features
-        from img2prompt.models.finetune import fine_tune, save_tuned
-        from img2prompt.reports.plots import plot_tune_history, save_figure
+        the tuned mapper (the run's features are the tuned encoder's from then on)."""
+        from img2prompt.models.finetune import fine_tune_study, save_tuned
+        from img2prompt.reports.plots import plot_tune_history
 
-        config, encoder, started = self.config, self.image_encoder(tuned=False), time.perf_counter()
-
-        def trunk_of_every_image():  # the frozen blocks' output, through the cache
-            return trunk_features(data.dataset, encoder, config.tune_blocks, EmbeddingCache(config.cache_dir),
-                                  config.embed_batch_size, config.num_workers, progress)
-
-        trunk = distributed.main_first(trunk_of_every_image)  # the main process fills the cache first
-        trunk = trunk_of_every_image() if trunk is None else trunk
-        trunk_seconds = time.perf_counter() - started
         state = self._path(TUNE_STATE_FILE)
-        resumed = resume and state.is_file()
-        log(f"fine-tuning the top {config.tune_blocks} block(s) of {encoder.name} with the mapper "
-            f"({'resumed; ' if resumed else ''}frozen blocks run once: {trunk_seconds:.0f} s)")
-        train, val = (data.splits == "train"), (data.splits == "val")
-        model, history = fine_tune(encoder, self._head(), trunk[train], data.target_emb[train], trunk[val],
-                                   data.target_emb[val], config, progress, state_path=state, resume=resumed,
-                                   device=self.device)
+        model, history, summary = fine_tune_study(data, self.image_encoder(tuned=False), self._head(), self.config,
+                                                  self.device, progress, log, state, resume and state.is_file())
         if distributed.is_main():
             save_tuned(model, self._path(TUNED_ENCODER_FILE))
             self._save_mapper(model.mapper, self._path(MODEL_FILE), tuned=True)
-            write_csv(self._path(TUNE_HISTORY_FILE), history)
-            save_figure(plot_tune_history(history, self.history()), self._path(FIGURES["tune"]))
-            if self.folder.owns(state):
-                self.folder.remove(state)
+            self._save_training(history, TUNE_HISTORY_FILE, plot_tune_history(history, self.history()), "tune", state)
             self.folder.mark_finished(TUNE)
-        best = history[history["best"]].iloc[0]
-        return {"best_epoch": int(best["epoch"]), "epochs": int(history["epoch"].max()),
-                "val_cosine": float(best["val_cosine"]), "start_val_cosine": float(history["val_cosine"].iloc[0]),
-                "tune_blocks": config.tune_blocks, "trunk_seconds": trunk_seconds,
-                "seconds": float(history["seconds"].sum()),
-                "images_per_s": float(history["samples_per_s"].median())}
+        return summary
 
     def mapper(self):
         from img2prompt.models.mapper import load_mapper
@@ -396,7 +378,8 @@ class Run:
         history, loss curve and summary. A trained decoder is only replaced with ``force``;
         ``resume`` continues an interrupted training."""
         from img2prompt.models.decoder import save_decoder
-        from img2prompt.reports.plots import plot_decoder_history, save_figure
+        from img2prompt.models.training import train_study_decoder
+        from img2prompt.reports.plots import plot_decoder_history
 
         def start():
             if self.is_finished(DECODER) and not (force or resume):
@@ -409,68 +392,18 @@ class Run:
             state = self._path(DECODER_STATE_FILE)
 
             with self._failing(DECODER):
-                decoder, summary, history = self.fit_decoder(self.data(progress, log), self.config, progress,
-                                                             log if main else _quiet, state, resume and state.is_file())
+                decoder, summary, history = train_study_decoder(self.data(progress, log), self.config, self.device,
+                                                                progress, log if main else _quiet, state,
+                                                                resume and state.is_file())
             if main:
                 save_decoder(decoder, self._path(DECODER_FILE), self.provenance("image_encoder", "decoder_input"))
-                write_csv(self._path(DECODER_HISTORY_FILE), history)
-                save_figure(plot_decoder_history(history), self._path(FIGURES["decoder_loss"]))
                 self.save_summary("decoder", summary)
-                if self.folder.owns(state):
-                    self.folder.remove(state)
+                self._save_training(history, DECODER_HISTORY_FILE, plot_decoder_history(history), "decoder_loss", state)
                 self.folder.mark_finished(DECODER)
         log(f"best epoch {summary['best_epoch']} of {summary['epochs']}: validation cosine "
             f"{summary['val_cosine']:.4f} (greedy); {summary['seconds']:.0f} s; decoder in "
             f"{self._path(DECODER_FILE)}")
         return summary
-
-    def fit_decoder(self, data, config, progress=None, log=_quiet, state_path=None, resume=False):
-        """A decoder of ``config`` trained on ``data`` (its decoder input): (decoder, summary,
-        history); the epoch kept is the one whose greedy prompts for the validation images
-        come closest to the true ones (metric cosine)."""
-        from img2prompt.encoders.embeddings import text_embeddings
-        from img2prompt.encoders.text import metric_encoder
-        from img2prompt.evaluation.scores import cosine_rows
-        from img2prompt.models.decoder import build_decoder, describe_input
-        from img2prompt.models.training import train_decoder
-
-        train_part, val_part = data.part("train"), data.part("val")
-        decoder = build_decoder(config.decoder, data.decoder_emb.shape[1], train_part["prompts"],
-                                config.prefix_length, config.decoder_width, config.decoder_layers,
-                                config.decoder_heads, config.decoder_dropout, config.decoder_tune,
-                                config.seed, config.decoder_grid, config.decoder_colors, config.decoder_map,
-                                data.image_emb.shape[1], config.decoder_prefix_dropout)
-        trainable = sum(p.numel() for p in decoder.trainable_parameters())
-        log(f"training the {config.decoder} decoder ({trainable:,} trainable parameters, reads "
-            f"{describe_input(config.decoder_grid, config.decoder_colors, config.decoder_map)}) on "
-            f"{len(train_part['ids'])} images, validating on {len(val_part['ids'])}")
-        metric, greedy = metric_encoder(config.device), config.decode_options("greedy")
-        scored = slice(0, config.decoder_val_images or None)
-
-        def val_cosine(model):  # what the evaluation measures, on (some of) the validation images
-            texts = model.generate(val_part["decoder_emb"][scored], greedy)
-            return float(cosine_rows(text_embeddings(texts, metric, progress=False),
-                                     val_part["metric_emb"][scored]).mean())
-
-        started = time.perf_counter()
-        history, cut = train_decoder(decoder, train_part["decoder_emb"], train_part["prompts"],
-                                     val_part["decoder_emb"], val_part["prompts"], config, progress,
-                                     val_score=val_cosine, device=self.device, state_path=state_path, resume=resume)
-        best = history[history["best"]].iloc[0]
-        summary = {"decoder": config.decoder, "grid": config.decoder_grid, "grid_map": config.decoder_map,
-                   "trainable_parameters": trainable, "best_epoch": int(best["epoch"]), "epochs": len(history),
-                   "val_cosine": float(best["val_cosine"]), "val_loss": float(best["val_loss"]),
-                   "train_loss": float(best["train_loss"]), "train_samples_per_s": float(history["samples_per_s"].median()),
-                   "seconds": time.perf_counter() - started, "prompts_cut_to_max_length": cut,
-                   "vocabulary": decoder.tokens.size}
-        return decoder, summary, history
-
-    def compare_decoder_inputs(self, progress=None, log=_quiet) -> pd.DataFrame:
-        """The run's decoder against one trained the same way on other inputs
-        (``analysis.compare_decoder_inputs``)."""
-        from img2prompt.evaluation.analysis import compare_decoder_inputs
-        self._require(DECODER, "train-decoder --run")
-        return compare_decoder_inputs(self, progress, log)
 
     def decoder(self):
         from img2prompt.models.decoder import load_decoder

@@ -77,3 +77,22 @@ def test_cuda_gives_the_cpu_results_within_bf16_precision(small_dataset):
                                           device=torch.device("cuda"))
     assert next(model.parameters()).device.type == "cpu"  # models come back to the CPU
     assert abs(on_cpu["val_cosine"].max() - on_gpu["val_cosine"].max()) < 0.02
+
+
+def test_extraction_works_where_the_platform_has_no_cpu_affinity(small_dataset, tmp_path, monkeypatch):
+    """macOS and Windows have no os.sched_getaffinity: the worker count comes from cpu_count."""
+    import os
+    from img2prompt.cli import main
+    from img2prompt.encoders.embeddings import decode_workers
+    monkeypatch.delattr(os, "sched_getaffinity")
+    assert decode_workers(-1) == min(4, max(0, os.cpu_count() - 2))
+    assert main(["embed", "--data", str(small_dataset), "--cache-dir", str(tmp_path / "cache"), "--embed-batch-size", "4",
+                 "--quiet"]) == 0
+
+
+def test_the_package_imports_where_fcntl_does_not_exist():
+    """Windows has no fcntl: the locks take msvcrt's there, and importing must not fail."""
+    import subprocess
+    import sys
+    code = 'import sys; sys.modules["fcntl"] = None; import img2prompt, img2prompt.run, img2prompt.cli'
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).returncode == 0

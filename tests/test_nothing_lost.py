@@ -366,7 +366,7 @@ def test_a_corrupt_decoder_is_named(trained_run, tmp_path, capsys):
         load_decoder(path)
     from safetensors.torch import save_file
     import torch
-    save_file({"x": torch.ones(2)}, str(path), metadata={"spec": '{"decoder": "tiny"}'})
+    save_file({"x": torch.ones(2)}, str(path), metadata={"spec": '{"format": 2, "decoder": "tiny"}'})
     with pytest.raises(RunError, match="decoder.safetensors: does not hold a valid decoder"):
         load_decoder(path)
 

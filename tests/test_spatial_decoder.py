@@ -13,6 +13,7 @@ from img2prompt.encoders.embeddings import EmbeddingCache, image_embeddings
 from img2prompt.encoders.image import image_encoder
 from img2prompt.data.dataset import load_dataset
 from img2prompt.errors import RunError
+from img2prompt.evaluation import analysis
 from img2prompt.predict import Predictor
 from img2prompt.run import Run
 from tests.test_decoder import decoder_run  # noqa: F401 - the fixture
@@ -95,7 +96,7 @@ def test_the_predictor_reads_what_the_decoder_was_trained_on(decoder_run):  # no
 def test_the_pooled_and_the_grid_decoder_are_compared(decoder_run, tmp_path):  # noqa: F811
     run = Run.open(decoder_run["run"])
     before = (decoder_run["run"] / "decoder.safetensors").read_bytes()
-    table = run.compare_decoder_inputs()
+    table = analysis.compare_decoder_inputs(run)
     both = "the pooled vector + a 3x3 grid of the middle and last maps + colour histograms (4 levels)"
     assert list(table.index) == ["the pooled vector", both]
     assert table.loc["the pooled vector", "input width"] == 1280

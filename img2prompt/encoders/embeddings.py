@@ -11,7 +11,6 @@ import contextlib
 import functools
 import hashlib
 import json
-import os
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -24,7 +23,7 @@ import torch
 from img2prompt.storage.checkpoints import CHECKSUMS, load_tensors, read_header, save_tensors
 from img2prompt.errors import DataError, RunError, notice, printable
 from img2prompt.data.images import DEFAULT_MAX_PIXELS, open_image
-from img2prompt.devices import pin_memory
+from img2prompt.devices import pin_memory, usable_cpus
 from img2prompt.storage.ownership import claim, lock
 from img2prompt.progress import progress_bar
 
@@ -191,7 +190,7 @@ def decode_workers(requested=-1) -> int:
     process only competes with it: measured here, 0 workers ran ~20% faster than 1."""
     if requested >= 0:
         return requested
-    return min(4, max(0, len(os.sched_getaffinity(0)) - 2))
+    return min(4, max(0, usable_cpus() - 2))
 
 
 def extract_image_embeddings(paths, encoder, batch_size=32, num_workers=-1, progress=True,

@@ -15,14 +15,13 @@ afterwards; with one (``--ray-address``, e.g. ``auto`` on a cluster node) the cl
 import functools
 import logging
 import math
-import os
 
 import numpy as np
 import torch
 from PIL import Image
 
 from img2prompt.data.images import open_image
-from img2prompt.devices import resolve_device
+from img2prompt.devices import resolve_device, usable_cpus
 from img2prompt.encoders.allocator import keep_freed_memory
 from img2prompt.encoders.embeddings import unreadable_found
 from img2prompt.errors import DataError, RunError
@@ -62,7 +61,7 @@ class RayEngine:
             if self.address:
                 ray.init(address=self.address, **options)
             else:
-                ray.init(num_cpus=len(os.sched_getaffinity(0)), include_dashboard=False, **options)
+                ray.init(num_cpus=usable_cpus(), include_dashboard=False, **options)
                 self._started = True
         except (ConnectionError, RuntimeError, ValueError) as error:
             raise RunError(f"--ray-address {self.address}: no Ray cluster could be reached ({error}). "

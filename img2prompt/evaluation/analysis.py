@@ -180,6 +180,7 @@ def compare_decoder_inputs(run, progress=None, log=print) -> pd.DataFrame:
     from img2prompt.encoders.text import metric_encoder
     from img2prompt.evaluation.scores import cosine_rows, exact_prompt_rate
     from img2prompt.models.decoder import describe_input
+    from img2prompt.models.training import train_study_decoder
 
     own = (run.config.decoder_grid, run.config.decoder_colors, run.config.decoder_map)
     default = (StudyConfig.decoder_grid, StudyConfig.decoder_colors, StudyConfig.decoder_map)
@@ -190,7 +191,7 @@ def compare_decoder_inputs(run, progress=None, log=print) -> pd.DataFrame:
             decoder, summary, data = run.decoder().to(run.device), run.summary("decoder"), run.data(progress, log)
         else:
             data = run.prepare(config, progress, log)
-            decoder, summary, _ = run.fit_decoder(data, config, progress, log)
+            decoder, summary, _ = train_study_decoder(data, config, run.device, progress, log)
         test = data.part("test")
         texts = decoder.generate(test["decoder_emb"], config.decode_options("greedy"))
         cosine = cosine_rows(text_embeddings(texts, metric_encoder(config.device), progress=False), test["metric_emb"])

@@ -15,6 +15,8 @@ No image augmentation: the trunk's output is computed once. The generated prompt
 left and right, so a horizontal flip would make them false anyway.
 """
 
+import time
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -123,3 +125,32 @@ def save_tuned(model: TunedTop, path):
     save_tensors(path, {name: tensor.detach() for name, tensor in state.items()},
                  {"encoder": model.encoder.name, "tune_blocks": model.tune_blocks,
                   PROVENANCE: {"image_encoder": model.encoder.identity()}})
+
+
+def fine_tune_study(data, encoder, mapper, config, device=CPU, progress=True, log=print, state_path=None,
+                    resume=False):
+    """Fine-tune ``encoder``'s top blocks with ``mapper`` on a study's data (a StudyData): the
+    frozen blocks' output of every image through the cache (under torchrun the main process
+    fills it first), then ``fine_tune``. Returns (TunedTop, history, summary)."""
+    from img2prompt.encoders.embeddings import EmbeddingCache, trunk_features
+    from img2prompt.models.training import best_epoch
+
+    started = time.perf_counter()
+
+    def trunk_of_every_image():
+        return trunk_features(data.dataset, encoder, config.tune_blocks, EmbeddingCache(config.cache_dir),
+                              config.embed_batch_size, config.num_workers, progress)
+
+    trunk = distributed.main_first(trunk_of_every_image)
+    trunk = trunk_of_every_image() if trunk is None else trunk  # a follower: from the cache
+    trunk_seconds = time.perf_counter() - started
+    log(f"fine-tuning the top {config.tune_blocks} block(s) of {encoder.name} with the mapper "
+        f"({'resumed; ' if resume else ''}frozen blocks run once: {trunk_seconds:.0f} s)")
+    train, val = (data.splits == "train"), (data.splits == "val")
+    model, history = fine_tune(encoder, mapper, trunk[train], data.target_emb[train], trunk[val],
+                               data.target_emb[val], config, progress, state_path=state_path, resume=resume,
+                               device=device)
+    summary = {**best_epoch(history), "start_val_cosine": float(history["val_cosine"].iloc[0]),
+               "tune_blocks": config.tune_blocks, "trunk_seconds": trunk_seconds,
+               "seconds": float(history["seconds"].sum()), "images_per_s": float(history["samples_per_s"].median())}
+    return model, history, summary

@@ -367,3 +367,53 @@ def decoder_loss(decoder, x, sequences, batch) -> float:
             total += decoder.loss(on_device(x[begin:begin + batch], decoder.device), chunk).item() * len(chunk)
     return total / len(x)
 
+
+
+def train_study_decoder(data, config, device=CPU, progress=True, log=print, state_path=None, resume=False):
+    """The study's decoder of ``config`` trained on ``data`` (a StudyData: its decoder input
+    and prompts): (decoder, summary, history). The epoch kept is the one whose greedy prompts
+    for the validation images come closest to the true ones (metric cosine)."""
+    from img2prompt.encoders.embeddings import text_embeddings
+    from img2prompt.encoders.text import metric_encoder
+    from img2prompt.evaluation.scores import cosine_rows
+    from img2prompt.models.decoder import build_decoder, describe_input
+
+    train_part, val_part = data.part("train"), data.part("val")
+    decoder = build_decoder(config.decoder, data.decoder_emb.shape[1], train_part["prompts"], config.prefix_length,
+                            config.decoder_width, config.decoder_layers, config.decoder_heads, config.decoder_dropout,
+                            config.decoder_tune, config.seed, config.decoder_grid, config.decoder_colors,
+                            config.decoder_map, data.image_emb.shape[1], config.decoder_prefix_dropout)
+    trainable = sum(p.numel() for p in decoder.trainable_parameters())
+    log(f"training the {config.decoder} decoder ({trainable:,} trainable parameters, reads "
+        f"{describe_input(config.decoder_grid, config.decoder_colors, config.decoder_map)}) on "
+        f"{len(train_part['ids'])} images, validating on {len(val_part['ids'])}")
+    metric, greedy = metric_encoder(config.device), config.decode_options("greedy")
+    scored = slice(0, config.decoder_val_images or None)
+
+    def val_cosine(model):  # what the evaluation measures, on (some of) the validation images
+        texts = model.generate(val_part["decoder_emb"][scored], greedy)
+        return float(cosine_rows(text_embeddings(texts, metric, progress=False), val_part["metric_emb"][scored]).mean())
+
+    started = time.perf_counter()
+    history, cut = train_decoder(decoder, train_part["decoder_emb"], train_part["prompts"], val_part["decoder_emb"],
+                                 val_part["prompts"], config, progress, val_score=val_cosine, device=device,
+                                 state_path=state_path, resume=resume)
+    best = history_best(history)
+    summary = {"decoder": config.decoder, "grid": config.decoder_grid, "grid_map": config.decoder_map,
+               "trainable_parameters": trainable, **best_epoch(history), "val_loss": float(best["val_loss"]),
+               "train_loss": float(best["train_loss"]), "train_samples_per_s": float(history["samples_per_s"].median()),
+               "seconds": time.perf_counter() - started, "prompts_cut_to_max_length": cut,
+               "vocabulary": decoder.tokens.size}
+    return decoder, summary, history
+
+
+def history_best(history) -> pd.Series:
+    """The kept epoch's row of a history."""
+    return history[history["best"]].iloc[0]
+
+
+def best_epoch(history) -> dict:
+    """The kept epoch, the epochs trained and the kept epoch's validation cosine."""
+    best = history_best(history)
+    return {"best_epoch": int(best["epoch"]), "epochs": int(history["epoch"].max()),
+            "val_cosine": float(best["val_cosine"])}
