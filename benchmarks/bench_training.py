@@ -29,11 +29,10 @@ from img2prompt.config import StudyConfig
 from img2prompt.data.dataset import load_dataset
 from img2prompt.data.images import open_image
 from img2prompt.data.synth import SynthParams, generate_dataset
-from img2prompt.devices import autocast, resolve_device
+from img2prompt.devices import autocast, per_device, resolve_device
 from img2prompt.encoders.image import image_encoder
 from img2prompt.models.finetune import TunedTop, parameter_groups
 from img2prompt.models.mapper import Mapper
-from img2prompt.models.training import cosine_loss
 
 
 def timed(step, batches, warmup=1):
@@ -59,15 +58,16 @@ def main():
     generate_dataset(args.data, SynthParams())
     config, device = StudyConfig(), resolve_device(args.device)
     paths = load_dataset(args.data).paths[:args.images]
-    batch = config.tune_batch_size
+    batch = per_device(config.tune_batch_size, device, 32, 128)
     encoder = image_encoder(config.image_encoder, device=args.device)
     model = encoder.model
     rows = {}
 
     def train_step(net, optimizer):
         def step(inputs):
-            with autocast(device):
-                loss = cosine_loss(net(inputs.to(device)), torch.randn(len(inputs), 384, device=device))
+            with autocast(device):  # loss 1 − cosine, as the study's
+                predicted = net(inputs.to(device)).float()
+                loss = 1 - torch.nn.functional.cosine_similarity(predicted, torch.randn_like(predicted)).mean()
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

@@ -123,7 +123,7 @@ def cmd_train(args):
                                   data_dir=args.data, run_dir=args.out)
         return Run.create(config, force=args.force, log=log)
 
-    with distributed.process_group(process_timeout(args)) as main:  # under torchrun: every process
+    with distributed.process_group(process_timeout(args), args.device or "auto") as main:  # under torchrun: every process
         run = distributed.main_first(start_run) or Run.open(args.out, args.device)  # the main one makes the run
         summary = run.train(resume=args.resume, progress=not args.quiet, log=log)
     if not main:
@@ -152,7 +152,7 @@ def cmd_train_decoder(args):
     from img2prompt import distributed
     from img2prompt.run import Run
 
-    with distributed.process_group(process_timeout(args)) as main:  # under torchrun: every process
+    with distributed.process_group(process_timeout(args), args.device or "auto") as main:  # under torchrun: every process
         run = Run.open(args.run, args.device)
         run.update(**chosen_options(args, DECODER_OPTIONS + DECODING_OPTIONS))  # saved by the main process
         summary = run.train_decoder(force=args.force, resume=args.resume, progress=not args.quiet, log=log)

@@ -63,15 +63,18 @@ class StudyConfig:
     layer_decay: float = _option(0.8, "--tune encoder: each block down learns this times slower", minimum=0)
     ema_decay: float = _option(0.99, "--tune encoder: exponential moving average of the weights, per "
                                "step (the average is validated and kept; 0: off)", minimum=0, below=1)
-    tune_batch_size: int = _option(32, "--tune encoder: images per step", minimum=1)
+    tune_batch_size: int = _option(0, "--tune encoder: images per step (0: per device, 32 on a CPU, 128 on a GPU)",
+                                   minimum=0)
     accumulate_steps: int = _option(1, "--tune encoder: batches whose gradients add up before a step",
                                     minimum=1)
     tune_epochs: int = _option(12, "--tune encoder: most epochs", minimum=1)
     tune_patience: int = _option(3, "--tune encoder: epochs without validation improvement before "
                                  "stopping", minimum=1)
-    embed_batch_size: int = _option(32, "images per batch when extracting embeddings", minimum=1)
-    num_workers: int = _option(-1, "DataLoader workers that decode images (-1: one per core beyond "
-                               "two, at most 4; 0: decode in the main process)", minimum=-1)
+    embed_batch_size: int = _option(0, "images per batch when extracting embeddings (0: per device, 32 on a CPU, "
+                                    "256 on a GPU)", minimum=0)
+    num_workers: int = _option(-1, "DataLoader workers that decode images (-1: per device, one per core beyond "
+                               "two and at most 4 on a CPU, all cores but one and at most 8 for a GPU; 0: decode "
+                               "in the main process)", minimum=-1)
     engine: str = _option("local", "where image embeddings are extracted: local (this process) or ray "
                           "(a Ray Data pipeline: images decoded in CPU tasks, encoded in an actor pool, one "
                           "actor per GPU; the same cache entry)", choices=("local", "ray"))

@@ -25,16 +25,24 @@ from img2prompt.config import StudyConfig
 from img2prompt.errors import RunError
 
 
-def start(timeout_minutes=StudyConfig.process_timeout):
-    """Join the process group when torchrun started this process (WORLD_SIZE > 1). A process
-    waits for the others at most ``timeout_minutes`` (the followers wait while the main one
-    extracts the embeddings)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        backend = "gloo"
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # "cuda" is this process's GPU
-            backend = "cpu:gloo,cuda:nccl"
-        dist.init_process_group(backend, timeout=timedelta(minutes=timeout_minutes))
+def start(timeout_minutes=StudyConfig.process_timeout, device="auto"):
+    """Join the process group when torchrun started this process. A process waits for the
+    others at most ``timeout_minutes`` (the followers wait while the main one extracts the
+    embeddings). Training on CUDA (``device``, a ``--device`` value), each process takes the
+    GPU of its local rank and the group gets NCCL for GPU tensors beside gloo for CPU ones;
+    on the CPU, gloo alone."""
+    if not dist.is_torchelastic_launched() or dist.is_initialized():
+        return
+    from img2prompt.devices import resolve_device
+    backend = "gloo"
+    if resolve_device(device).type == "cuda":
+        local_rank, gpus = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+        if local_rank >= gpus:
+            raise RunError(f"torchrun started more processes on this machine than it has GPUs ({gpus}): pass "
+                           f"--nproc-per-node {gpus} or fewer, or --device cpu.")
+        torch.cuda.set_device(local_rank)  # "cuda" is this process's GPU
+        backend = "cpu:gloo,cuda:nccl"
+    dist.init_process_group(backend, timeout=timedelta(minutes=timeout_minutes))
 
 
 def stop():
@@ -44,10 +52,10 @@ def stop():
 
 
 @contextlib.contextmanager
-def process_group(timeout_minutes=StudyConfig.process_timeout):
+def process_group(timeout_minutes=StudyConfig.process_timeout, device="auto"):
     """The process group for the time of a command (``start``, then ``stop``); yields whether
     this is the main process."""
-    start(timeout_minutes)
+    start(timeout_minutes, device)
     try:
         yield is_main()
     finally:

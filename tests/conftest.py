@@ -6,6 +6,9 @@ from pathlib import Path
 import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing may reach a hub from the tests
+# --device auto means the CPU in the tests (and the commands they start), on a GPU machine
+# too: a test about another device asks for it by name
+os.environ["IMG2PROMPT_AUTO_DEVICE"] = "cpu"
 
 from img2prompt.cli import main  # noqa: E402
 from img2prompt.data.synth import SynthParams, generate_dataset  # noqa: E402

@@ -18,7 +18,9 @@ from img2prompt.run import Run
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
 
 
-def test_auto_picks_an_available_device_and_cpu_is_always_there():
+def test_auto_picks_an_available_device_and_cpu_is_always_there(monkeypatch):
+    assert resolve_device("auto").type == "cpu"  # the tests pin it (conftest)
+    monkeypatch.delenv("IMG2PROMPT_AUTO_DEVICE")
     expected = "cuda" if torch.cuda.is_available() else (
         "mps" if torch.backends.mps.is_available() else "cpu")
     assert resolve_device("auto").type == expected

@@ -5,6 +5,7 @@ stops its followers. The CUDA path's process group is checked with CUDA mocked."
 
 import subprocess
 import sys
+from datetime import timedelta
 
 import numpy as np
 import pandas as pd
@@ -13,6 +14,7 @@ import torch
 
 from img2prompt import distributed
 from img2prompt.cli import main
+from img2prompt.errors import RunError
 
 
 def torchrun(*args, timeout=300):
@@ -107,15 +109,22 @@ def test_a_failing_main_process_stops_its_followers(tmp_path):
 def test_on_a_gpu_machine_the_process_group_has_a_backend_for_cpu_tensors_too(monkeypatch):
     """NCCL alone has no backend for CPU tensors: the one process group serves both."""
     started = {}
-    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")  # as torchrun sets it
+    monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "set_device", lambda index: started.setdefault("device", index))
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
     monkeypatch.setattr(torch.distributed, "init_process_group",
                         lambda backend, timeout: started.update(backend=backend, timeout=timeout))
-    distributed.start(timeout_minutes=30)
-    assert started["backend"] == "cpu:gloo,cuda:nccl" and started["timeout"].total_seconds() == 1800
-    assert started["device"] == 0
+    distributed.start(timeout_minutes=30, device="auto")
+    assert started == {"device": 1, "backend": "cpu:gloo,cuda:nccl", "timeout": timedelta(minutes=30)}
+    started.clear()
+    distributed.start(device="cpu")  # the tests pin the CPU: gloo, and no GPU taken
+    assert started["backend"] == "gloo" and "device" not in started
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # two processes, one GPU
+    with pytest.raises(RunError, match="more processes on this machine than it has GPUs"):
+        distributed.start(device="cuda")
 
 
 def test_the_numbers_training_adds_up_over_processes_live_on_the_training_device(monkeypatch):

@@ -100,3 +100,38 @@ def test_a_bad_image_is_named_or_skipped_as_in_process(local_ray, small_dataset,
     assert set(info["unreadable"]) == set(local_info["unreadable"]) == {7}
     assert dataset.paths[7].name in info["unreadable"][7]
     np.testing.assert_allclose(on_ray, in_process, atol=1e-5)
+
+
+def test_a_node_without_the_dataset_stops_the_extraction_even_with_skip(small_dataset, tmp_path):
+    """A decoding task on a machine that cannot see a file: never recorded as an unreadable
+    image (with --on-error skip the whole dataset would be dropped and cached so)."""
+    from img2prompt.encoders.ray_engine import NOT_ON_NODE, _decode
+    encoder = image_encoder("efficientnet-lite0")
+    there = str(next((small_dataset / "images").iterdir()))
+    decoded = _decode({"index": np.array([0, 1]), "path": np.array([there, str(tmp_path / "elsewhere.png")])},
+                      encoder.preprocessor(), 10**8)
+    assert decoded["error"][0] == "" and decoded["error"][1].startswith(NOT_ON_NODE)
+    assert "not found on the Ray node" in decoded["error"][1] and "shared filesystem" in decoded["error"][1]
+
+
+def test_a_cluster_s_gpus_are_looked_at_before_this_machine_s(small_dataset, monkeypatch):
+    """--device cuda from a head without a GPU: the cluster decides, not the local check."""
+    engine = RayEngine("ray://cluster:10001")
+    monkeypatch.setattr(engine, "connect", lambda: type("Cluster", (), {"cluster_resources": lambda: {"GPU": 8}}))
+    assert engine.prepare(image_encoder("efficientnet-lite0"), "cuda").device.type == "cuda"
+    monkeypatch.setattr(engine, "connect", lambda: type("Cluster", (), {"cluster_resources": lambda: {"CPU": 64}}))
+    with pytest.raises(RunError, match="has no GPU"):
+        engine.prepare(image_encoder("efficientnet-lite0"), "cuda")
+
+
+def test_a_hugging_face_encoder_s_weights_never_travel_with_the_decoding_tasks(tmp_path):
+    import pickle
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+    folder = tmp_path / "vit"
+    ViTModel(ViTConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=2, intermediate_size=128,
+                       image_size=32, patch_size=8)).save_pretrained(folder)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+    encoder = image_encoder(str(folder))
+    _ = encoder.model, encoder.dim  # loaded, as on the driver
+    sent = len(pickle.dumps(encoder.preprocessor()))
+    assert sent < 20_000 < len(pickle.dumps(encoder)), sent

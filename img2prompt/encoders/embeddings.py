@@ -23,7 +23,7 @@ import torch
 from img2prompt.storage.checkpoints import CHECKSUMS, load_tensors, read_header, save_tensors
 from img2prompt.errors import DataError, RunError, notice, printable
 from img2prompt.data.images import DEFAULT_MAX_PIXELS, open_image
-from img2prompt.devices import pin_memory, usable_cpus
+from img2prompt.devices import per_device, pin_memory, usable_cpus
 from img2prompt.storage.ownership import claim, lock
 from img2prompt.progress import progress_bar
 
@@ -184,12 +184,15 @@ def unreadable_found(errors: dict, unreadable):
         unreadable.update(errors)
 
 
-def decode_workers(requested=-1) -> int:
-    """DataLoader workers to decode images: ``requested``, or for -1 one per core beyond two
-    (at most 4). With two cores the forward pass already keeps both busy, and a decoding
-    process only competes with it: measured here, 0 workers ran ~20% faster than 1."""
+def decode_workers(requested=-1, device=torch.device("cpu")) -> int:
+    """DataLoader workers to decode images: ``requested``, or for -1 per device: for the CPU
+    one per core beyond two (at most 4; with two cores the forward pass already keeps both
+    busy, and a decoding process only competes with it: measured here, 0 workers ran ~20%
+    faster than 1), for a GPU every core but one (at most 8: the GPU waits on decoding)."""
     if requested >= 0:
         return requested
+    if device.type == "cuda":
+        return min(8, max(0, usable_cpus() - 1))
     return min(4, max(0, usable_cpus() - 2))
 
 
@@ -222,7 +225,7 @@ def preprocessed_batches(paths, encoder, batch_size=32, num_workers=-1, progress
     dict) recorded there ({index: message}) and left out of the batches."""
     paths = list(paths)
     _ = encoder.model  # load the weights before the workers fork and the bar starts
-    workers = decode_workers(num_workers) if len(paths) > batch_size else 0
+    workers = decode_workers(num_workers, encoder.device) if len(paths) > batch_size else 0
     loader = torch.utils.data.DataLoader(
         _ImageFiles(paths, encoder.preprocess, max_pixels), batch_size=batch_size, num_workers=workers,
         collate_fn=_collate, prefetch_factor=2 if workers else None, pin_memory=pin_memory(encoder.device),
@@ -398,6 +401,11 @@ def trunk_features(dataset, encoder, tune_blocks, cache: EmbeddingCache = None, 
     return features
 
 
+def embed_batch_size(config, encoder) -> int:
+    """Images per extraction batch: the setting, or per the encoder's device."""
+    return per_device(config.embed_batch_size, encoder.device, 32, 256)
+
+
 def refuse_non_finite(rows, sources):
     """DataError naming the first of ``sources`` (an image or a text per row) whose row of
     embeddings holds NaN or infinite numbers: nothing computed from them would mean anything."""
@@ -442,8 +450,10 @@ def dataset_embeddings(config, dataset, progress=True, log=print, resume=False, 
     from img2prompt.encoders.image import image_encoder
     from img2prompt.encoders.text import METRIC_ENCODER, metric_encoder, on_device, text_encoder
 
-    cache = EmbeddingCache(config.cache_dir)
-    encoder = encoder or image_encoder(config.image_encoder, config.image_weights, config.device)
+    cache, here = EmbeddingCache(config.cache_dir), config.device
+    if config.engine == "ray" and here == "cuda" and not torch.cuda.is_available():
+        here = "cpu"  # a head without a GPU: the cluster's GPUs encode the images, this machine the prompts
+    encoder = encoder or image_encoder(config.image_encoder, config.image_weights, here)
     engine = None
     if config.engine == "ray":
         from img2prompt.encoders.ray_engine import RayEngine
@@ -451,7 +461,7 @@ def dataset_embeddings(config, dataset, progress=True, log=print, resume=False, 
         encoder = engine.prepare(encoder, config.device)
 
     def image_columns(columns, rows, resume=False):
-        return image_embeddings(dataset, encoder, cache, config.embed_batch_size, config.num_workers, progress,
+        return image_embeddings(dataset, encoder, cache, embed_batch_size(config, encoder), config.num_workers, progress,
                                 resume, config.decoder_grid, config.decoder_colors, config.decoder_map, engine,
                                 columns, config.on_error, rows)
 
@@ -476,7 +486,7 @@ def dataset_embeddings(config, dataset, progress=True, log=print, resume=False, 
     else:
         log(f"image embeddings ({name}): {len(dataset) - info['resumed_rows']} images in {info['seconds']:.1f} s "
             f"({info['images_per_s']:.1f} images/s), cached in {info['cache_file']}")
-    target = on_device(text_encoder(config.text_encoder, config.text_model, config.text_pooling), config.device)
+    target = on_device(text_encoder(config.text_encoder, config.text_model, config.text_pooling), here)
     # the prompts' cache entries hold the rows kept in the dataset's order, whatever the grouping
     in_order = np.sort(rows)
     every_row = len(in_order) == len(dataset)  # (sorted, distinct: then 0 .. n-1)
@@ -488,7 +498,7 @@ def dataset_embeddings(config, dataset, progress=True, log=print, resume=False, 
             "their embeddings see the beginning only")
     target_emb = text_embeddings(prompts, target, cache, progress=progress, rows=text_rows)
     metric_emb = (target_emb if config.text_encoder == METRIC_ENCODER
-                  else text_embeddings(prompts, metric_encoder(config.device), cache, progress=progress, rows=text_rows))
+                  else text_embeddings(prompts, metric_encoder(here), cache, progress=progress, rows=text_rows))
     return DatasetEmbeddings(dataset.take(rows, info["unreadable"]), rows, image_emb, target_emb, metric_emb,
                              load_decoder_emb)
 
@@ -501,6 +511,6 @@ def measure_throughput(paths, config) -> float:
     encoder = image_encoder(config.image_encoder, config.image_weights, config.device)
     extract_image_embeddings(paths[:8], encoder, progress=False, max_pixels=config.max_pixels)
     started = time.perf_counter()
-    extract_image_embeddings(paths, encoder, config.embed_batch_size, config.num_workers,
+    extract_image_embeddings(paths, encoder, embed_batch_size(config, encoder), config.num_workers,
                              progress=False, max_pixels=config.max_pixels)
     return len(paths) / (time.perf_counter() - started)

@@ -22,6 +22,7 @@ cache or a file), or a Hugging Face vision model id / local folder (e.g. a CLIP 
 """
 
 import copy
+import functools
 import os
 from pathlib import Path
 
@@ -69,12 +70,13 @@ class ImageEncoder:
     def model(self) -> torch.nn.Module:
         if self._model is None:
             keep_freed_memory()
-            model = self._load().eval()
-            if self.tuned:
-                self._apply_tuned(model)
-            if self.channels_last:
-                model = model.to(memory_format=torch.channels_last)
-            self._model = model.to(self.device)
+            with torch.inference_mode(False):  # loaded in an inference pass, its weights must still train
+                model = self._load().eval()
+                if self.tuned:
+                    self._apply_tuned(model)
+                if self.channels_last:
+                    model = model.to(memory_format=torch.channels_last)
+                self._model = model.to(self.device)
         return self._model
 
     def for_device(self, device) -> "ImageEncoder":
@@ -155,6 +157,11 @@ class ImageEncoder:
                            f"{self.name}. {fix}")
         model.load_state_dict(state, strict=False)
 
+    def preprocessor(self):
+        """``preprocess`` without the encoder: it travels to decoding tasks on other machines
+        (Ray) without the model's weights."""
+        return self.preprocess
+
     def normalize(self, batch: torch.Tensor) -> torch.Tensor:
         mean = torch.tensor(self.mean, device=batch.device).view(1, -1, 1, 1)
         std = torch.tensor(self.std, device=batch.device).view(1, -1, 1, 1)
@@ -177,7 +184,8 @@ class ImageEncoder:
         with ``grid`` > 0 by the ``grid_map`` feature map averaged over grid x grid cells
         (channel-major), and with ``colors`` > 0 by colour histograms (``colors`` levels per
         channel) of the image and of its grid cells."""
-        pixels, batch = batch, self._on_device(batch)
+        pixels = batch.to(self.device, non_blocking=True)  # uint8 when it can: a quarter of the bytes
+        batch = self._model_input(pixels)
         with torch.inference_mode(), autocast(self.device):
             if not grid:
                 parts = [self._features(self.model, batch)]
@@ -190,17 +198,18 @@ class ImageEncoder:
             if pixels.dtype != torch.uint8:
                 raise RunError(f"{self.name}: its preprocessing gives no uint8 pixels to count colours "
                                "in; use --decoder-colors 0 or efficientnet-lite0/2 or resnet50.")
-            parts.append(color_histograms(pixels.to(self.device, non_blocking=True), colors, grid))
+            parts.append(color_histograms(pixels, colors, grid))
         return torch.cat([part.float() for part in parts], dim=1).cpu()
 
     def trunk_features(self, batch: torch.Tensor, tune_blocks) -> torch.Tensor:
         """The frozen trunk's output for a batch of preprocessed images, as float16 on the CPU
         (computed once, then read by every epoch of fine-tuning)."""
         with torch.inference_mode(), autocast(self.device):
-            return self.trunk(self.model, self._on_device(batch), tune_blocks).half().cpu()
+            return self.trunk(self.model, self._model_input(batch.to(self.device, non_blocking=True)),
+                              tune_blocks).half().cpu()
 
-    def _on_device(self, batch):
-        batch = batch.to(self.device, non_blocking=True)  # uint8 when it can: a quarter of the bytes
+    def _model_input(self, batch):
+        """A batch on the device as the model reads it: uint8 pixels normalised, channels last."""
         if batch.dtype == torch.uint8:
             batch = self.normalize(batch)
         if self.channels_last:
@@ -444,7 +453,11 @@ class HuggingFaceVisionEncoder(ImageEncoder):
         return self._processor
 
     def preprocess(self, image):
-        return self.processor(images=image, return_tensors="pt")["pixel_values"][0]
+        return _processed(image, self.processor)
+
+    def preprocessor(self):
+        """The image processor alone (no model weights): what decoding tasks elsewhere need."""
+        return functools.partial(_processed, processor=self.processor)
 
     def __repr__(self):
         return f"HuggingFaceVisionEncoder({self.name!r}, processor={self.processor.to_dict()})"
@@ -485,6 +498,11 @@ class HuggingFaceVisionEncoder(ImageEncoder):
             blank = self.preprocess(Image.new("RGB", (64, 64)))[None]
             self._dim = int(self.forward(blank).shape[1])
         return self._dim
+
+
+def _processed(image, processor):
+    """An image as a Hugging Face image processor prepares it (a CHW tensor)."""
+    return processor(images=image, return_tensors="pt")["pixel_values"][0]
 
 
 def image_encoder(name: str = DEFAULT_IMAGE_ENCODER, weights=None, device="cpu") -> ImageEncoder:

@@ -15,6 +15,8 @@ afterwards; with one (``--ray-address``, e.g. ``auto`` on a cluster node) the cl
 import functools
 import logging
 import math
+import os
+import platform
 
 import numpy as np
 import torch
@@ -33,6 +35,7 @@ DECODE_CPUS = 0.25  # a decoding task is light (a few ms per image): the cores g
 # forward pass ran at 53 images/s instead of 88. One arena for the process keeps them.
 ACTOR_ENV = {"env_vars": {"MALLOC_ARENA_MAX": "1"}}
 BLANK = Image.new("RGB", (64, 64))  # stands in for an unreadable image (its error goes along)
+NOT_ON_NODE = "not-on-node:"  # an error of a machine that lacks the dataset: stops the extraction
 
 
 def _ray():
@@ -104,7 +107,7 @@ class RayEngine:
             context.enable_progress_bars = False
             items = [{"index": i, "path": str(p)} for i, p in enumerate(paths)]
             data = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / batch_size)))
-            data = data.map_batches(functools.partial(_decode, preprocess=encoder.preprocess,
+            data = data.map_batches(functools.partial(_decode, preprocess=encoder.preprocessor(),
                                                       max_pixels=max_pixels),
                                     batch_size=batch_size, num_cpus=DECODE_CPUS)
             actors, threads = self._actors(ray, encoder.device)
@@ -113,6 +116,9 @@ class RayEngine:
                                     **actors)
             with progress_bar(len(items), "img", enabled=progress, description=f"{encoder.name} on Ray") as bar:
                 for batch in data.iter_batches(batch_size=None, batch_format="numpy"):
+                    missing = [str(e) for e in batch["error"] if str(e).startswith(NOT_ON_NODE)]
+                    if missing:  # a node without the data: every image would be "unreadable" there
+                        raise RunError(missing[0].removeprefix(NOT_ON_NODE))
                     decoded = batch["error"] == ""
                     unreadable_found({int(i): str(e) for i, e in zip(batch["index"][~decoded],
                                                                      batch["error"][~decoded])}, unreadable)
@@ -136,9 +142,16 @@ class RayEngine:
 
 
 def _decode(batch, preprocess, max_pixels):
-    """A Ray task: decode and preprocess a batch of images; a bad one leaves its message."""
+    """A Ray task: decode and preprocess a batch of images; a bad one leaves its message, and
+    one this machine cannot see at all says so (``NOT_ON_NODE``)."""
     pixels, errors = [], []
     for path in batch["path"]:
+        if not os.path.exists(path):
+            pixels.append(preprocess(BLANK))
+            errors.append(f"{NOT_ON_NODE}{path}: not found on the Ray node {platform.node()}, which decodes it. "
+                          "Every machine of the cluster must see the dataset at the path this one reads it from "
+                          "(a shared filesystem), or use --engine local.")
+            continue
         try:
             pixels.append(preprocess(open_image(path, max_pixels)))
             errors.append("")

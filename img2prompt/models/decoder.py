@@ -19,8 +19,8 @@ is saved) or are lightly tuned with it (``tune="all"``).
 """
 
 import importlib.util
+import inspect
 import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from img2prompt.config import StudyConfig, check_setting
+from img2prompt.devices import autocast
 from img2prompt.storage.checkpoints import PROVENANCE, check_provenance, foreign, load_tensors, save_tensors
 
 from img2prompt.errors import ModelUnavailableError, RunError
@@ -38,6 +39,7 @@ TINY = "tiny"
 SMOLLM2 = "smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MAX_POSITIONS = 128  # prefix + prompt tokens of the tiny model
+GENERATION_CHUNK = 512  # sequences generated at once (images times beams): fewer steps' overhead, bounded memory
 FORMAT = 2  # decoder files whose language model is a transformers model (1: the tiny one's own layers)
 
 
@@ -131,6 +133,7 @@ def tiny_lm(tokens, width=256, layers=3, heads=4, dropout=0.1):
     from transformers import GPT2Config, GPT2LMHeadModel
     config = GPT2Config(vocab_size=tokens.size, n_positions=MAX_POSITIONS, n_embd=width, n_layer=layers,
                         n_head=heads, resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
+                        activation_function="gelu",  # torch's own: faster on a CPU than GPT-2's tanh form
                         bos_token_id=tokens.bos, eos_token_id=tokens.eos, pad_token_id=tokens.pad)
     return GPT2LMHeadModel(config)
 
@@ -245,10 +248,14 @@ class PrefixDecoder(nn.Module):
             cells = cells + self.cell_colors(histograms[:, self.colors:].view(len(x), -1, self.colors))
         return torch.cat([prefix, cells], dim=1)
 
-    def forward(self, image_emb, tokens):
-        """Logits at every position of ``tokens`` (predicting the token after it)."""
+    def forward(self, image_emb, tokens, lengths=None):
+        """Logits at every position of ``tokens`` (predicting the token after it); ``lengths``:
+        each row's tokens before its padding (None: no padding)."""
         embeds = torch.cat([self.prefix_embeds(image_emb), self.lm.get_input_embeddings()(tokens)], dim=1)
-        return self.lm(inputs_embeds=embeds, use_cache=False).logits[:, self.prefix_length:]
+        mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+        if lengths is not None:  # the padding after each prompt is no key to attend to
+            mask[:, self.prefix_length:] = torch.arange(tokens.shape[1], device=embeds.device) < lengths[:, None]
+        return self.lm(inputs_embeds=embeds, attention_mask=mask, use_cache=False).logits[:, self.prefix_length:]
 
 
 # --- the decoder: model, tokens and how it was built --------------------------------------
@@ -300,7 +307,8 @@ class PromptDecoder:
             padded[row, :len(sequence)] = torch.tensor(sequence)
             targets[row, :len(sequence) - 1] = torch.tensor(sequence[1:])
         padded, targets = padded.to(image_emb.device), targets.to(image_emb.device)
-        return (model or self.model)(image_emb, padded[:, :-1]), targets
+        lengths = torch.tensor([len(s) - 1 for s in sequences], device=image_emb.device)
+        return (model or self.model)(image_emb, padded[:, :-1], lengths), targets
 
     def loss(self, image_emb, sequences, reduction="mean"):
         """Cross-entropy of the next token over the real (unpadded) positions: their mean,
@@ -320,29 +328,40 @@ class PromptDecoder:
         lengths = torch.tensor([len(s) - 1 for s in sequences], dtype=torch.float32)
         return torch.exp(-losses / lengths).numpy()
 
-    def generate(self, image_emb, options: "DecodeOptions" = None, chunk=128) -> list:
+    def generate(self, image_emb, options: "DecodeOptions" = None) -> list:
         """Prompt text for each image embedding: the language model's ``generate()`` (greedy,
         beam search or nucleus sampling, with its key/value cache) after the image's prefix
-        vectors and the start token."""
+        vectors and the start token. The prefix's keys and values are computed once per
+        image and handed to ``generate()`` (copied for each beam), which then computes the
+        prompt's positions only."""
         options = options or DecodeOptions()
         self.check_length(options.max_length)
         self.model.eval()
         image_emb = torch.as_tensor(image_emb, dtype=torch.float32)
         lm, tokens, texts = self.model.lm, self.tokens, []
-        with torch.inference_mode(), torch.random.fork_rng(devices=[]), warnings.catch_warnings():
-            # the n-grams not to repeat are the prompt's: the image's prefix has none
-            warnings.filterwarnings("ignore", message="Passing `no_repeat_ngram_size` with `inputs_embeds`")
+        arguments, beams = options.generate_arguments(), max(1, options.generate_arguments()["num_beams"])
+        chunk = GENERATION_CHUNK // beams
+        with torch.inference_mode(), autocast(self.device), torch.random.fork_rng(devices=[]):
             torch.manual_seed(options.seed)  # sampling: the same prompts for the same seed
             for start in range(0, len(image_emb), chunk):
                 prefix = self.model.prefix_embeds(image_emb[start:start + chunk].to(self.device))
-                begin = lm.get_input_embeddings()(torch.full((len(prefix), 1), tokens.bos, device=prefix.device))
-                embeds = torch.cat([prefix, begin], dim=1)
-                ids = lm.generate(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long,
-                                                                                 device=prefix.device),
-                                  eos_token_id=tokens.eos, pad_token_id=tokens.pad, bos_token_id=tokens.bos,
-                                  **options.generate_arguments())
-                texts += [tokens.decode(_until_end(sequence, tokens.eos)) for sequence in ids.tolist()]
+                output = lm(inputs_embeds=prefix, use_cache=True)
+                cache = output.cache if hasattr(output, "cache") else output.past_key_values
+                cache.batch_repeat_interleave(beams)  # the beams of an image share its prefix
+                # the prefix's positions are in the cache: their ids (padding) are never read
+                ids = torch.full((len(prefix), prefix.shape[1] + 1), tokens.pad, device=prefix.device)
+                ids[:, -1] = tokens.bos
+                written = lm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **{_cache_argument(lm): cache},
+                                      eos_token_id=tokens.eos, pad_token_id=tokens.pad, bos_token_id=tokens.bos,
+                                      **arguments)[:, ids.shape[1]:]
+                texts += [tokens.decode(_until_end(sequence, tokens.eos)) for sequence in written.tolist()]
         return texts
+
+
+def _cache_argument(lm) -> str:
+    """The name transformers gives a model's key/value cache: ``cache`` in its newer versions,
+    ``past_key_values`` before (torch 2.11's GPU machines may hold either)."""
+    return "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
 
 
 def _until_end(sequence, eos) -> list:

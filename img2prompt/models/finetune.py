@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from img2prompt import distributed
-from img2prompt.devices import autocast
+from img2prompt.devices import autocast, per_device
 from img2prompt.errors import DataError, RunError
 from img2prompt.models.training import CPU, TrainingState, fit, mapper_cosines, on_device, training_fingerprint
 from img2prompt.storage.checkpoints import PROVENANCE, save_tensors
@@ -109,7 +109,8 @@ def fine_tune(encoder, mapper, trunk_train, y_train, trunk_val, y_val, config, p
     state = (TrainingState(state_path, training_fingerprint(config, TUNING_SETTINGS, trunk_train, y_train, trunk_val,
                                                             y_val), resume) if state_path else None)
     history = fit(model, batch_loss, validate, len(trunk_train), optimizer=optimizer, epochs=config.tune_epochs,
-                  patience=config.tune_patience, batch_size=config.tune_batch_size, seed=config.seed,
+                  patience=config.tune_patience, batch_size=per_device(config.tune_batch_size, device, 32, 128),
+                  seed=config.seed,
                   what="fine-tuning", setting="tune_learning_rate", config=config, device=device,
                   accumulate=config.accumulate_steps, average=average, state=state, first_row=start,
                   progress=progress)
@@ -132,14 +133,14 @@ def fine_tune_study(data, encoder, mapper, config, device=CPU, progress=True, lo
     """Fine-tune ``encoder``'s top blocks with ``mapper`` on a study's data (a StudyData): the
     frozen blocks' output of every image through the cache (under torchrun the main process
     fills it first), then ``fine_tune``. Returns (TunedTop, history, summary)."""
-    from img2prompt.encoders.embeddings import EmbeddingCache, trunk_features
+    from img2prompt.encoders.embeddings import EmbeddingCache, embed_batch_size, trunk_features
     from img2prompt.models.training import best_epoch
 
     started = time.perf_counter()
 
     def trunk_of_every_image():
         return trunk_features(data.dataset, encoder, config.tune_blocks, EmbeddingCache(config.cache_dir),
-                              config.embed_batch_size, config.num_workers, progress)
+                              embed_batch_size(config, encoder), config.num_workers, progress)
 
     trunk = distributed.main_first(trunk_of_every_image)
     trunk = trunk_of_every_image() if trunk is None else trunk  # a follower: from the cache

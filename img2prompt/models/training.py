@@ -300,7 +300,7 @@ def train_decoder(decoder, x_train, prompts_train, x_val, prompts_val, config, p
     decoder.to(device)
     optimizer = torch.optim.AdamW(decoder.trainable_parameters(), lr=config.decoder_learning_rate, weight_decay=0.01)
     scheduler = warmup_cosine(optimizer, -(-len(x_train) // config.decoder_batch_size), config.decoder_epochs)
-    early = (EarlyLearning(train_tokens, decoder.tokens.size, config.decoder_early_learning, device)
+    early = (EarlyLearning(train_tokens, decoder.tokens.size, config.decoder_early_learning)
              if config.decoder_early_learning and decoder.spec["decoder"] == TINY else None)
 
     def batch_loss(trained, batch):
@@ -314,7 +314,7 @@ def train_decoder(decoder, x_train, prompts_train, x_val, prompts_val, config, p
             objective = loss_sum
             if early is not None:
                 objective = objective + (early.penalty(logits, mine) * (targets != -100)).sum()
-                early.share(batch, mine)
+                early.share(batch, mine, device)
         # the batch's mean token loss, per prompt: summed over the processes' shares, it is the batch's
         return objective * distributed.world_size() / predicted, loss_sum * len(batch) / predicted
 
