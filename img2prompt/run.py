@@ -261,9 +261,9 @@ class Run:
             distributed.main_first(start)
             data = self.data(progress, log, resume=resume)
             with self._failing(TRAIN):
-                summary = self._train_mapper(data, resume, progress, log if main else _quiet)
+                summary, mapper = self._train_mapper(data, resume, progress, log if main else _quiet)
                 if self.config.tune == "encoder":
-                    summary["tuned"] = self._fine_tune(data, resume, progress, log if main else _quiet)
+                    summary["tuned"] = self._fine_tune(data, mapper, resume, progress, log if main else _quiet)
             if main:
                 prompts, first = unique_prompts(data.part("train")["prompts"])
                 save_tensors(self._path(BANK_FILE), {"target_emb": Rows(data.part("train")["target_emb"], first)},
@@ -273,9 +273,9 @@ class Run:
             f"{summary['val_cosine']:.4f}; model in {self._path(MODEL_FILE)}")
         return summary
 
-    def _train_mapper(self, data, resume, progress, log) -> dict:
-        """The mapper on frozen features, continuing a saved training state if ``resume``;
-        its model, history and curve saved (the main process)."""
+    def _train_mapper(self, data, resume, progress, log) -> tuple:
+        """(summary, mapper) of the mapper on frozen features, continuing a saved training
+        state if ``resume``; its model, history and curve saved (the main process)."""
         from img2prompt.models.training import train_mapper
         from img2prompt.reports.plots import plot_history
 
@@ -284,7 +284,7 @@ class Run:
         state = self._path(TRAINING_STATE_FILE)
         if resume and config.tune == "encoder" and self.folder.owns(head_file) and head_file.is_file():
             log("resuming: the mapper on frozen features is trained; fine-tuning")
-            return self._summary(self.history(), train_part, val_part)
+            return self._summary(self.history(), train_part, val_part), self._head()
         log(f"{'resuming' if resume and state.is_file() else 'training'} the mapper ({config.depth} hidden "
             f"layer(s) of {config.hidden_size}) on {len(train_part['ids'])} images, validating on "
             f"{len(val_part['ids'])}")
@@ -294,7 +294,7 @@ class Run:
         if distributed.is_main():
             self._save_mapper(model, head_file, tuned=False)
             self._save_training(history, HISTORY_FILE, plot_history(history), "loss", state)
-        return self._summary(history, train_part, val_part)
+        return self._summary(history, train_part, val_part), model
 
     def _save_mapper(self, model, path, tuned):
         from img2prompt.models.mapper import save_mapper
@@ -316,14 +316,14 @@ class Run:
                 "val_loss_at_best": float(best["val_loss"]), "seconds": float(history["seconds"].sum()),
                 "train_images": len(train_part["ids"]), "val_images": len(val_part["ids"])}
 
-    def _fine_tune(self, data, resume, progress, log) -> dict:
+    def _fine_tune(self, data, mapper, resume, progress, log) -> dict:
         """Fine-tune the encoder's top blocks with the mapper on frozen features; save them and
         the tuned mapper (the run's features are the tuned encoder's from then on)."""
         from img2prompt.models.finetune import fine_tune_study, save_tuned
         from img2prompt.reports.plots import plot_tune_history
 
         state = self._path(TUNE_STATE_FILE)
-        model, history, summary = fine_tune_study(data, self.image_encoder(tuned=False), self._head(), self.config,
+        model, history, summary = fine_tune_study(data, self.image_encoder(tuned=False), mapper, self.config,
                                                   self.device, progress, log, state, resume and state.is_file())
         if distributed.is_main():
             save_tuned(model, self._path(TUNED_ENCODER_FILE))

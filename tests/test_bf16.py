@@ -52,8 +52,9 @@ def test_bf16_decoder_trains_as_float32(bf16):
         decoder = build_decoder("tiny", x.shape[1], prompts, 2, 32, 1, 2, 0.0, seed=1)
         histories.append(train_decoder(decoder, x, prompts, x, prompts, config, progress=False)[0])
     fp32, half = histories
-    assert half["val_loss"].iloc[-1] < 0.5 * half["val_loss"].iloc[0]
-    assert abs(half["val_loss"].iloc[-1] - fp32["val_loss"].iloc[-1]) < 0.1 + 0.1 * fp32["val_loss"].iloc[-1]
+    assert half["val_loss"].iloc[-1] < 0.6 * half["val_loss"].iloc[0]  # it learns
+    assert not half["val_loss"].equals(fp32["val_loss"])  # in bf16 (the weights' updates differ)
+    np.testing.assert_allclose(half["val_loss"], fp32["val_loss"], rtol=0.02)
 
 
 def test_bf16_generation_writes_what_float32_writes(bf16):

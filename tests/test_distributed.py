@@ -117,7 +117,7 @@ def test_on_a_gpu_machine_the_process_group_has_a_backend_for_cpu_tensors_too(mo
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
     monkeypatch.setattr(torch.distributed, "init_process_group",
                         lambda backend, timeout: started.update(backend=backend, timeout=timeout))
-    distributed.start(timeout_minutes=30, device="auto")
+    distributed.start(timeout_minutes=30, device="cuda")
     assert started == {"device": 1, "backend": "cpu:gloo,cuda:nccl", "timeout": timedelta(minutes=30)}
     started.clear()
     distributed.start(device="cpu")  # the tests pin the CPU: gloo, and no GPU taken

@@ -27,7 +27,7 @@ def test_the_grid_follows_the_pooled_vector_it_leaves_unchanged(small_dataset):
     assert torch.equal(with_grid[:, :1280], pooled)
     # the cells are the last feature map's averages over a 3 x 3 grid, channel-major
     with torch.inference_mode():
-        feature_map = encoder.model.extract_features(encoder._on_device(batch))
+        feature_map = encoder.model.extract_features(encoder._model_input(batch))
     assert feature_map.shape[1:] == (1280, 7, 7)
     cells = with_grid[:, 1280:].view(3, 1280, 3, 3)
     assert torch.allclose(cells[:, :, 0, 0], feature_map[:, :, :3, :3].mean(dim=(2, 3)), atol=1e-5)
@@ -42,7 +42,7 @@ def test_the_middle_grid_reads_the_last_map_at_stride_16(small_dataset):
     assert with_grid.shape == (2, encoder.feature_dim(3, grid_map="middle")) == (2, 1280 + 112 * 9)
     assert torch.equal(with_grid[:, :1280], encoder.forward(batch))
     with torch.inference_mode():  # the output of the 11th block of 16: the last 5 work at stride 32
-        hidden = encoder.model._swish(encoder.model._bn0(encoder.model._conv_stem(encoder._on_device(batch))))
+        hidden = encoder.model._swish(encoder.model._bn0(encoder.model._conv_stem(encoder._model_input(batch))))
         for block in encoder.model._blocks[:11]:
             hidden = block(hidden)
     assert hidden.shape[1:] == (112, 14, 14)
