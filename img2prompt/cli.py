@@ -166,18 +166,38 @@ def cmd_train_decoder(args):
 
 
 def cmd_predict(args):
-    from img2prompt.predict import Predictor
+    from img2prompt.evaluation.familiarity import guess_warning
+    from img2prompt.predict import Predictor, image_files, write_captions, write_predictions
     from img2prompt.run import Run
     run = Run.open(args.run, args.device)
     decoding = dataclasses.replace(run.config, **chosen_options(args, DECODING_OPTIONS))
     predictor = Predictor(run, method=args.method, decode_options=decoding.decode_options())
-    results = predictor.predict(args.images, top_k=getattr(args, "top_k", 1), progress=not args.quiet)
+    results = predictor.predict(image_files(args.images, args.recursive), top_k=args.top_k, progress=not args.quiet)
+    if args.out:
+        write_predictions(args.out, results)
+        log(f"wrote {len(results)} prediction(s) into {args.out}")
+    if args.captions:
+        written, kept = write_captions(results, args.overwrite_captions)
+        log(f"wrote {len(written)} caption(s) beside the images" + (
+            f"; kept {len(kept)} existing one(s) (--overwrite-captions replaces them)" if kept else ""))
     if args.json:
         print(json.dumps(results, indent=2))
     else:
         for result in results:
-            print(printable(f"{result['image']}\t{result['prompt']}\t(score {result['score']:.3f})"))
+            print(printable(f"{result['image']}\t{result['prompt']}\t({describe(result)})"))
+    unfamiliar = [result["image"] for result in results if result["unfamiliar"]]
+    if unfamiliar:
+        log(f"warning: {guess_warning(unfamiliar, len(results))}")
     return 0
+
+
+def describe(result) -> str:
+    """A prediction's method, its own measure and the image's familiarity, in words."""
+    measure = (f"token probability {result['token_probability']:.3f}" if "token_probability" in result
+               else f"similarity to the stored prompt {result['similarity']:.3f}")
+    familiarity = "unknown" if result["familiarity"] is None else f"{result['familiarity']:.0f}"
+    return f"{result['method']}; {measure}; familiarity {familiarity}" + (
+        ": UNFAMILIAR, a guess" if result["unfamiliar"] else "")
 
 
 def cmd_report(args):
@@ -288,16 +308,26 @@ def build_parser() -> argparse.ArgumentParser:
     train_decoder.add_argument("--json", action="store_true", help="print the summary as JSON")
     add_config_options(train_decoder, DECODER_OPTIONS + DECODING_OPTIONS + ("process_timeout",))
 
-    predict = command("predict", "predict the prompt of any images with a trained run", cmd_predict)
-    predict.add_argument("--method", choices=("retrieval", "decoder"), default="retrieval",
-                         help="nearest prompt of the bank (default) or text written by the decoder")
-    predict.add_argument("--top-k", type=int, default=1, help="retrieval: candidates per image (default: 1)")
+    predict = command("predict", "the prompt of your images, with a trained run (its best method: the decoder "
+                      "once it has one)", cmd_predict)
+    predict.add_argument("--method", choices=("decoder", "retrieval"), default=None,
+                         help="decoder (the written prompt) or retrieval (the nearest stored prompt); default: "
+                         "the run's best")
     generate = command("generate", "write prompts for any images with the run's decoder "
                        "(predict --method decoder)", cmd_predict)
     generate.set_defaults(method="decoder")
     for sub in (predict, generate):
-        sub.add_argument("--run", required=True, help="run folder made by train")
-        sub.add_argument("images", nargs="+", help="image files")
+        sub.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders of images")
+        sub.add_argument("--run", default="runs/default", help="run folder (default: runs/default, which "
+                         "./run_all.sh makes)")
+        sub.add_argument("--recursive", action="store_true", help="folders: their subfolders' images too")
+        sub.add_argument("--top-k", type=int, default=5, help="stored prompts nearest to each image, in --json "
+                         "and --out (default: 5)")
+        sub.add_argument("--out", metavar="FILE.csv", help="also write the predictions as CSV: image, prompt, "
+                         "method, familiarity, unfamiliar, top_k")
+        sub.add_argument("--captions", action="store_true", help="also write each prompt beside its image as "
+                         "IMAGE.txt (the caption file training tools read); an existing one is kept")
+        sub.add_argument("--overwrite-captions", action="store_true", help="with --captions: replace existing ones")
         sub.add_argument("--json", action="store_true", help="print JSON")
         add_config_options(sub, DECODING_OPTIONS)
 

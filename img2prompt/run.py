@@ -27,9 +27,9 @@ stage runs, so that inference (``predict``) stays light.
 import contextlib
 import dataclasses
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
 from img2prompt import distributed
 from img2prompt.config import CONFIG_FILE, StudyConfig
@@ -41,6 +41,9 @@ from img2prompt.evaluation.scores import Metrics
 from img2prompt.storage.checkpoints import PROVENANCE, check_provenance, load_tensors, save_tensors
 from img2prompt.storage.files import read_csv, read_json, write_csv, write_json
 from img2prompt.storage.ownership import MANIFEST_FILE, claim, find_owned, unreadable_manifest
+
+if TYPE_CHECKING:  # pandas loads where it is used: prediction needs none
+    import pandas
 
 RUN_KIND = "run"
 # stages recorded as finished in the manifest
@@ -68,6 +71,23 @@ SUMMARIES = {"data": "data_summary.json", "embedding": "embedding_summary.json",
 
 def _quiet(*_args, **_kwargs):
     pass
+
+
+# the least images a split needs: a mapper learns from 10, early stopping and the decoder's
+# epoch choice need 2 to compare, and a test score of fewer than 2 images says nothing
+MINIMUM_SPLIT = {"train": 10, "val": 2, "test": 2}
+
+
+def check_split_sizes(dataset, splits, config):
+    """RunError naming the minimum when a split of ``dataset`` is too small to study."""
+    sizes = {name: int((splits == name).sum()) for name in SPLITS}
+    if any(sizes[name] < least for name, least in MINIMUM_SPLIT.items()):
+        needed = ", ".join(f"{least} {name}" for name, least in MINIMUM_SPLIT.items())
+        got = ", ".join(f"{sizes[name]} {name}" for name in SPLITS)
+        raise RunError(f"{dataset.root}: too few images to study: {len(dataset)} give {got} (grouped by prompt, "
+                       f"val_fraction {config.val_fraction}, test_fraction {config.test_fraction}); a run needs at "
+                       f"least {needed}. Add image–prompt pairs (about {sum(MINIMUM_SPLIT.values()) * 2} or more), "
+                       "or change --val-fraction and --test-fraction.")
 
 
 class Run:
@@ -104,11 +124,14 @@ class Run:
                                "(notebooks: -p force True) to train it anew (its split is made anew "
                                "too), or choose another --out.")
             dataset = load_dataset(config.data_dir, config.on_error, config.max_pixels)
+            splits = grouped_split(dataset.prompts, config.seed, config.val_fraction, config.test_fraction)
+            check_split_sizes(dataset, splits, config)  # a dataset too small costs nothing either
             folder.clear()
             folder.set_origin(origin)
             config.save(folder.root)
             run = cls(folder, config.device)
             record_rejects(dataset, run._path(REJECTS_FILE), log)
+            save_splits(run._path(SPLITS_FILE), dataset, splits)
             run._split(dataset, log)
             folder.mark_finished(SPLIT)
         return run
@@ -125,6 +148,10 @@ class Run:
                 raise RunError(f"{run_dir}: has no {MANIFEST_FILE} recording what img2prompt wrote "
                                "(made by an older img2prompt, or not a run folder). Train it anew in "
                                "a new folder with 'img2prompt train'.")
+            if not Path(run_dir).exists():
+                raise RunError(f"{run_dir}: no run here yet. Make the default study's with ./run_all.sh (about "
+                               "10 minutes on 2 cores), or train one on your images: img2prompt train --data "
+                               f"DATASET --out {run_dir} (README: \"Your own images\").")
             raise RunError(f"{run_dir}: not a run folder. Is it a run folder made by 'img2prompt "
                            "train' (or notebook 01)?")
         return cls(folder, device)
@@ -268,6 +295,7 @@ class Run:
                 prompts, first = unique_prompts(data.part("train")["prompts"])
                 save_tensors(self._path(BANK_FILE), {"target_emb": Rows(data.part("train")["target_emb"], first)},
                              {"prompts": prompts, PROVENANCE: self.provenance("text_encoder")})  # rows read in place
+                self._save_familiarity(self.data(progress, log))  # the tuned encoder's features after fine-tuning
                 self.folder.mark_finished(TRAIN)
         log(f"best epoch {summary['best_epoch']} of {summary['epochs']}: validation cosine "
             f"{summary['val_cosine']:.4f}; model in {self._path(MODEL_FILE)}")
@@ -332,6 +360,24 @@ class Run:
             self.folder.mark_finished(TUNE)
         return summary
 
+    def _save_familiarity(self, data):
+        """How close the training images are to each other, from the validation images
+        (``evaluation.familiarity``): what tells a new image's familiarity."""
+        from img2prompt.evaluation.familiarity import FAMILIARITY_FILE, Familiarity
+        familiarity = Familiarity.fit(data.part("train")["image_emb"], data.part("val")["image_emb"], self.config.seed)
+        save_tensors(self._path(FAMILIARITY_FILE), familiarity.tensors(), {PROVENANCE: self.provenance("image_encoder")})
+
+    def familiarity(self):
+        """The run's Familiarity, or None for a run trained before runs recorded it."""
+        from img2prompt.evaluation.familiarity import FAMILIARITY_FILE, Familiarity
+        self._require(TRAIN, "train --resume --out")
+        path, fix = self._path(FAMILIARITY_FILE), "Train the run again ('img2prompt train --force')."
+        if not path.is_file():
+            return None
+        tensors, metadata = load_tensors(path, "familiarity record", fix, framework="numpy")
+        check_provenance(path, metadata, self.provenance("image_encoder"), fix)
+        return Familiarity.from_tensors(tensors)
+
     def mapper(self):
         from img2prompt.models.mapper import load_mapper
         self._require(TRAIN, "train --resume --out")
@@ -348,7 +394,7 @@ class Run:
             raise RunError(f"{path}: not an img2prompt prompt bank (prompts and embeddings do not match). {fix}")
         return prompts, bank
 
-    def history(self) -> pd.DataFrame:
+    def history(self) -> "pandas.DataFrame":
         """The mapper's training on frozen features, one row per epoch."""
         return read_csv(self._path(HISTORY_FILE), f"Train the run again ('img2prompt train --force --out {self.root}').",
                         columns=("epoch", "val_cosine", "best"))
@@ -410,7 +456,7 @@ class Run:
         self._require(DECODER, "train-decoder --run")
         return load_decoder(self._path(DECODER_FILE), self.provenance("image_encoder", "decoder_input"))
 
-    def decoder_history(self) -> pd.DataFrame:
+    def decoder_history(self) -> "pandas.DataFrame":
         return read_csv(self._path(DECODER_HISTORY_FILE), "Train the decoder again ('img2prompt train-decoder "
                         f"--force --run {self.root}').", columns=("epoch", "val_loss", "best"))
 
@@ -445,7 +491,7 @@ class Run:
             raise RunError(f"{self._path(METRICS_FILE)}: holds no scores of methods. {fix}")
         return Metrics(metrics)
 
-    def results(self) -> pd.DataFrame:
+    def results(self) -> "pandas.DataFrame":
         """Per test image: its prompt, each method's prompt and cosine (test_results.csv)."""
         self._require(EVALUATE, "evaluate --run")
         return read_csv(self._path(RESULTS_FILE), f"Evaluate the run again ('img2prompt evaluate --run {self.root}').",

@@ -14,9 +14,9 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 from PIL import Image
 
 from img2prompt.config import check_setting
@@ -24,6 +24,9 @@ from img2prompt.errors import DataError, printable, shown
 from img2prompt.storage.files import write_csv
 from img2prompt.data.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, open_image, pixel_limit_problem
 from img2prompt.data.text_column import TextColumn
+
+if TYPE_CHECKING:  # pandas loads where it is used: prediction needs none
+    import pandas
 
 PROMPTS_FILE = "prompts.csv"
 IMAGES_DIR = "images"
@@ -326,8 +329,9 @@ def _read_prompts_csv(csv_path):
         csv.field_size_limit(previous_limit)
 
 
-def read_csv_table(path) -> pd.DataFrame:
+def read_csv_table(path) -> "pandas.DataFrame":
     """A CSV file as text columns; DataError naming the file when it cannot be read."""
+    import pandas as pd
     try:
         return pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
     except UnicodeDecodeError as error:
@@ -383,6 +387,7 @@ def load_dataset(root, on_error="fail", max_pixels=DEFAULT_MAX_PIXELS) -> ImageD
 
 def write_rejects(path, rejects):
     """``rejects.csv``: one line per skipped item with the reason and the fix."""
+    import pandas as pd
     write_csv(path, pd.DataFrame([{"item": p.where, "problem": p.what, "fix": p.fix} for p in rejects],
                                  columns=["item", "problem", "fix"]))
 
@@ -452,6 +457,7 @@ def _target_size(n, fraction):
 
 
 def save_splits(path, dataset: ImageDataset, splits):
+    import pandas as pd
     write_csv(path, pd.DataFrame({"imgId": dataset.ids, "split": splits}))
 
 

@@ -9,12 +9,15 @@ Methods, each giving a per-test-image cosine to the true prompt's metric embeddi
 """
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
 from img2prompt.data.dataset import normalize_prompt
 from img2prompt.evaluation.search import QUERY_BLOCK, NeighbourSearch, Rows, search, unit_rows
+
+if TYPE_CHECKING:  # pandas loads where it is used: prediction needs none
+    import pandas
 
 METHODS = ("mapper", "retrieval", "knn", "mean_prompt")
 BOOTSTRAP_BLOCK = 1 << 18   # resampled indices drawn at once (2 MB)
@@ -34,9 +37,10 @@ def cosine_rows(a, b) -> np.ndarray:
                            for s in range(0, rows, QUERY_BLOCK)] or [np.zeros(0, np.float32)])
 
 
-def text_series(texts) -> pd.Series:
+def text_series(texts):
     """A column of Python strings: pandas would copy them into Arrow strings, whose memory
     pool keeps about 1 KB a row (19 MB for the frame of 15,000 test images)."""
+    import pandas as pd
     return pd.Series(list(texts), dtype=object)
 
 
@@ -105,6 +109,7 @@ def evaluate_methods(test, train, bank, predicted, to_metric_space, n_boot=1000,
     the nearest bank prompt and training image (``search.search``; its report is kept with
     each method's scores). Returns (per-image DataFrame, metrics dict).
     """
+    import pandas as pd
     truth = test["metric_emb"]
     # the mapper's predictions a block of test images at a time: all of them at once are the
     # largest array of the evaluation (23 MB at 100,000 images)
@@ -217,7 +222,7 @@ class Metrics:
     def best(self) -> str:
         return max(self.methods, key=lambda name: self.methods[name]["mean_cosine"])
 
-    def table(self) -> pd.DataFrame:
+    def table(self) -> "pandas.DataFrame":
         """One row per method: mean, median and 95% interval, and for text methods the
         exact-prompt rate and diversity. The one rendering of the headline numbers."""
         rows = {}
@@ -225,10 +230,12 @@ class Metrics:
             rows[name] = {"mean cosine": m["mean_cosine"], "median": m["median_cosine"],
                           "95% low": m["ci95"][0], "95% high": m["ci95"][1],
                           **{label: m.get(key) for key, label in TEXT_COLUMNS.items()}}
+        import pandas as pd
         table = pd.DataFrame(rows).T
         return table.dropna(axis=1, how="all")
 
-    def comparison_table(self, method=None) -> pd.DataFrame:
+    def comparison_table(self, method=None) -> "pandas.DataFrame":
+        import pandas as pd
         return pd.DataFrame({c.name.replace("_minus_", " − "): {
             "mean difference": c.mean_difference, "95% low": c.ci95[0], "95% high": c.ci95[1]}
             for c in self.comparisons(method)}).T

@@ -10,6 +10,7 @@ import numpy as np
 
 from img2prompt.data.dataset import unique_prompts
 from img2prompt.errors import RunError
+from img2prompt.evaluation.familiarity import FLAG_BELOW
 from img2prompt.evaluation.scores import evaluate_methods, fit_linear_map, paired_difference
 from img2prompt.evaluation.search import Rows
 
@@ -36,6 +37,10 @@ def evaluate_run(run, data, config, progress=None, log=print):
         compare_with_frozen(run, config, bank, to_metric, frame, scores, progress, log)
         text_columns["frozen_retrieval"] = "frozen_predicted_prompt"
     attribute_accuracy(config.data_dir, test["prompts"], frame, text_columns, scores)
+    familiarity = run.familiarity()
+    if familiarity is not None:  # the test images did not set the threshold: how many it flags
+        frame["familiarity"] = familiarity.percentile(test["image_emb"])
+        scores["familiarity"] = {"flag_below": FLAG_BELOW, "test_flagged": float((frame["familiarity"] < FLAG_BELOW).mean())}
     metrics = {"run_dir": str(run.root), "data_dir": config.data_dir, "n_test": len(test["ids"]),
                "n_train": len(train["ids"]), "image_encoder": config.image_encoder,
                "tune": "encoder" if run.is_finished("tune") else "head", "text_encoder": config.text_encoder,

@@ -328,6 +328,33 @@ class PromptDecoder:
         lengths = torch.tensor([len(s) - 1 for s in sequences], dtype=torch.float32)
         return torch.exp(-losses / lengths).numpy()
 
+    def cell_attention(self, image_emb, text) -> tuple:
+        """Where each word of ``text`` looked: (its tokens as text, an array tokens x grid x
+        grid). For each token, the attention of the position that wrote it — averaged over
+        the language model's layers and heads — to each grid cell's prefix vector, as shares
+        of the attention all cells got. Needs a decoder that reads a grid."""
+        grid = self.model.grid
+        if not grid:
+            raise RunError("this decoder reads no grid of the image (--decoder-grid 0): it has no cells to look at.")
+        sequence = self.encode_prompts([text], max_length=MAX_POSITIONS)[0][0]
+        lm, cells = self.model.lm, slice(self.model.prefix_length - grid * grid, self.model.prefix_length)
+        implementation = lm.config._attn_implementation
+        self.model.eval()
+        try:
+            lm.set_attn_implementation("eager")  # the one that returns its attention weights
+            with torch.inference_mode():
+                image = torch.as_tensor(image_emb, dtype=torch.float32).reshape(1, -1).to(self.device)
+                tokens = torch.tensor([sequence[:-1]], device=self.device)
+                embeds = torch.cat([self.model.prefix_embeds(image), lm.get_input_embeddings()(tokens)], dim=1)
+                attention = torch.stack(lm(inputs_embeds=embeds, output_attentions=True).attentions).mean(dim=(0, 2))[0]
+        finally:
+            lm.set_attn_implementation(implementation)
+        written = sequence[1:-1]  # the prompt's tokens (BOS and EOS aside)
+        # the position before each token writes it: BOS's writes the first
+        writers = attention[self.model.prefix_length:self.model.prefix_length + len(written), cells]
+        shares = (writers / writers.sum(dim=1, keepdim=True)).float().cpu().numpy()
+        return [self.tokens.decode([token]) for token in written], shares.reshape(len(written), grid, grid)
+
     def generate(self, image_emb, options: "DecodeOptions" = None) -> list:
         """Prompt text for each image embedding: the language model's ``generate()`` (greedy,
         beam search or nucleus sampling, with its key/value cache) after the image's prefix

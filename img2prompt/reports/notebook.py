@@ -1,13 +1,12 @@
 """The setup every notebook in ``notebooks/`` calls first."""
 
+import ast
 import os
 from pathlib import Path
 
 from img2prompt.errors import Img2PromptError, RunError
 
-# names every kernel holds before a notebook's first cell runs
-KERNEL_NAMES = {"In", "Out", "get_ipython", "exit", "quit", "open"}
-PARAMETER_TYPES = (str, int, float, bool, type(None), list, tuple, dict)
+INJECTED = "# Parameters"  # how papermill heads the cell of the parameters it was given
 
 
 def setup_notebook(name=None, names=None):
@@ -26,14 +25,17 @@ def setup_notebook(name=None, names=None):
 
 
 def check_parameters(notebook, names: dict):
-    """RunError naming the values in ``names`` (a notebook's globals, once papermill has
-    injected its parameters) that the notebook's ``parameters`` cell does not declare."""
+    """RunError naming the parameters papermill injected into a notebook (its cell headed
+    ``# Parameters``, among the inputs the kernel ran: ``names["In"]``) that the notebook's
+    ``parameters`` cell does not declare."""
     from img2prompt.reports.notebooks import declared_parameters
     if not Path(notebook).is_file():
         return  # a copy run elsewhere: nothing to compare with
+    injected = {target.id for source in names.get("In", []) if source.startswith(INJECTED)
+                for node in ast.parse(source).body if isinstance(node, ast.Assign)
+                for target in node.targets if isinstance(target, ast.Name)}
     declared = declared_parameters(notebook)
-    unknown = sorted(key for key, value in names.items() if key not in declared and not key.startswith("_")
-                     and key not in KERNEL_NAMES and isinstance(value, PARAMETER_TYPES))
+    unknown = sorted(injected - set(declared))
     if unknown:
         raise RunError(f"{Path(notebook).name}: unknown parameter(s) {', '.join(unknown)}. It declares: "
                        f"{', '.join(sorted(declared))}.")

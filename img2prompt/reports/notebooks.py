@@ -1,19 +1,24 @@
 """Run the numbered notebooks with papermill and turn them into HTML reports.
 
-``reports/`` receives each executed notebook, its HTML (figures embedded as data URIs,
-no script needed to read it) and ``index.html`` with the headline metrics, the run's
-parameters and links to every report.
+Each study's reports go to a folder of their own, named after its run folder
+(``reports/default/`` for ``runs/default``): each executed notebook, its HTML (figures
+embedded as data URIs, no script needed to read it) and ``index.html`` with the headline
+metrics, the run's parameters and links to every report. ``reports/index.html`` lists the
+studies; a second study never erases the first's. While a notebook runs, its stage lines
+(images/s while embedding, epoch k of n with the validation cosine while training) go to
+the terminal.
 """
 
 import ast
 import contextlib
 import html
 import os
+import sys
 import time
 from pathlib import Path
 
 from img2prompt.errors import RunError
-from img2prompt.progress import QUIET_VARIABLE
+from img2prompt.progress import LINES, QUIET_VARIABLE
 from img2prompt.run import EVALUATE, Run
 from img2prompt.storage.files import write_text
 from img2prompt.storage.ownership import claim
@@ -100,23 +105,32 @@ def _failure_message(notebook, error, executed, html_path):
 
 def run_notebooks(notebook_dir, reports_dir, given: dict, cwd=".", log=print) -> dict:
     """Execute the notebooks in order with ``given`` parameters, stopping at the first that
-    fails; export HTML for each and write the index. Returns a summary for the caller.
-    ``reports_dir`` is the project's own: made by it, and cleared of only what it wrote."""
+    fails; export HTML for each and write the study's index, then the list of studies.
+    Returns a summary for the caller. ``reports_dir`` and the study's folder in it are the
+    project's own: made by it, and cleared of only what it wrote (the study's folder only)."""
     notebooks = find_notebooks(notebook_dir)
     plan = plan_parameters(notebooks, given)
-    reports_dir = Path(reports_dir)
-    folder = claim(reports_dir, "reports")  # a folder the project did not make is refused
-    with folder.lock(f"reports folder {reports_dir}"), _quiet_kernels():
-        folder.clear()  # a report from an earlier run must not pass for this one's
-        return _run(plan, folder, cwd, log)
+    run_dir = {**{k: v for _, _, defaults in plan for k, v in defaults.items()}, **given}.get("run_dir", "run")
+    base = claim(reports_dir, "reports")  # a folder the project did not make is refused
+    with base.lock(f"reports folder {reports_dir}"), _progress_lines():
+        folder = claim(base.root / study_name(run_dir), "reports")
+        folder.clear()  # a report from an earlier run of this study must not pass for this one's
+        outcome = _run(plan, folder, cwd, log)
+        write_text(base.root / INDEX_FILE, studies_html(base.root))
+        return {**outcome, "studies": base.root / INDEX_FILE}
+
+
+def study_name(run_dir) -> str:
+    """The folder of a study's reports: its run folder's name (``runs/default`` → ``default``)."""
+    return Path(str(run_dir)).name or "run"
 
 
 @contextlib.contextmanager
-def _quiet_kernels():
-    """No progress bars in the kernels papermill starts (they inherit the environment): a
-    report is read later, and widget state would only weigh on it."""
+def _progress_lines():
+    """Progress as lines in the kernels papermill starts (they inherit the environment): no
+    widget state in a report, and text that reaches the terminal while a notebook runs."""
     before = os.environ.get(QUIET_VARIABLE)
-    os.environ[QUIET_VARIABLE] = "0"
+    os.environ[QUIET_VARIABLE] = LINES
     try:
         yield
     finally:
@@ -141,6 +155,7 @@ def _run(plan, folder, cwd, log):
         try:
             papermill.execute_notebook(str(notebook), str(executed), parameters=parameters,
                                        cwd=str(cwd), progress_bar=False, kernel_name="python3",
+                                       stdout_file=_Indented(sys.stderr), stderr_file=_Indented(sys.stderr),
                                        # the kernel's start-up warnings are noise for readers
                                        extra_arguments=["--IPKernelApp.log_level=ERROR"])
         except PapermillExecutionError as error:
@@ -163,6 +178,36 @@ def _run(plan, folder, cwd, log):
     write_text(reports_dir / INDEX_FILE, index_html(reports, effective, metrics, run_dir, data_dir))
     return {"reports": reports, "parameters": effective, "metrics": metrics,
             "index": reports_dir / INDEX_FILE}
+
+
+class _Indented:
+    """A stream that writes a notebook's output lines indented under its name."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text):
+        self.stream.write("".join(f"    {line}" if line.strip() else line for line in text.splitlines(True)))
+        self.stream.flush()
+
+    def flush(self):
+        self.stream.flush()
+
+
+def studies_html(reports_dir) -> str:
+    """``reports/index.html``: one line per study whose reports are in the folder."""
+    studies = sorted(p.parent for p in Path(reports_dir).glob(f"*/{INDEX_FILE}"))
+    items = "".join(f'<li><a href="{html.escape(p.name)}/{INDEX_FILE}">{html.escape(p.name)}</a></li>'
+                    for p in studies)
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>img2prompt studies</title>
+<style>body {{ font-family: system-ui, sans-serif; max-width: 60rem; margin: 2rem auto; padding: 0 1rem; }}</style>
+</head><body>
+<h1>img2prompt studies</h1>
+<p>Each study's reports, named after its run folder:</p>
+<ul>{items}</ul>
+</body></html>
+"""
 
 
 def _table(header, rows):

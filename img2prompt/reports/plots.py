@@ -145,6 +145,24 @@ def example_grid(paths, truths, predictions, scores, label="PREDICTED", score_la
                               for t, p, s in zip(truths, predictions, scores)], columns=columns, wrap=44)
 
 
+def word_attention(path, words, shares, columns=6) -> Figure:
+    """Where each written word looked: the image's centre square (what the encoder reads)
+    under each word, with the share of the word's attention each grid cell got drawn over
+    it (``PromptDecoder.cell_attention``)."""
+    image = open_image(path)
+    side = min(image.size)
+    left, top = (image.width - side) // 2, (image.height - side) // 2
+    square = image.crop((left, top, left + side, top + side))
+    fig, axes = _panels(len(words), columns, width=2.0, height=2.25, style="white")
+    for ax, word, cells in zip(axes, words, shares):
+        ax.imshow(square)
+        ax.imshow(cells, extent=(0, side, side, 0), cmap="magma", alpha=0.55, interpolation="nearest",
+                  vmin=0, vmax=max(float(cells.max()), 1e-6))
+        ax.set_axis_off()
+        ax.set_title(word, fontsize=10)
+    return fig
+
+
 def _wrap(text, width):
     """Word-wrap each line of ``text`` to ``width`` characters."""
     wrapped = []
