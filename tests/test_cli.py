@@ -77,10 +77,11 @@ def test_predict_any_image(trained_run, tmp_path, capsys):
     results = json.loads(capsys.readouterr().out)
     assert [r["image"] for r in results] == [str(image), str(first)]
     bank = set(pd.read_csv(trained_run["data"] / "prompts.csv")["prompt"])
-    for result in results:
-        assert result["prompt"] in bank and len(result["candidates"]) == 3
-        similarities = [c["score"] for c in result["candidates"]]
-        assert similarities == sorted(similarities, reverse=True)
+    for result in results:  # the trained run has no decoder: retrieval, its best method
+        assert result["method"] == "retrieval" and result["prompt"] in bank and len(result["nearest"]) == 3
+        similarities = [n["similarity"] for n in result["nearest"]]
+        assert similarities == sorted(similarities, reverse=True) and result["similarity"] == similarities[0]
+        assert 0 <= result["familiarity"] <= 100
 
 
 def test_embed_command_fills_the_cache(small_dataset, tmp_path, capsys):
@@ -99,8 +100,8 @@ def test_validate_command(small_dataset, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["evaluate", "--run", "{tmp}/no-run"], "no-run: not a run folder"),
-    (["predict", "--run", "{tmp}/no-run", "x.png"], "no-run: not a run folder"),
+    (["evaluate", "--run", "{tmp}/no-run"], "no-run: no run here yet"),
+    (["predict", "--run", "{tmp}/no-run", "x.png"], "no-run: no run here yet. Make the default study's with ./run_all.sh"),
     (["train", "--data", "{tmp}/no-data", "--out", "{tmp}/run"], "dataset folder not found"),
     (["train", "--data", "{small}", "--out", "{tmp}/run", "--image-encoder", "vgg99"], "unknown image encoder"),
     (["predict", "--run", "{run}", "{tmp}/missing.png"], "missing.png: image file not found"),

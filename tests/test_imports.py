@@ -140,4 +140,4 @@ def test_shared_real_sets_import_and_predict(name, source, expected, tmp_path, t
     dataset = load_dataset(tmp_path / name)
     results = Predictor(trained_run["run"]).predict(dataset.paths[:3])
     assert [r["image"] for r in results] == [str(p) for p in dataset.paths[:3]]
-    assert all(r["prompt"] and -1 <= r["score"] <= 1 for r in results)
+    assert all(r["prompt"] and -1 <= r["similarity"] <= 1 for r in results)

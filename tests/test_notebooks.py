@@ -31,11 +31,28 @@ def quick_parameters(root, cache_dir, **extra):
 
 @pytest.fixture(scope="module")
 def executed(tmp_path_factory, cache_dir):
-    """All notebooks run once by papermill, as ./run_all.sh runs them."""
+    """All notebooks run once, by ./run_all.sh as a user runs it, with quick parameters and
+    the reports in a temp folder (the study's are in its subfolder ``run``)."""
     root = tmp_path_factory.mktemp("notebooks")
-    outcome = run_notebooks(ROOT / "notebooks", root / "reports", quick_parameters(root, cache_dir),
-                            cwd=ROOT, log=lambda _: None)
-    return {**outcome, "root": root, "run": root / "run", "reports": root / "reports"}
+    parameters = quick_parameters(root, cache_dir)
+    options = [item for name, value in parameters.items() for item in ("-p", name, value)]
+    result = subprocess.run(["./run_all.sh", *options, "--reports", str(root / "reports")], cwd=ROOT,
+                            capture_output=True, text=True, timeout=900,
+                            env={**os.environ, "IMG2PROMPT_PYTHON": sys.executable})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return {"result": result, "parameters": parameters, "root": root, "run": root / "run",
+            "reports": root / "reports" / "run", "base": root / "reports"}
+
+
+@pytest.fixture(scope="module")
+def real_study(executed, cache_dir):
+    """The COCO sample (photos, no attributes.csv) through every notebook: a second study,
+    its reports beside the first's."""
+    data = shared_set("coco-ccby-sample")
+    parameters = {"data_dir": str(data), "run_dir": str(executed["root"] / "real"), "cache_dir": str(cache_dir),
+                  "quick": "true"}
+    run_notebooks(ROOT / "notebooks", executed["base"], parameters, cwd=ROOT, log=lambda _: None)
+    return {"run": executed["root"] / "real", "reports": executed["base"] / "real"}
 
 
 def read_json(path):
@@ -43,7 +60,7 @@ def read_json(path):
 
 
 def test_notebooks_are_numbered_and_committed_without_outputs():
-    assert [nb.name[:3] for nb in NOTEBOOKS] == ["01_", "02_", "03_", "04_", "05_", "06_"]
+    assert [nb.name[:3] for nb in NOTEBOOKS] == ["01_", "02_", "03_", "04_", "05_", "06_", "07_"]
     for path in NOTEBOOKS:
         notebook = nbformat.read(path, as_version=4)
         assert notebook.metadata.kernelspec.name == "python3", path.name
@@ -184,26 +201,19 @@ def test_a_failing_notebook_stops_the_run_and_is_named(tmp_path, capsys):
     message = capsys.readouterr().err
     assert code == 2
     assert "02_broken.ipynb failed in cell 3" in message and "ValueError: limit 5 too low" in message
-    assert (reports / "02_broken.html").is_file()  # the failure can be read in its report
-    assert not (reports / "03_never.ipynb").exists() and not (tmp_path / "ran").exists()
-    assert not (reports / "index.html").exists()
+    assert (reports / "run" / "02_broken.html").is_file()  # the failure can be read in its report
+    assert not (reports / "run" / "03_never.ipynb").exists() and not (tmp_path / "ran").exists()
+    assert not (reports / "run" / "index.html").exists()
 
 
-def test_run_all_quick_end_to_end(tmp_path, cache_dir):
-    """./run_all.sh as a user runs it, with quick parameters and reports in a temp folder."""
-    options = []
-    for name, value in quick_parameters(tmp_path, cache_dir).items():
-        options += ["-p", name, value]
-    result = subprocess.run(["./run_all.sh", *options, "--reports", str(tmp_path / "reports")],
-                            cwd=ROOT, capture_output=True, text=True, timeout=900,
-                            env={**os.environ, "IMG2PROMPT_PYTHON": sys.executable})
-    assert result.returncode == 0, result.stderr[-3000:]
+def test_run_all_quick_end_to_end(executed):
+    result = executed["result"]
     assert re.search(r"^mapper\s+0\.\d{4}", result.stdout, re.M)
-    index = (tmp_path / "reports" / "index.html").read_text()
     for notebook in NOTEBOOKS:
-        assert f'href="{notebook.stem}.html"' in index
-        assert (tmp_path / "reports" / f"{notebook.stem}.html").stat().st_size > 10_000
-    assert (tmp_path / "run" / "metrics.json").is_file()
+        assert (executed["reports"] / f"{notebook.stem}.html").stat().st_size > 10_000
+    assert (executed["run"] / "metrics.json").is_file()
+    # progress while the notebooks run: their stage lines reach the terminal
+    assert "image embeddings (efficientnet-lite0" in result.stderr and re.search(r"mapper: \d+/\d+ epoch", result.stderr)
 
 
 def test_run_all_uses_the_given_interpreter_and_never_builds_a_venv(tmp_path):
@@ -234,13 +244,30 @@ def test_the_library_and_notebooks_default_to_offline_hub_access():
                    for hub in ("transformers", "huggingface_hub", "sentence_transformers")), path.name
 
 
-def test_real_images_take_the_views_that_apply(tmp_path, cache_dir):
-    """The COCO sample (photos, no attributes.csv) through every notebook."""
-    data = shared_set("coco-ccby-sample")
-    parameters = {"data_dir": str(data), "run_dir": str(tmp_path / "run"),
-                  "cache_dir": str(cache_dir), "quick": "true"}
-    run_notebooks(ROOT / "notebooks", tmp_path / "reports", parameters, cwd=ROOT, log=lambda _: None)
-    assert read_json(tmp_path / "run" / "data_summary.json")["generated"] is False
-    summary = read_json(tmp_path / "run" / "error_analysis.json")
+def test_real_images_take_the_views_that_apply(real_study):
+    assert read_json(real_study["run"] / "data_summary.json")["generated"] is False
+    summary = read_json(real_study["run"] / "error_analysis.json")
     assert summary["generated"] is False and "attribute_accuracy" not in summary
-    assert "no attribute view" in (tmp_path / "reports" / "01_data_exploration.html").read_text()
+    assert "no attribute view" in (real_study["reports"] / "01_data_exploration.html").read_text()
+
+
+def test_two_studies_keep_both_sets_of_reports(executed, real_study):
+    studies = (executed["base"] / "index.html").read_text()
+    for study in ("run", "real"):
+        assert f'href="{study}/index.html"' in studies
+        assert (executed["base"] / study / "07_your_images.html").is_file()
+    assert "decoder" in (executed["reports"] / "index.html").read_text()  # the first study's, intact
+
+
+def test_07_describes_photos_as_unfamiliar_and_shows_where_each_word_looked(executed, tmp_path):
+    import papermill
+    out = tmp_path / "07.ipynb"
+    papermill.execute_notebook(str(ROOT / "notebooks" / "07_your_images.ipynb"), str(out), cwd=str(ROOT),
+                               parameters={"images": str(shared_set("coco-ccby-sample")), "run_dir": str(executed["run"]),
+                                           "quick": True}, progress_bar=False, kernel_name="python3")
+    executed_07 = nbformat.read(out, as_version=4)
+    text = "".join(str(o.get("text", "")) + str(o.get("data", {}).get("text/markdown", ""))
+                   for c in executed_07.cells for o in c.get("outputs", []))
+    assert "4 of them are unlike the training images" in text  # photographs, against generated shapes
+    [attention] = [c for c in executed_07.cells if "cell_attention" in c.source]
+    assert any("image/png" in o.get("data", {}) for o in attention.outputs)  # where each word looked

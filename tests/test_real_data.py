@@ -15,7 +15,9 @@ def test_predict_on_real_images(trained_run, capsys):
     assert main(["predict", "--run", str(trained_run["run"]), *map(str, paths), "--json", "--quiet"]) == 0
     results = json.loads(capsys.readouterr().out)
     assert [r["image"] for r in results] == list(map(str, paths))
-    assert all(r["prompt"] and -1 <= r["score"] <= 1 for r in results)
+    assert all(r["prompt"] and -1 <= r["similarity"] <= 1 for r in results)
+    # the run knows generated shapes only: these photographs and Stable Diffusion images are guesses
+    assert all(r["unfamiliar"] for r in results)
 
 
 def test_real_sets_load_and_validate():

@@ -29,10 +29,10 @@ NOTEBOOK_ONLY = {"quick", "force", "resume", "color_by", "n_examples", "compare_
                  "header_sample", "scatter_points", "compare_images"}  # how much of a large dataset a figure shows
 
 
-def test_importing_the_predictor_loads_no_training_plotting_or_notebook_code():
+def test_importing_the_predictor_loads_no_pandas_training_plotting_or_notebook_code():
     probe = ("import sys, img2prompt.predict; "
              "print(' '.join(sorted(m for m in sys.modules if m.split('.')[0] in "
-             "('matplotlib', 'seaborn', 'papermill', 'nbconvert') or m in ('img2prompt.models.training', "
+             "('pandas', 'matplotlib', 'seaborn', 'papermill', 'nbconvert') or m in ('img2prompt.models.training', "
              "'img2prompt.reports.plots', 'img2prompt.reports.notebooks', 'img2prompt.evaluation.analysis'))))")
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr
@@ -45,10 +45,10 @@ def test_the_predictor_takes_paths_pil_images_and_arrays(trained_run):
     predictor = Predictor(trained_run["run"])
     by_path, by_pil, by_array = (predictor.predict(x)[0] for x in (path, image, np.asarray(image)))
     assert by_path["prompt"] == by_pil["prompt"] == by_array["prompt"]
-    assert by_path["score"] == pytest.approx(by_pil["score"], abs=1e-4)
+    assert by_path["similarity"] == pytest.approx(by_pil["similarity"], abs=1e-4)
     batch = predictor.predict([image, np.asarray(image), str(path)], top_k=3, batch_size=2)
     assert [r["image"] for r in batch] == ["#0", "#1", str(path)]
-    assert all(len(r["candidates"]) == 3 and -1 <= r["score"] <= 1 for r in batch)
+    assert all(len(r["nearest"]) == 3 and -1 <= r["similarity"] <= 1 for r in batch)
     with pytest.raises(Exception, match="uint8"):
         predictor.predict(np.zeros((8, 8, 3), np.float32))
 
