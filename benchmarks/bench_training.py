@@ -21,6 +21,7 @@ a warm-up batch.
 import argparse
 import statistics
 import time
+from pathlib import Path
 
 import torch
 from torchvision import transforms
@@ -43,9 +44,8 @@ def timed(step, batches, warmup=1):
         step(batch)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        if number >= warmup:
-            times.append(time.perf_counter() - started)
-    return statistics.median(times)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times[warmup:] or times)  # a single batch: the warm-up is all there is
 
 
 def main():
@@ -55,7 +55,8 @@ def main():
     parser.add_argument("--images", type=int, default=256, help="images timed per way")
     parser.add_argument("--blocks", type=int, nargs="+", default=[2, 5, 8])
     args = parser.parse_args()
-    generate_dataset(args.data, SynthParams())
+    if not Path(args.data).exists():  # the default data, made once
+        generate_dataset(args.data, SynthParams())
     config, device = StudyConfig(), resolve_device(args.device)
     paths = load_dataset(args.data).paths[:args.images]
     batch = per_device(config.tune_batch_size, device, 32, 128)
@@ -107,7 +108,7 @@ def main():
                 torch.cuda.synchronize()
             load_times.append(loaded - started)
             step_times.append(time.perf_counter() - loaded)
-        load, compute = statistics.median(load_times[1:]), statistics.median(step_times[1:])
+        load, compute = statistics.median(load_times[1:] or load_times), statistics.median(step_times[1:] or step_times)
         rows[f"full network from pixels, {size} px"] = (batch / (load + compute), load / (load + compute))
 
     reference = rows["full network from pixels, 224 px"][0]

@@ -98,7 +98,7 @@ def fit(model, batch_loss, validate, rows, *, optimizer, epochs, patience, batch
             if row["val_cosine"] > best["score"]:
                 best = {"score": row["val_cosine"], "epoch": epoch, "weights": _weights(kept)}
             bar.update(1)
-            bar.set_postfix(val_cos=f"{row['val_cosine']:.4f}", best=best["epoch"])
+            bar.set_postfix(val_cos=f"{row['val_cosine']:.4f}", best=best["epoch"], refresh=False)
             if epoch - best["epoch"] >= patience:
                 break
             if state is not None and time.perf_counter() - last_save >= CHECKPOINT_SECONDS:
