@@ -75,7 +75,7 @@ class Predictor:
             results.append({"image": name, "method": self.method, "prompt": nearest[0]["prompt"],
                             "similarity": nearest[0]["similarity"],
                             "familiarity": None if known is None else float(known),
-                            "unfamiliar": known is not None and unfamiliar(known), "nearest": nearest})
+                            "unfamiliar": bool(known is not None and unfamiliar(known)), "nearest": nearest})
         if self.method == "decoder":
             texts = self.decoder.generate(features, self.decode_options)
             for result, text, probability in zip(results, texts, self.decoder.token_probability(features, texts)):

@@ -116,6 +116,9 @@ class Run:
         config.validate()
         claim(config.run_dir, RUN_KIND, create=False)  # a folder it may not use: refused before the data is made
         config = dataclasses.replace(config, data_dir=study_dataset(config))
+        dataset = load_dataset(config.data_dir, config.on_error, config.max_pixels)
+        splits = grouped_split(dataset.prompts, config.seed, config.val_fraction, config.test_fraction)
+        check_split_sizes(dataset, splits, config)  # a dataset too small costs nothing either
         folder = claim(config.run_dir, RUN_KIND)
         with folder.lock(f"run folder {folder.root}"):
             rerun = origin == "notebooks" and folder.origin == origin
@@ -123,9 +126,6 @@ class Run:
                 raise RunError(f"{config.run_dir}: already holds a trained model. Pass --force "
                                "(notebooks: -p force True) to train it anew (its split is made anew "
                                "too), or choose another --out.")
-            dataset = load_dataset(config.data_dir, config.on_error, config.max_pixels)
-            splits = grouped_split(dataset.prompts, config.seed, config.val_fraction, config.test_fraction)
-            check_split_sizes(dataset, splits, config)  # a dataset too small costs nothing either
             folder.clear()
             folder.set_origin(origin)
             config.save(folder.root)
@@ -291,11 +291,12 @@ class Run:
                 summary, mapper = self._train_mapper(data, resume, progress, log if main else _quiet)
                 if self.config.tune == "encoder":
                     summary["tuned"] = self._fine_tune(data, mapper, resume, progress, log if main else _quiet)
+            data = self.data(progress, log)  # after fine-tuning, the tuned encoder's features (every process)
             if main:
                 prompts, first = unique_prompts(data.part("train")["prompts"])
                 save_tensors(self._path(BANK_FILE), {"target_emb": Rows(data.part("train")["target_emb"], first)},
                              {"prompts": prompts, PROVENANCE: self.provenance("text_encoder")})  # rows read in place
-                self._save_familiarity(self.data(progress, log))  # the tuned encoder's features after fine-tuning
+                self._save_familiarity(data)
                 self.folder.mark_finished(TRAIN)
         log(f"best epoch {summary['best_epoch']} of {summary['epochs']}: validation cosine "
             f"{summary['val_cosine']:.4f}; model in {self._path(MODEL_FILE)}")

@@ -16,6 +16,8 @@ from img2prompt import distributed
 from img2prompt.cli import main
 from img2prompt.errors import RunError
 
+pytestmark = pytest.mark.slow  # several processes: `./run_tests.sh -m slow`
+
 
 def torchrun(*args, timeout=300):
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",

@@ -56,7 +56,7 @@ def test_a_dataset_too_small_to_study_stops_with_the_minimum(tmp_path, capsys):
     assert main(["train", "--data", str(data), "--out", str(tmp_path / "run"), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "too few images to study: 7 give 5 train, 1 val, 1 test" in err and "at least 10 train" in err
-    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+    assert not (tmp_path / "run").exists()  # nothing written
     # the notebooks, as ./run_all.sh runs them: the same message from notebook 01, no traceback
     assert main(["report", "-p", "data_dir", str(data), "-p", "run_dir", str(tmp_path / "k7"),
                  "--reports", str(tmp_path / "reports")]) == 2

@@ -6,7 +6,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.slow  # several processes: `./run_tests.sh -m slow`
 
 
 def test_the_gpu_check_runs_dry_on_the_cpu(tmp_path):

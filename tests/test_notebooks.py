@@ -172,6 +172,7 @@ def test_reports_are_self_contained_and_linked(executed):
         assert "Conclusions" in page and "Traceback" not in page, notebook.name
 
 
+@pytest.mark.slow  # the notebooks again: `./run_tests.sh -m slow`
 def test_executed_notebooks_pass_nbval(executed):
     """nbval runs each executed notebook again (its injected quick parameters included) and
     compares the outputs of the cells marked NBVAL_CHECK_OUTPUT."""
@@ -247,6 +248,7 @@ def test_the_library_and_notebooks_default_to_offline_hub_access():
                    for hub in ("transformers", "huggingface_hub", "sentence_transformers")), path.name
 
 
+@pytest.mark.slow  # the notebooks again: `./run_tests.sh -m slow`
 def test_real_images_take_the_views_that_apply(real_study):
     assert read_json(real_study["run"] / "data_summary.json")["generated"] is False
     summary = read_json(real_study["run"] / "error_analysis.json")
@@ -254,9 +256,16 @@ def test_real_images_take_the_views_that_apply(real_study):
     assert "no attribute view" in (real_study["reports"] / "01_data_exploration.html").read_text()
 
 
-def test_two_studies_keep_both_sets_of_reports(executed, real_study):
+def test_two_studies_keep_both_sets_of_reports(executed, cache_dir, tmp_path):
+    """A second study (notebook 01 on the COCO sample) writes its reports beside the first's."""
+    notebooks = tmp_path / "notebooks"
+    notebooks.mkdir()
+    shutil.copy(NOTEBOOKS[0], notebooks)
+    run_notebooks(notebooks, executed["base"], {"data_dir": str(shared_set("coco-ccby-sample")),
+                                                "run_dir": str(tmp_path / "second"), "quick": "true"},
+                  cwd=ROOT, log=lambda _: None)
     studies = (executed["base"] / "index.html").read_text()
-    for study, last in (("run", "07_your_images.html"), ("real", "05_error_analysis.html")):
+    for study, last in (("run", "07_your_images.html"), ("second", "01_data_exploration.html")):
         assert f'href="{study}/index.html"' in studies
         assert (executed["base"] / study / last).is_file()
     assert "decoder" in (executed["reports"] / "index.html").read_text()  # the first study's, intact

@@ -18,6 +18,8 @@ from img2prompt.errors import DataError, RunError
 
 ray = pytest.importorskip("ray")
 
+pytestmark = pytest.mark.slow  # several processes: `./run_tests.sh -m slow`
+
 
 def test_no_cluster_at_the_address_is_one_message(small_dataset, tmp_path):
     # in a process of its own: the other tests' local instance would answer to "auto"

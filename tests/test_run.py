@@ -25,7 +25,7 @@ from img2prompt.models.mapper import Mapper
 from img2prompt.reports.notebooks import declared_parameters, find_notebooks
 
 ROOT = Path(__file__).resolve().parents[1]
-NOTEBOOK_ONLY = {"quick", "force", "resume", "color_by", "n_examples", "compare_inputs",  # how to run, not what
+NOTEBOOK_ONLY = {"quick", "force", "resume", "color_by", "n_examples", "compare_inputs", "images", "show_images",  # how to run, not what
                  "header_sample", "scatter_points", "compare_images"}  # how much of a large dataset a figure shows
 
 
