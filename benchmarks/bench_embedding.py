@@ -23,11 +23,16 @@ from pathlib import Path
 import torch
 
 from img2prompt.data.dataset import load_dataset
-from img2prompt.encoders.embeddings import (EmbeddingCache, decode_workers, extract_image_embeddings,
-                                   image_embeddings, text_embeddings)
-from img2prompt.encoders.image import image_encoder
 from img2prompt.data.images import open_image
 from img2prompt.data.synth import SynthParams, generate_dataset
+from img2prompt.encoders.embeddings import (
+    EmbeddingCache,
+    decode_workers,
+    extract_image_embeddings,
+    image_embeddings,
+    text_embeddings,
+)
+from img2prompt.encoders.image import image_encoder
 from img2prompt.encoders.text import metric_encoder
 
 

@@ -25,8 +25,13 @@ __version__ = "0.1.0"
 # reads it once.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from img2prompt.config import StudyConfig  # noqa: E402
-from img2prompt.errors import DataError, Img2PromptError, ModelUnavailableError, RunError  # noqa: E402
+from img2prompt.config import StudyConfig
+from img2prompt.errors import (
+    DataError,
+    Img2PromptError,
+    ModelUnavailableError,
+    RunError,
+)
 
 __all__ = ["StudyConfig", "Run", "Predictor", "Img2PromptError", "DataError", "ModelUnavailableError",
            "RunError"]

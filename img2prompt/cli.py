@@ -12,7 +12,6 @@ import os
 import signal
 import sys
 import threading
-
 from pathlib import Path
 
 from img2prompt.config import FIELDS, StudyConfig, check_setting
@@ -167,7 +166,12 @@ def cmd_train_decoder(args):
 
 def cmd_predict(args):
     from img2prompt.evaluation.familiarity import guess_warning
-    from img2prompt.predict import Predictor, image_files, write_captions, write_predictions
+    from img2prompt.predict import (
+        Predictor,
+        image_files,
+        write_captions,
+        write_predictions,
+    )
     from img2prompt.run import Run
     run = Run.open(args.run, args.device)
     decoding = dataclasses.replace(run.config, **chosen_options(args, DECODING_OPTIONS))

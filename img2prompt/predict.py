@@ -173,6 +173,7 @@ def write_predictions(path, results):
     stored prompts with their similarity (``prompt (0.912) | …``)."""
     import csv
     import io
+
     from img2prompt.storage.files import write_text
     table = io.StringIO()
     writer = csv.writer(table)

@@ -33,14 +33,33 @@ import numpy as np
 
 from img2prompt import distributed
 from img2prompt.config import CONFIG_FILE, StudyConfig
-from img2prompt.data.dataset import (REJECTS_FILE, SPLITS, ImageDataset, grouped_split, load_dataset,
-                                     load_splits, record_rejects, save_splits, unique_prompts)
+from img2prompt.data.dataset import (
+    REJECTS_FILE,
+    SPLITS,
+    ImageDataset,
+    grouped_split,
+    load_dataset,
+    load_splits,
+    record_rejects,
+    save_splits,
+    unique_prompts,
+)
 from img2prompt.data.study import StudyData
 from img2prompt.errors import RunError, TrainingDiverged
 from img2prompt.evaluation.scores import Metrics
-from img2prompt.storage.checkpoints import PROVENANCE, check_provenance, load_tensors, save_tensors
+from img2prompt.storage.checkpoints import (
+    PROVENANCE,
+    check_provenance,
+    load_tensors,
+    save_tensors,
+)
 from img2prompt.storage.files import read_csv, read_json, write_csv, write_json
-from img2prompt.storage.ownership import MANIFEST_FILE, claim, find_owned, unreadable_manifest
+from img2prompt.storage.ownership import (
+    MANIFEST_FILE,
+    claim,
+    find_owned,
+    unreadable_manifest,
+)
 
 if TYPE_CHECKING:  # pandas loads where it is used: prediction needs none
     import pandas

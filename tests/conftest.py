@@ -10,8 +10,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # nothing may reach a hub from the tests
 # too: a test about another device asks for it by name
 os.environ["IMG2PROMPT_AUTO_DEVICE"] = "cpu"
 
-from img2prompt.cli import main  # noqa: E402
-from img2prompt.data.synth import SynthParams, generate_dataset  # noqa: E402
+from img2prompt.cli import main
+from img2prompt.data.synth import SynthParams, generate_dataset
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

@@ -5,8 +5,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from img2prompt.data.dataset import (grouped_split, load_dataset, load_splits, normalize_prompt,
-                             save_splits, validate_dataset)
+from img2prompt.data.dataset import (
+    grouped_split,
+    load_dataset,
+    load_splits,
+    normalize_prompt,
+    save_splits,
+    validate_dataset,
+)
 from img2prompt.errors import DataError
 
 
@@ -126,6 +132,7 @@ def test_a_split_file_in_another_order_or_broken_is_read_or_refused_by_line(tmp_
 
 def test_a_text_column_reads_back_every_text_as_it_was_added():
     import pickle
+
     from img2prompt.data.text_column import TextColumn
     texts = ["a red circle", "", "ünïcode ✓ 猫", "name\udcff.png", "last"]  # a lone surrogate: an undecodable file name
     column = TextColumn(texts)

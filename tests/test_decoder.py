@@ -13,10 +13,16 @@ import torch
 
 from img2prompt.cli import main
 from img2prompt.config import StudyConfig
-from img2prompt.models.decoder import DecodeOptions, build_decoder, load_decoder, save_decoder
 from img2prompt.errors import ModelUnavailableError, RunError
 from img2prompt.evaluation.scores import distinct_ngrams
+from img2prompt.models.decoder import (
+    DecodeOptions,
+    build_decoder,
+    load_decoder,
+    save_decoder,
+)
 from img2prompt.models.training import train_decoder
+
 
 def untrained(prefix_length=3, seed=0):
     x, prompts = toy_data()
@@ -130,6 +136,30 @@ def test_a_few_steps_lower_the_loss_and_the_decoder_learns_the_prompts():
     assert history["val_loss"].min() < history["val_loss"].iloc[0]
     texts = decoder.generate(x, DecodeOptions(strategy="greedy", max_length=12))
     assert np.mean([t == p for t, p in zip(texts, prompts)]) > 0.8
+
+
+def test_generation_does_not_warn_of_padding_it_does_not_have(monkeypatch):
+    """A prompt that ends before the others is padded while the others go on; the padding is
+    generate()'s own, never the model's input, so transformers must have no reason to warn
+    that an attention mask is missing (it did, once per process, in every study's log)."""
+    from transformers import PreTrainedModel
+    x, prompts = toy_data()
+    prompts = [p.removeprefix("a small ") if i % 2 else p for i, p in enumerate(prompts)]
+    x[:, 5] += 6 * (np.arange(len(x)) % 2)  # the image tells the wording too
+    config = tiny_config()
+    decoder = build_decoder("tiny", x.shape[1], prompts, config.prefix_length, config.decoder_width,
+                            config.decoder_layers, config.decoder_heads, 0.0)
+    train_decoder(decoder, x, prompts, x, prompts, config, progress=False)
+    warned = []
+
+    def check(self, input_ids, attention_mask):
+        pad = self.config.pad_token_id
+        warned.append(attention_mask is None and pad is not None and bool((input_ids[:, [-1, 0]] == pad).any()))
+
+    monkeypatch.setattr(PreTrainedModel, "warn_if_padding_and_no_attention_mask", check)
+    texts = decoder.generate(x, DecodeOptions(strategy="greedy", max_length=16))
+    assert len({len(t.split()) for t in texts}) > 1  # some prompts ended first
+    assert warned and not any(warned)
 
 
 def test_training_is_reproducible():

@@ -84,6 +84,7 @@ def test_cuda_gives_the_cpu_results_within_bf16_precision(small_dataset):
 def test_extraction_works_where_the_platform_has_no_cpu_affinity(small_dataset, tmp_path, monkeypatch):
     """macOS and Windows have no os.sched_getaffinity: the worker count comes from cpu_count."""
     import os
+
     from img2prompt.cli import main
     from img2prompt.encoders.embeddings import decode_workers
     monkeypatch.delattr(os, "sched_getaffinity")

@@ -4,13 +4,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from img2prompt.encoders import embeddings
 from img2prompt.data.dataset import load_dataset
-from img2prompt.encoders.embeddings import EmbeddingCache, extract_image_embeddings, image_embeddings, text_embeddings
-from img2prompt.errors import DataError
-from img2prompt.storage import checkpoints
+from img2prompt.encoders import embeddings
+from img2prompt.encoders.embeddings import (
+    EmbeddingCache,
+    extract_image_embeddings,
+    image_embeddings,
+    text_embeddings,
+)
 from img2prompt.encoders.image import image_encoder
 from img2prompt.encoders.text import metric_encoder
+from img2prompt.errors import DataError
+from img2prompt.storage import checkpoints
 
 
 @pytest.fixture(scope="module")

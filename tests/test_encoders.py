@@ -5,9 +5,9 @@ import pytest
 import torch
 from PIL import Image
 
-from img2prompt.errors import ModelUnavailableError
 from img2prompt.encoders.image import image_encoder
 from img2prompt.encoders.text import metric_encoder, minilm_path, text_encoder
+from img2prompt.errors import ModelUnavailableError
 
 PROMPTS = ["two large red triangles on the left, on a black background, pixel art",
            "a small blue star", "a photo of a cat sitting on a sofa, soft light"]

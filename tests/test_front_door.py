@@ -8,8 +8,6 @@ import re
 import shutil
 from pathlib import Path
 
-import pytest
-
 from img2prompt.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -19,7 +19,7 @@ from img2prompt.cli import main
 from img2prompt.data.dataset import load_dataset, validate_dataset
 from img2prompt.errors import DataError
 
-from .test_download import publish, server  # noqa: F401 - the loopback server fixture
+from .test_download import publish, server
 from .test_imports import diffusiondb_part, png, png_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -202,7 +202,7 @@ def test_a_nul_byte_in_a_path_column_is_a_recorded_skip(tmp_path, capsys):
     assert "NUL" in capsys.readouterr().err
 
 
-def test_a_duplicated_image_name_in_the_metadata_is_named(server, tmp_path, capsys):  # noqa: F811
+def test_a_duplicated_image_name_in_the_metadata_is_named(server, tmp_path, capsys):
     publish(server, tmp_path, (1,))
     table = pd.read_parquet(tmp_path / "metadata.parquet")
     pd.concat([table, table.iloc[[1]]]).to_parquet(tmp_path / "metadata.parquet")
@@ -215,7 +215,7 @@ def test_a_duplicated_image_name_in_the_metadata_is_named(server, tmp_path, caps
     assert len(load_dataset(tmp_path / "skip")) == 3
 
 
-def test_a_downloaded_part_with_an_encrypted_member_is_one_message(server, tmp_path, capsys):  # noqa: F811
+def test_a_downloaded_part_with_an_encrypted_member_is_one_message(server, tmp_path, capsys):
     publish(server, tmp_path, (1,))
     part = tmp_path / "part-000001.zip"
     set_member_header(part, "p1-1.png", flag_bits=0x1)

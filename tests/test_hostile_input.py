@@ -9,9 +9,9 @@ from PIL import Image, ImageFile
 
 from img2prompt.cli import main
 from img2prompt.data.dataset import load_dataset, validate_dataset
-from img2prompt.errors import DataError
 from img2prompt.data.images import open_image
 from img2prompt.encoders.text import metric_encoder
+from img2prompt.errors import DataError
 
 
 def png_bytes(size=(16, 16), color=(200, 40, 40)):

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from img2prompt.errors import DataError
 from img2prompt.data.images import open_image
+from img2prompt.errors import DataError
 
 
 def save(tmp_path, image, name, **kwargs):

@@ -11,8 +11,8 @@ from PIL import Image, PngImagePlugin
 
 from img2prompt.cli import main
 from img2prompt.data.dataset import load_dataset
-from img2prompt.errors import DataError
 from img2prompt.data.importers import a1111_fields, import_dataset
+from img2prompt.errors import DataError
 from img2prompt.predict import Predictor
 
 from .conftest import shared_set

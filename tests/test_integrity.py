@@ -13,8 +13,8 @@ import subprocess
 import sys
 import time
 
-import torch
 import pytest
+import torch
 
 from img2prompt.cli import main
 from img2prompt.errors import Img2PromptError, RunError
@@ -188,6 +188,7 @@ def test_a_bad_value_in_config_json_names_the_file(trained_run, run_copy, capsys
 def test_a_full_disk_while_saving_a_model_is_a_message_and_replaces_nothing(run_copy, monkeypatch):
     import safetensors.torch
     from safetensors import SafetensorError
+
     from img2prompt.models.mapper import Mapper, save_mapper
 
     def full_disk(tensors, filename, metadata=None):

@@ -18,13 +18,13 @@ import pytest
 from PIL import Image
 
 import img2prompt.run as run_module
-from img2prompt.models import mapper, training
-from img2prompt.storage import files
 from img2prompt.cli import main
 from img2prompt.config import StudyConfig
+from img2prompt.data.synth import SynthParams, generate_dataset
+from img2prompt.models import mapper, training
 from img2prompt.predict import Predictor
 from img2prompt.reports.notebooks import run_notebooks
-from img2prompt.data.synth import SynthParams, generate_dataset
+from img2prompt.storage import files
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -87,6 +87,7 @@ def test_a_rejected_image_is_never_unlinked_from_the_source(tmp_path):
     """PNGs that carry their prompt, imported into the folder above them: the one over the
     pixel limit is rejected, and must stay where the user put it."""
     from PIL import PngImagePlugin
+
     from .test_imports import png
     data = tmp_path / "mydata"
     png(data / "images" / "a.png", {"prompt": "a red square"})
@@ -218,6 +219,7 @@ def test_embed_rejects_go_to_the_cache_not_the_current_folder(small_dataset, tmp
 
 def test_an_older_cache_is_adopted_and_a_users_folder_refused(tmp_path):
     from safetensors.numpy import save_file
+
     from img2prompt.encoders.embeddings import EmbeddingCache
     from img2prompt.errors import Img2PromptError
     older = tmp_path / "older" / "embeddings"  # made before caches had a manifest
@@ -318,8 +320,8 @@ def test_a_training_state_is_refused_on_other_data(tmp_path, monkeypatch):
 
 def test_an_unfinished_extraction_appends_shards_instead_of_rewriting(small_dataset, tmp_path,
                                                                       monkeypatch):
-    from img2prompt.encoders import embeddings
     from img2prompt.data.dataset import load_dataset
+    from img2prompt.encoders import embeddings
     from img2prompt.encoders.image import image_encoder
     from img2prompt.storage import checkpoints
     monkeypatch.setattr(embeddings, "RESUME_CHUNK", 8)
@@ -358,14 +360,14 @@ def test_a_corrupt_or_foreign_run_file_is_named(name, content, trained_run, run_
 
 
 def test_a_corrupt_decoder_is_named(trained_run, tmp_path, capsys):
-    from img2prompt.models.decoder import load_decoder
     from img2prompt.errors import RunError
+    from img2prompt.models.decoder import load_decoder
     path = tmp_path / "decoder.safetensors"
     path.write_bytes(b"garbage")
     with pytest.raises(RunError, match="decoder.safetensors: not a readable trained decoder"):
         load_decoder(path)
-    from safetensors.torch import save_file
     import torch
+    from safetensors.torch import save_file
     save_file({"x": torch.ones(2)}, str(path), metadata={"spec": '{"format": 2, "decoder": "tiny"}'})
     with pytest.raises(RunError, match="decoder.safetensors: does not hold a valid decoder"):
         load_decoder(path)

@@ -11,7 +11,11 @@ import pytest
 from img2prompt.config import StudyConfig
 from img2prompt.data.dataset import load_dataset
 from img2prompt.encoders import embeddings
-from img2prompt.encoders.embeddings import EmbeddingCache, dataset_embeddings, image_embeddings
+from img2prompt.encoders.embeddings import (
+    EmbeddingCache,
+    dataset_embeddings,
+    image_embeddings,
+)
 from img2prompt.encoders.image import image_encoder
 from img2prompt.encoders.ray_engine import RayEngine
 from img2prompt.errors import DataError, RunError
@@ -128,6 +132,7 @@ def test_a_cluster_s_gpus_are_looked_at_before_this_machine_s(small_dataset, mon
 
 def test_a_hugging_face_encoder_s_weights_never_travel_with_the_decoding_tasks(tmp_path):
     import pickle
+
     from transformers import ViTConfig, ViTImageProcessor, ViTModel
     folder = tmp_path / "vit"
     ViTModel(ViTConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=2, intermediate_size=128,

@@ -4,14 +4,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from img2prompt.encoders import embeddings
-from img2prompt.models import training
 from img2prompt.cli import main
 from img2prompt.config import StudyConfig
 from img2prompt.data.dataset import load_dataset
+from img2prompt.encoders import embeddings
 from img2prompt.encoders.embeddings import EmbeddingCache, image_embeddings
 from img2prompt.encoders.image import image_encoder
 from img2prompt.errors import DataError
+from img2prompt.models import training
 
 
 def test_an_interrupted_extraction_resumes_from_the_saved_rows(small_dataset, tmp_path, monkeypatch):

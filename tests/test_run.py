@@ -19,8 +19,7 @@ from img2prompt.data.synth import SynthParams
 from img2prompt.errors import RunError
 from img2prompt.evaluation import analysis
 from img2prompt.evaluation.scores import Metrics
-from img2prompt.models.decoder import build_decoder
-from img2prompt.models.decoder import DecodeOptions
+from img2prompt.models.decoder import DecodeOptions, build_decoder
 from img2prompt.models.mapper import Mapper
 from img2prompt.reports.notebooks import declared_parameters, find_notebooks
 
@@ -164,7 +163,8 @@ def test_progress_bars_show_in_notebooks_and_stay_quiet_in_logs(monkeypatch):
 def test_resume_from_a_notebook_is_the_run_method_the_cli_calls(small_dataset, tmp_path, monkeypatch, cache_dir):
     """Notebook 03 with resume = True calls run.train(resume=True): an interrupted training
     continues to the same model as an uninterrupted one."""
-    from img2prompt.models import mapper as mapper_module, training
+    from img2prompt.models import mapper as mapper_module
+    from img2prompt.models import training
     monkeypatch.setattr(training, "CHECKPOINT_SECONDS", 0)
     config = StudyConfig(data_dir=str(small_dataset), run_dir=str(tmp_path / "a"), cache_dir=str(cache_dir),
                          max_epochs=6, patience=50)

@@ -97,6 +97,7 @@ def test_approximate_search_is_a_faiss_inverted_file_of_about_root_bank_groups()
 def test_evaluate_says_which_search_found_the_neighbours(trained_run, tmp_path, capsys):
     import json
     import shutil
+
     from img2prompt.cli import main
     from img2prompt.run import Run
     copy = tmp_path / "run"
@@ -222,6 +223,7 @@ def count_decodes(monkeypatch):
 def test_with_skip_each_image_is_decoded_once_and_the_bad_ones_are_recorded_while_embedding(
         dataset_with_unreadable_images, tmp_path, monkeypatch):
     import pandas as pd
+
     from img2prompt import Run, StudyConfig
     decoded = count_decodes(monkeypatch)
     config = StudyConfig(data_dir=str(dataset_with_unreadable_images), run_dir=str(tmp_path / "run"),
@@ -290,6 +292,7 @@ def test_a_dataset_listing_holds_little_beyond_its_text(tmp_path):
 
 def test_training_reads_no_second_copy_of_data_already_loaded(trained_run, tmp_path, monkeypatch):
     import shutil
+
     from img2prompt.encoders import embeddings
     from img2prompt.run import Run
     copy = tmp_path / "run"

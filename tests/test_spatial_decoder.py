@@ -8,15 +8,15 @@ import pytest
 import torch
 
 from img2prompt.cli import main
+from img2prompt.data.dataset import load_dataset
 from img2prompt.encoders.colors import color_histograms, histogram_dim
 from img2prompt.encoders.embeddings import EmbeddingCache, image_embeddings
 from img2prompt.encoders.image import image_encoder
-from img2prompt.data.dataset import load_dataset
 from img2prompt.errors import RunError
 from img2prompt.evaluation import analysis
 from img2prompt.predict import Predictor
 from img2prompt.run import Run
-from tests.test_decoder import decoder_run  # noqa: F401 - the fixture
+from tests.test_decoder import decoder_run
 
 
 def test_the_grid_follows_the_pooled_vector_it_leaves_unchanged(small_dataset):
@@ -81,7 +81,7 @@ def test_an_encoder_without_a_feature_map_says_to_use_the_pooled_vector():
             encoder.forward(torch.zeros(1, 3, 224, 224, dtype=torch.uint8), grid=3, grid_map=grid_map)
 
 
-def test_the_predictor_reads_what_the_decoder_was_trained_on(decoder_run):  # noqa: F811
+def test_the_predictor_reads_what_the_decoder_was_trained_on(decoder_run):
     run = Run.open(decoder_run["run"])
     assert run.config.decoder_grid == 3 and run.decoder().spec["grid"] == 3
     assert run.config.decoder_colors == 4 and run.decoder().spec["colors"] == 4
@@ -93,7 +93,7 @@ def test_the_predictor_reads_what_the_decoder_was_trained_on(decoder_run):  # no
     assert [p["prompt"] for p in predicted] == run.decoder().generate(test["decoder_emb"][:4], greedy)
 
 
-def test_the_pooled_and_the_grid_decoder_are_compared(decoder_run, tmp_path):  # noqa: F811
+def test_the_pooled_and_the_grid_decoder_are_compared(decoder_run, tmp_path):
     run = Run.open(decoder_run["run"])
     before = (decoder_run["run"] / "decoder.safetensors").read_bytes()
     table = analysis.compare_decoder_inputs(run)
@@ -130,7 +130,7 @@ def test_the_decoder_reads_colours_from_pixels_only_where_there_are_pixels(small
         encoder.forward(encoder.normalize(batch), colors=4)  # float input, as HF processors give
 
 
-def test_the_decoder_grid_is_a_checked_option(decoder_run, capsys):  # noqa: F811
+def test_the_decoder_grid_is_a_checked_option(decoder_run, capsys):
     assert main(["train-decoder", "--run", str(decoder_run["run"]), "--decoder-grid", "-1", "--quiet"]) == 2
     assert "decoder_grid (--decoder-grid) must be an integer at least 0" in capsys.readouterr().err
     config = json.loads((decoder_run["run"] / "config.json").read_text())["config"]

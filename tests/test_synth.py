@@ -6,9 +6,16 @@ import pytest
 from scipy import ndimage
 
 from img2prompt.data.dataset import load_dataset
+from img2prompt.data.synth import (
+    BACKGROUNDS,
+    COLORS,
+    FAMILIES,
+    SceneSpec,
+    SynthParams,
+    generate_dataset,
+    render,
+)
 from img2prompt.errors import DataError
-from img2prompt.data.synth import (BACKGROUNDS, COLORS, FAMILIES, SceneSpec, SynthParams, generate_dataset,
-                              render)
 
 SIZE = 192
 
@@ -106,7 +113,7 @@ def test_styles_leave_their_marks():
                                                  "blurry photo", "pixel art"))
     background = (slice(0, 20), slice(SIZE - 40, SIZE - 2))  # top right corner: no object there
     assert grain[background].std() > 10 > flat[background].std()
-    edge = lambda a: np.abs(np.diff(a, axis=1)).max()  # noqa: E731
+    edge = lambda a: np.abs(np.diff(a, axis=1)).max()
     assert edge(blur) < 0.5 * edge(flat)
     blocks = pixel.reshape(SIZE // 8, 8, SIZE // 8, 8)
     assert np.allclose(blocks, blocks[:, :1, :, :1])  # constant 8×8 cells

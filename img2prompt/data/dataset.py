@@ -20,10 +20,15 @@ import numpy as np
 from PIL import Image
 
 from img2prompt.config import check_setting
+from img2prompt.data.images import (
+    DEFAULT_MAX_PIXELS,
+    IMAGE_EXTENSIONS,
+    open_image,
+    pixel_limit_problem,
+)
+from img2prompt.data.text_column import TextColumn
 from img2prompt.errors import DataError, printable, shown
 from img2prompt.storage.files import write_csv
-from img2prompt.data.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, open_image, pixel_limit_problem
-from img2prompt.data.text_column import TextColumn
 
 if TYPE_CHECKING:  # pandas loads where it is used: prediction needs none
     import pandas
@@ -353,7 +358,7 @@ def _check_image(path, decode, max_pixels):
             problem = pixel_limit_problem(image.width, image.height, max_pixels)
         if problem:
             return Problem(str(path), problem, "")
-    except Exception as error:  # noqa: BLE001 - PIL raises many types for bad files
+    except Exception as error:
         return Problem(str(path), f"not a readable image ({type(error).__name__}: {error}).", fix)
     return None
 

@@ -21,11 +21,11 @@ from pathlib import Path
 import pandas as pd
 
 from img2prompt.data.archives import check_archive
-from img2prompt.errors import DataError, shown
-from img2prompt.storage.files import fsync_file
 from img2prompt.data.importers import DatasetWriter, import_diffusiondb_archives
-from img2prompt.storage.ownership import lock, record_write
+from img2prompt.errors import DataError, shown
 from img2prompt.progress import progress_bar
+from img2prompt.storage.files import fsync_file
+from img2prompt.storage.ownership import lock, record_write
 
 DOWNLOADS_DIR = "downloads"
 
@@ -159,7 +159,7 @@ def _join_metadata(writer, metadata_path, drop_nsfw) -> int:
     try:
         metadata = pd.read_parquet(metadata_path)
         names = metadata["image_name"].astype(str)
-    except Exception as error:  # noqa: BLE001 - pyarrow raises many types for bad files
+    except Exception as error:
         raise DataError(f"{metadata_path}: unreadable metadata table ({type(error).__name__}: "
                         f"{error}); delete it and run again.") from None
     repeated = names.duplicated()

@@ -30,16 +30,39 @@ from pathlib import Path
 
 import pandas as pd
 
-from img2prompt.data.archives import MAX_IMAGE_BYTES, MAX_TABLE_BYTES, READ_ERRORS, copy_capped, read_member, read_member_bytes
 from img2prompt.config import check_setting
-from img2prompt.data.dataset import (IMAGES_DIR, MAX_PROMPT_CHARS, PROMPTS_FILE, REJECTS_FILE,
-                   WINDOWS_DEVICE_NAMES, Problem, inside, prompt_problem, read_csv_table,
-                   unsafe_id_problem, unusable_file_problem, write_rejects)
+from img2prompt.data.archives import (
+    MAX_IMAGE_BYTES,
+    MAX_TABLE_BYTES,
+    READ_ERRORS,
+    copy_capped,
+    read_member,
+    read_member_bytes,
+)
+from img2prompt.data.dataset import (
+    IMAGES_DIR,
+    MAX_PROMPT_CHARS,
+    PROMPTS_FILE,
+    REJECTS_FILE,
+    WINDOWS_DEVICE_NAMES,
+    Problem,
+    inside,
+    prompt_problem,
+    read_csv_table,
+    unsafe_id_problem,
+    unusable_file_problem,
+    write_rejects,
+)
+from img2prompt.data.images import (
+    DEFAULT_MAX_PIXELS,
+    IMAGE_EXTENSIONS,
+    open_image,
+    pixel_limit_problem,
+)
+from img2prompt.data.png_text import NotPng, read_png_text
 from img2prompt.errors import DataError, shown
 from img2prompt.storage.files import atomic_path, write_csv
-from img2prompt.data.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, open_image, pixel_limit_problem
 from img2prompt.storage.ownership import claim
-from img2prompt.data.png_text import NotPng, read_png_text
 
 A1111_SETTINGS = {"Steps": "step", "Sampler": "sampler", "CFG scale": "cfg", "Seed": "seed",
                   "Size": "size", "Model": "model"}
@@ -288,7 +311,7 @@ def import_diffusiondb_archives(archives, writer: DatasetWriter):
                 else:
                     info = members[name]
                     extra = {column: fields.get(key) for key, column in DIFFUSIONDB_FIELDS.items()}
-                    writer.add(item, name, lambda out, info=info: read_member(bundle, info, MAX_IMAGE_BYTES, out),
+                    writer.add(item, name, lambda out, info=info, bundle=bundle: read_member(bundle, info, MAX_IMAGE_BYTES, out),
                                fields.get("p"), {**extra, "part": Path(archive).stem}, size=info.file_size)
 
 

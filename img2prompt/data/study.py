@@ -8,6 +8,7 @@ import numpy as np
 
 from img2prompt.data.dataset import ImageDataset
 
+
 @dataclass
 class StudyData:
     """A dataset with its split and its embeddings (image, target text, metric text, and

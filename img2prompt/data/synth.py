@@ -10,10 +10,10 @@ The same seed gives byte-identical files.
 
 import json
 import math
-import re
 import multiprocessing
 import os
-from dataclasses import dataclass, asdict
+import re
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -201,7 +201,7 @@ def _layout(spec: SceneSpec, rng):
     n, r = COUNTS[spec.count], SIZES[spec.size]
     spacing = 2.3 * r
     offsets = (np.arange(n) - (n - 1) / 2) * spacing
-    jitter = lambda: rng.uniform(-0.025, 0.025)  # noqa: E731
+    jitter = lambda: rng.uniform(-0.025, 0.025)
     anchor, along_x = {
         "on the left": ((0.27, 0.5), False), "on the right": ((0.73, 0.5), False),
         "at the top": ((0.5, 0.27), True), "at the bottom": ((0.5, 0.73), True),

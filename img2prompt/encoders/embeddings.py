@@ -20,13 +20,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from img2prompt.storage.checkpoints import CHECKSUMS, load_tensors, read_header, save_tensors
-from img2prompt.errors import DataError, RunError, notice, printable
 from img2prompt.data.images import DEFAULT_MAX_PIXELS, open_image
 from img2prompt.devices import per_device, pin_memory, usable_cpus
-from img2prompt.storage.ownership import claim, lock
+from img2prompt.errors import DataError, RunError, notice, printable
 from img2prompt.progress import progress_bar
-
+from img2prompt.storage.checkpoints import (
+    CHECKSUMS,
+    load_tensors,
+    read_header,
+    save_tensors,
+)
+from img2prompt.storage.ownership import claim, lock
 
 RESUME_CHUNK = 512  # images per saved shard of an unfinished extraction
 CACHE_KIND = "cache"
@@ -448,7 +452,12 @@ def dataset_embeddings(config, dataset, progress=True, log=print, resume=False, 
     ``encoder`` replaces the one ``config`` names (a run's fine-tuned encoder). With
     ``config.engine`` ray the images are encoded on Ray (``ray_engine``), into the same entry."""
     from img2prompt.encoders.image import image_encoder
-    from img2prompt.encoders.text import METRIC_ENCODER, metric_encoder, on_device, text_encoder
+    from img2prompt.encoders.text import (
+        METRIC_ENCODER,
+        metric_encoder,
+        on_device,
+        text_encoder,
+    )
 
     cache, here = EmbeddingCache(config.cache_dir), config.device
     if config.engine == "ray" and here == "cuda" and not torch.cuda.is_available():

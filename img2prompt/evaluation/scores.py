@@ -14,7 +14,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from img2prompt.data.dataset import normalize_prompt
-from img2prompt.evaluation.search import QUERY_BLOCK, NeighbourSearch, Rows, search, unit_rows
+from img2prompt.evaluation.search import (
+    QUERY_BLOCK,
+    NeighbourSearch,
+    Rows,
+    search,
+    unit_rows,
+)
 
 if TYPE_CHECKING:  # pandas loads where it is used: prediction needs none
     import pandas

@@ -11,7 +11,11 @@ import numpy as np
 from img2prompt.data.dataset import unique_prompts
 from img2prompt.errors import RunError
 from img2prompt.evaluation.familiarity import FLAG_BELOW
-from img2prompt.evaluation.scores import evaluate_methods, fit_linear_map, paired_difference
+from img2prompt.evaluation.scores import (
+    evaluate_methods,
+    fit_linear_map,
+    paired_difference,
+)
 from img2prompt.evaluation.search import Rows
 
 

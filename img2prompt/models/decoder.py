@@ -31,9 +31,14 @@ from torch import nn
 
 from img2prompt.config import StudyConfig, check_setting
 from img2prompt.devices import autocast
-from img2prompt.storage.checkpoints import PROVENANCE, check_provenance, foreign, load_tensors, save_tensors
-
 from img2prompt.errors import ModelUnavailableError, RunError
+from img2prompt.storage.checkpoints import (
+    PROVENANCE,
+    check_provenance,
+    foreign,
+    load_tensors,
+    save_tensors,
+)
 
 TINY = "tiny"
 SMOLLM2 = "smollm2"
@@ -134,7 +139,9 @@ def tiny_lm(tokens, width=256, layers=3, heads=4, dropout=0.1):
     config = GPT2Config(vocab_size=tokens.size, n_positions=MAX_POSITIONS, n_embd=width, n_layer=layers,
                         n_head=heads, resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
                         activation_function="gelu",  # torch's own: faster on a CPU than GPT-2's tanh form
-                        bos_token_id=tokens.bos, eos_token_id=tokens.eos, pad_token_id=tokens.pad)
+                        bos_token_id=tokens.bos, eos_token_id=tokens.eos)
+    # no pad id in the config: generate() gets it as an argument, and with it the model would
+    # warn of padding (generate() drops an attention mask of ones) that is generate()'s own
     return GPT2LMHeadModel(config)
 
 

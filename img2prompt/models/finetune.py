@@ -25,7 +25,14 @@ from torch import nn
 from img2prompt import distributed
 from img2prompt.devices import autocast, per_device
 from img2prompt.errors import DataError, RunError
-from img2prompt.models.training import CPU, TrainingState, fit, mapper_cosines, on_device, training_fingerprint
+from img2prompt.models.training import (
+    CPU,
+    TrainingState,
+    fit,
+    mapper_cosines,
+    on_device,
+    training_fingerprint,
+)
 from img2prompt.storage.checkpoints import PROVENANCE, save_tensors
 
 TUNING_SETTINGS = ("seed", "tune_blocks", "tune_learning_rate", "layer_decay", "ema_decay",
@@ -133,7 +140,11 @@ def fine_tune_study(data, encoder, mapper, config, device=CPU, progress=True, lo
     """Fine-tune ``encoder``'s top blocks with ``mapper`` on a study's data (a StudyData): the
     frozen blocks' output of every image through the cache (under torchrun the main process
     fills it first), then ``fine_tune``. Returns (TunedTop, history, summary)."""
-    from img2prompt.encoders.embeddings import EmbeddingCache, embed_batch_size, trunk_features
+    from img2prompt.encoders.embeddings import (
+        EmbeddingCache,
+        embed_batch_size,
+        trunk_features,
+    )
     from img2prompt.models.training import best_epoch
 
     started = time.perf_counter()

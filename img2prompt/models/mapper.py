@@ -4,8 +4,13 @@ import torch
 from torch import nn
 
 from img2prompt.config import StudyConfig
-from img2prompt.storage.checkpoints import PROVENANCE, check_provenance, foreign, load_tensors, save_tensors
-
+from img2prompt.storage.checkpoints import (
+    PROVENANCE,
+    check_provenance,
+    foreign,
+    load_tensors,
+    save_tensors,
+)
 
 
 class Mapper(nn.Module):

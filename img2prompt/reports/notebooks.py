@@ -141,8 +141,8 @@ def _progress_lines():
 
 
 def _run(plan, folder, cwd, log):
-    from papermill.exceptions import PapermillExecutionError
     import papermill
+    from papermill.exceptions import PapermillExecutionError
 
     reports_dir = folder.root
     effective, reports = {}, []

@@ -18,7 +18,6 @@ from pathlib import Path
 from img2prompt.errors import RunError, StorageError
 from img2prompt.storage.ownership import FILE_MODE, record_write
 
-
 CSV_CHUNK = 1000  # rows formatted at once when writing a CSV (pandas' default grows with the columns)
 
 

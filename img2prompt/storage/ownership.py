@@ -15,6 +15,7 @@ holds the id of the process holding it: a second writer is told which process th
 """
 
 import contextlib
+
 try:
     import fcntl
 except ImportError:  # Windows: msvcrt's locks (``_lock_file``)
