@@ -123,8 +123,9 @@ class StudyConfig:
                                   minimum=1)
     decoder_val_images: int = _option(0, "validation images whose generated prompts choose the "
                                       "decoder's epoch (generating is the slow part; 0: all)", minimum=0)
-    decoder_patience: int = _option(6, "epochs without validation improvement before the decoder stops",
-                                   minimum=1)
+    decoder_patience: int = _option(30, "epochs without validation improvement before the decoder stops "
+                                    "(the default lets the schedule run out: its last, small steps often "
+                                    "give the best epoch)", minimum=1)
     decode_strategy: str = _option("beam", "greedy | beam | sample", choices=("greedy", "beam", "sample"))
     beam_width: int = _option(4, "beams per image (beam search)", minimum=1)
     top_p: float = _option(0.9, "nucleus sampling: probability mass kept", above=0, maximum=1)
