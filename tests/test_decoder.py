@@ -143,13 +143,9 @@ def test_generation_does_not_warn_of_padding_it_does_not_have(monkeypatch):
     generate()'s own, never the model's input, so transformers must have no reason to warn
     that an attention mask is missing (it did, once per process, in every study's log)."""
     from transformers import PreTrainedModel
-    x, prompts = toy_data()
-    prompts = [p.removeprefix("a small ") if i % 2 else p for i, p in enumerate(prompts)]
-    x[:, 5] += 6 * (np.arange(len(x)) % 2)  # the image tells the wording too
-    config = tiny_config()
-    decoder = build_decoder("tiny", x.shape[1], prompts, config.prefix_length, config.decoder_width,
-                            config.decoder_layers, config.decoder_heads, 0.0)
-    train_decoder(decoder, x, prompts, x, prompts, config, progress=False)
+    decoder, x = untrained()
+    with torch.no_grad():  # the end token's embedding made long: some images end at once, others never
+        decoder.model.lm.get_input_embeddings().weight[decoder.tokens.eos] *= 100
     warned = []
 
     def check(self, input_ids, attention_mask):
@@ -157,8 +153,8 @@ def test_generation_does_not_warn_of_padding_it_does_not_have(monkeypatch):
         warned.append(attention_mask is None and pad is not None and bool((input_ids[:, [-1, 0]] == pad).any()))
 
     monkeypatch.setattr(PreTrainedModel, "warn_if_padding_and_no_attention_mask", check)
-    texts = decoder.generate(x, DecodeOptions(strategy="greedy", max_length=16))
-    assert len({len(t.split()) for t in texts}) > 1  # some prompts ended first
+    texts = decoder.generate(x, DecodeOptions(strategy="greedy", max_length=6, no_repeat_ngram=0))
+    assert "" in texts and any(texts)  # some prompts ended first
     assert warned and not any(warned)
 
 
