@@ -373,11 +373,14 @@ class Run:
         state = self._path(TUNE_STATE_FILE)
         model, history, summary = fine_tune_study(data, self.image_encoder(tuned=False), mapper, self.config,
                                                   self.device, progress, log, state, resume and state.is_file())
-        if distributed.is_main():
+
+        def save():
             save_tuned(model, self._path(TUNED_ENCODER_FILE))
             self._save_mapper(model.mapper, self._path(MODEL_FILE), tuned=True)
             self._save_training(history, TUNE_HISTORY_FILE, plot_tune_history(history, self.history()), "tune", state)
             self.folder.mark_finished(TUNE)
+
+        distributed.main_first(save)  # the followers go on once the run's features are the tuned encoder's
         return summary
 
     def _save_familiarity(self, data):
