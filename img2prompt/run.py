@@ -99,7 +99,7 @@ MINIMUM_SPLIT = {"train": 10, "val": 2, "test": 2}
 
 def check_split_sizes(dataset, splits, config):
     """RunError naming the minimum when a split of ``dataset`` is too small to study."""
-    sizes = {name: int((splits == name).sum()) for name in SPLITS}
+    sizes = split_counts(splits)
     if any(sizes[name] < least for name, least in MINIMUM_SPLIT.items()):
         needed = ", ".join(f"{least} {name}" for name, least in MINIMUM_SPLIT.items())
         got = ", ".join(f"{sizes[name]} {name}" for name in SPLITS)
@@ -107,6 +107,14 @@ def check_split_sizes(dataset, splits, config):
                        f"val_fraction {config.val_fraction}, test_fraction {config.test_fraction}); a run needs at "
                        f"least {needed}. Add image–prompt pairs (about {sum(MINIMUM_SPLIT.values()) * 2} or more), "
                        "or change --val-fraction and --test-fraction.")
+
+
+def split_counts(splits) -> dict:
+    return {name: int((splits == name).sum()) for name in SPLITS}
+
+
+def split_summary(dataset, splits) -> str:
+    return f"dataset {dataset.root}: {len(dataset)} images; split {split_counts(splits)} (grouped by prompt)"
 
 
 class Run:
@@ -151,7 +159,7 @@ class Run:
             run = cls(folder, config.device)
             record_rejects(dataset, run._path(REJECTS_FILE), log)
             save_splits(run._path(SPLITS_FILE), dataset, splits)
-            run._split(dataset, log)
+            log(split_summary(dataset, splits))
             folder.mark_finished(SPLIT)
         return run
 
@@ -223,8 +231,7 @@ class Run:
             config = self.config
             splits = grouped_split(dataset.prompts, config.seed, config.val_fraction, config.test_fraction)
             save_splits(path, dataset, splits)
-        counts = {s: int((splits == s).sum()) for s in SPLITS}
-        log(f"dataset {dataset.root}: {len(dataset)} images; split {counts} (grouped by prompt)")
+        log(split_summary(dataset, splits))
         return splits
 
     def splits(self, dataset) -> np.ndarray:

@@ -85,7 +85,7 @@ def test_predictions_made_a_block_at_a_time_score_as_all_at_once(monkeypatch):
 
 def test_other_target_space_is_mapped_into_the_metric_space():
     test, train, bank = constructed_case()
-    double = lambda z: np.asarray(z) * 2
+    double = lambda z: np.asarray(z) * 2  # stands for a fitted map
     predicted = np.array([[0, 1, 0], [0, 0, 1]], dtype=np.float32)
     frame, metrics = evaluate_methods(test, train, bank, predicted, double, n_boot=10)
     assert np.allclose(frame["native_cosine_mapper"], 1.0)

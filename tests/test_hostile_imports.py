@@ -19,7 +19,7 @@ from img2prompt.cli import main
 from img2prompt.data.dataset import load_dataset, validate_dataset
 from img2prompt.errors import DataError
 
-from .test_download import publish, server
+from .test_download import publish, server  # the loopback server fixture
 from .test_imports import diffusiondb_part, png, png_bytes
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,7 +16,7 @@ from img2prompt.errors import RunError
 from img2prompt.evaluation import analysis
 from img2prompt.predict import Predictor
 from img2prompt.run import Run
-from tests.test_decoder import decoder_run
+from tests.test_decoder import decoder_run  # the fixture
 
 
 def test_the_grid_follows_the_pooled_vector_it_leaves_unchanged(small_dataset):

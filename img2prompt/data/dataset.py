@@ -358,7 +358,7 @@ def _check_image(path, decode, max_pixels):
             problem = pixel_limit_problem(image.width, image.height, max_pixels)
         if problem:
             return Problem(str(path), problem, "")
-    except Exception as error:
+    except Exception as error:  # PIL raises many types for bad files
         return Problem(str(path), f"not a readable image ({type(error).__name__}: {error}).", fix)
     return None
 

@@ -159,7 +159,7 @@ def _join_metadata(writer, metadata_path, drop_nsfw) -> int:
     try:
         metadata = pd.read_parquet(metadata_path)
         names = metadata["image_name"].astype(str)
-    except Exception as error:
+    except Exception as error:  # pyarrow raises many types for bad files
         raise DataError(f"{metadata_path}: unreadable metadata table ({type(error).__name__}: "
                         f"{error}); delete it and run again.") from None
     repeated = names.duplicated()

@@ -380,7 +380,7 @@ class ResNet50Encoder(ImageEncoder):
             else:
                 state = torch.load(path, map_location="cpu", weights_only=True)
             model.load_state_dict(state)
-        except Exception as error:
+        except Exception as error:  # a wrong file fails in many ways
             raise ModelUnavailableError(
                 f"resnet50: {path} is not a torchvision ResNet50 state_dict ({error})."
             ) from None

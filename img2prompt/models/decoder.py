@@ -373,7 +373,8 @@ class PromptDecoder:
         self.model.eval()
         image_emb = torch.as_tensor(image_emb, dtype=torch.float32)
         lm, tokens, texts = self.model.lm, self.tokens, []
-        arguments, beams = options.generate_arguments(), max(1, options.generate_arguments()["num_beams"])
+        arguments = options.generate_arguments()
+        beams = max(1, arguments["num_beams"])
         chunk = GENERATION_CHUNK // beams
         with torch.inference_mode(), autocast(self.device), torch.random.fork_rng(devices=[]):
             torch.manual_seed(options.seed)  # sampling: the same prompts for the same seed

@@ -208,7 +208,7 @@ def load_training_state(path):
     try:
         # tensors and plain values only, no pickled code; onto the CPU whatever device saved it
         return torch.load(io.BytesIO(data), weights_only=True, map_location=CPU)
-    except Exception as error:
+    except Exception as error:  # torch raises many types for a bad file
         raise RunError(f"{path}: unreadable training state ({error}). {fix}") from None
 
 

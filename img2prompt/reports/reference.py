@@ -17,8 +17,9 @@ def parameter_reference() -> str:
     from img2prompt.reports.notebooks import declared_parameters, find_notebooks
 
     notebooks = {path.stem[:2]: declared_parameters(path) for path in find_notebooks("notebooks")}
+    commands = list(_commands(build_parser()))
     options = {}  # setting -> the options that set it, over every command
-    for _, command in _commands(build_parser()):
+    for _, command in commands:
         for action in command._actions:
             for option in action.option_strings:
                 options.setdefault(action.dest, set()).add(option)
@@ -47,7 +48,7 @@ def parameter_reference() -> str:
     lines += ["", "Notebook parameters beyond the settings: " + ", ".join(
         f"`{name}` ({', '.join(n for n, names in notebooks.items() if name in names)})" for name in sorted(study))
         + ".", "", "## Commands", ""]
-    for command, parser in _commands(build_parser()):
+    for command, parser in commands:
         lines += [f"### `img2prompt {command}`", "", _cell(parser.description or ""), "",
                   "| argument | what |", "|---|---|"]
         for action in parser._actions:
