@@ -1,5 +1,4 @@
 import shutil
-import sys
 
 import numpy as np
 import pytest
@@ -128,22 +127,6 @@ def test_a_split_file_in_another_order_or_broken_is_read_or_refused_by_line(tmp_
     path.write_text("id,split\n" + "\n".join(rows) + "\n")
     with pytest.raises(DataError, match="the first line is not 'imgId,split'"):
         load_splits(path, dataset)
-
-
-def test_a_text_column_reads_back_every_text_as_it_was_added():
-    import pickle
-
-    from img2prompt.data.text_column import TextColumn
-    texts = ["a red circle", "", "ünïcode ✓ 猫", "name\udcff.png", "last"]  # a lone surrogate: an undecodable file name
-    column = TextColumn(texts)
-    assert list(column) == texts and column == texts and texts == column and column != texts[:-1]
-    assert len(column) == 5 and column[2] == texts[2] and column[-1] == "last" and column[1:4] == texts[1:4]
-    assert column.take([4, 0, 3]) == ["last", "a red circle", texts[3]]
-    assert column.take(np.array([True, False, True, False, False])) == ["a red circle", texts[2]]
-    assert column.take([]) == [] and pickle.loads(pickle.dumps(column)) == texts
-    with pytest.raises(IndexError):
-        column[5]
-    assert column.nbytes < sum(sys.getsizeof(t) for t in texts)
 
 
 def test_image_fingerprint_follows_content(tmp_path, small_dataset):

@@ -26,7 +26,6 @@ from img2prompt.data.images import (
     open_image,
     pixel_limit_problem,
 )
-from img2prompt.data.text_column import TextColumn
 from img2prompt.errors import DataError, printable, shown
 from img2prompt.storage.files import write_csv
 
@@ -77,24 +76,26 @@ class ImagePaths(Sequence):
         return self.folder / self.names[index]
 
 
+def take(texts: list, rows) -> list:
+    """The texts at ``rows`` (indices, in that order)."""
+    return [texts[row] for row in np.asarray(rows, dtype=np.int64).tolist()]
+
+
 @dataclass
 class ImageDataset:
-    """A loaded, checked dataset: parallel columns of ids, prompts and image file names (in
-    ``root/images``; ``paths`` gives them as paths), each a ``TextColumn`` (lists given are
-    turned into one)."""
+    """A loaded, checked dataset: parallel lists of ids, prompts and image file names (in
+    ``root/images``; ``paths`` gives them as paths)."""
 
     root: Path
-    ids: TextColumn
-    prompts: TextColumn
-    files: TextColumn
+    ids: list
+    prompts: list
+    files: list
     rejects: list = field(default_factory=list)  # Problems of the rows skipped (on_error="skip")
     max_pixels: int = DEFAULT_MAX_PIXELS  # the limit its images were checked against
     warnings: list = field(default_factory=list)  # Problems only reported (e.g. an image no row names)
 
     def __post_init__(self):
-        for name in ("ids", "prompts", "files"):
-            if not isinstance(getattr(self, name), TextColumn):
-                setattr(self, name, TextColumn(getattr(self, name)))
+        self.ids, self.prompts, self.files = list(self.ids), list(self.prompts), list(self.files)
 
     def __len__(self):
         return len(self.ids)
@@ -113,7 +114,7 @@ class ImageDataset:
         paths = self.paths
         dropped = [Problem(str(paths[i]), message.removeprefix(f"{paths[i]}: "), "")
                    for i, message in sorted((unreadable or {}).items())]
-        return ImageDataset(self.root, self.ids.take(rows), self.prompts.take(rows), self.files.take(rows),
+        return ImageDataset(self.root, take(self.ids, rows), take(self.prompts, rows), take(self.files, rows),
                             self.rejects + dropped, self.max_pixels, self.warnings)
 
     def readable_rows(self, unreadable: dict) -> np.ndarray:
@@ -142,8 +143,8 @@ class ImageDataset:
 def find_problems(root, decode_images=False, max_pixels=DEFAULT_MAX_PIXELS) -> tuple:
     """Check a dataset folder; return (rows, problems).
 
-    ``rows`` is (imgIds, prompts, image file names): parallel ``TextColumn``s of the rows
-    without problems (a large dataset's listing stays small). With ``decode_images`` every
+    ``rows`` is (imgIds, prompts, image file names): parallel lists of the rows
+    without problems. With ``decode_images`` every
     image is fully decoded, otherwise only its header is read. Paths are joined as text: a
     ``Path`` interns its parts, which would keep an interned copy of every name.
     """
@@ -162,7 +163,7 @@ def find_problems(root, decode_images=False, max_pixels=DEFAULT_MAX_PIXELS) -> t
                         f"{IMAGES_DIR}/<imgId>.png|jpg|jpeg|webp.")
 
     image_files, bad_files = _list_images(root, images_dir)
-    ids, prompts, files, first_line_of, first_of_folded = TextColumn(), TextColumn(), TextColumn(), {}, {}
+    ids, prompts, files, first_line_of, first_of_folded = [], [], [], {}, {}
     for line, img_id, prompt in _read_prompts_csv(csv_path):
         where = f"{csv_path} line {line}"
         if not img_id:
@@ -468,10 +469,10 @@ def save_splits(path, dataset: ImageDataset, splits):
 
 def load_splits(path, dataset: ImageDataset) -> np.ndarray:
     """Read a split file (imgId,split) and check it covers exactly the dataset's images.
-    Read by the csv module into a column: a DataFrame's text keeps its memory pool's blocks
+    Read by the csv module: a DataFrame's text keeps its memory pool's blocks
     (20 MB at 100,000 rows)."""
     wrong = f"{path}: expected columns imgId,split with split in {SPLITS}"
-    ids, codes = TextColumn(), []
+    ids, codes = [], []
     try:
         with open(path, newline="", encoding="utf-8") as handle:
             reader = csv.reader(handle)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from img2prompt.data.dataset import ImageDataset
+from img2prompt.data.dataset import ImageDataset, take
 
 
 @dataclass
@@ -34,7 +34,7 @@ class StudyData:
 
 class SplitPart(Mapping):
     """One split's rows of a StudyData, read like a dict: ``ids``, ``prompts``, ``images``
-    (``TextColumn``s) and the embeddings. An embedding is a view of the whole array when the split's rows are
+    (lists) and the embeddings. An embedding is a view of the whole array when the split's rows are
     one slice of it (as a run's data holds them), else a copy made when first read; either
     way a stage holds only what it uses (the decoder's input is 14,448 numbers per image)."""
 
@@ -54,8 +54,8 @@ class SplitPart(Mapping):
             raise KeyError(name)
         rows = np.flatnonzero(mask)
         texts = {"ids": data.dataset.ids, "prompts": data.dataset.prompts, "images": data.dataset.files}
-        if name in texts:  # a TextColumn of the split's rows
-            return texts[name].take(rows)
+        if name in texts:
+            return take(texts[name], rows)
         if len(rows) and rows[-1] - rows[0] + 1 == len(rows):  # one slice: a view, no copy
             return getattr(data, name)[rows[0]:rows[-1] + 1]
         return getattr(data, name)[mask]

@@ -13,7 +13,7 @@ import hashlib
 import json
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -366,7 +366,7 @@ def texts_digest(texts) -> str:
 def text_embeddings(texts, encoder, cache: EmbeddingCache = None, batch_size=64, progress=True, rows=None):
     """Embeddings of ``texts`` with ``encoder``, cached by the texts and the encoder;
     ``rows`` (indices, in the order wanted): only those rows."""
-    texts = texts if isinstance(texts, Sequence) else list(texts)  # a TextColumn: read, not listed
+    texts = list(texts)
     key = {"kind": "text", "texts": texts_digest(texts), "n": len(texts), "encoder": encoder.fingerprint()}
     entry = cache.entry("text", key) if cache is not None else None
     if entry is not None and entry[0] == len(texts):

@@ -8,7 +8,6 @@ transformers text model) loads by hub id or local folder, as the original's
 """
 
 import os
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -111,7 +110,7 @@ class TextEncoder:
     def count_truncated(self, texts) -> int:
         """How many ``texts`` are longer than the encoder reads (``max_length`` tokens, the
         special tokens included): they are truncated when encoded."""
-        texts = texts if isinstance(texts, Sequence) else list(texts)  # a TextColumn: no list of it all
+        texts = list(texts)
         # a block at a time: the token lists of every prompt at once take kilobytes per prompt
         return sum(len(ids) > self.max_length for start in range(0, len(texts), TOKENIZE_BLOCK)
                    for ids in self.tokenizer(texts[start:start + TOKENIZE_BLOCK], truncation=False)["input_ids"])

@@ -43,13 +43,6 @@ def cosine_rows(a, b) -> np.ndarray:
                            for s in range(0, rows, QUERY_BLOCK)] or [np.zeros(0, np.float32)])
 
 
-def text_series(texts):
-    """A column of Python strings: pandas would copy them into Arrow strings, whose memory
-    pool keeps about 1 KB a row (19 MB for the frame of 15,000 test images)."""
-    import pandas as pd
-    return pd.Series(list(texts), dtype=object)
-
-
 def fit_linear_map(x, y, alpha=1.0):
     """Ridge regression y ≈ [x, 1] W; returns a function applying it."""
     x1 = np.hstack([x, np.ones((len(x), 1), dtype=x.dtype)]).astype(np.float64)
@@ -145,9 +138,9 @@ def evaluate_methods(test, train, bank, predicted, to_metric_space, n_boot=1000,
         "mean_prompt": cosine_rows(mean_prompt, truth),
     }
     frame = pd.DataFrame({
-        "imgId": text_series(test["ids"]), "image": text_series(test["images"]), "prompt": text_series(test["prompts"]),
-        "predicted_prompt": text_series(bank["prompts"][i] for i in retrieved),
-        "knn_prompt": text_series(train["prompts"][i] for i in neighbour),
+        "imgId": test["ids"], "image": test["images"], "prompt": test["prompts"],
+        "predicted_prompt": [bank["prompts"][i] for i in retrieved],
+        "knn_prompt": [train["prompts"][i] for i in neighbour],
         **{f"cosine_{name}": scores[name] for name in METHODS},
     })
     methods = {name: summarize(scores[name], n_boot, seed) for name in METHODS}
@@ -159,7 +152,7 @@ def evaluate_methods(test, train, bank, predicted, to_metric_space, n_boot=1000,
     methods["retrieval"]["search"], methods["knn"]["search"] = retrieval_search, knn_search
     for name, (texts, embeddings) in (generated or {}).items():
         scores[name] = cosine_rows(embeddings, truth)
-        frame[f"{name}_prompt"] = text_series(texts)
+        frame[f"{name}_prompt"] = list(texts)
         frame[f"cosine_{name}"] = scores[name]
         methods[name] = {**summarize(scores[name], n_boot, seed),
                          "exact_prompt_rate": exact_prompt_rate(texts, test["prompts"]),

@@ -28,7 +28,7 @@ def unit_rows(a):
 
 
 class Rows:
-    """Some rows of an array (or texts of a ``TextColumn``), read like an array of their own
+    """Some rows of an array, read like an array of their own
     (``len``, ``[slice]``, ``[indices]``, iteration) without a copy of them: a bank that is
     part of a larger array."""
 
