@@ -37,22 +37,17 @@ from img2prompt.data.dataset import (
     REJECTS_FILE,
     SPLITS,
     ImageDataset,
+    check_split_sizes,
     grouped_split,
     load_dataset,
     load_splits,
     record_rejects,
     save_splits,
-    unique_prompts,
+    split_summary,
 )
 from img2prompt.data.study import StudyData
 from img2prompt.errors import RunError, TrainingDiverged
 from img2prompt.evaluation.scores import Metrics
-from img2prompt.storage.checkpoints import (
-    PROVENANCE,
-    check_provenance,
-    load_tensors,
-    save_tensors,
-)
 from img2prompt.storage.files import read_csv, read_json, write_csv, write_json
 from img2prompt.storage.ownership import (
     MANIFEST_FILE,
@@ -90,31 +85,6 @@ SUMMARIES = {"data": "data_summary.json", "embedding": "embedding_summary.json",
 
 def _quiet(*_args, **_kwargs):
     pass
-
-
-# the least images a split needs: a mapper learns from 10, early stopping and the decoder's
-# epoch choice need 2 to compare, and a test score of fewer than 2 images says nothing
-MINIMUM_SPLIT = {"train": 10, "val": 2, "test": 2}
-
-
-def check_split_sizes(dataset, splits, config):
-    """RunError naming the minimum when a split of ``dataset`` is too small to study."""
-    sizes = split_counts(splits)
-    if any(sizes[name] < least for name, least in MINIMUM_SPLIT.items()):
-        needed = ", ".join(f"{least} {name}" for name, least in MINIMUM_SPLIT.items())
-        got = ", ".join(f"{sizes[name]} {name}" for name in SPLITS)
-        raise RunError(f"{dataset.root}: too few images to study: {len(dataset)} give {got} (grouped by prompt, "
-                       f"val_fraction {config.val_fraction}, test_fraction {config.test_fraction}); a run needs at "
-                       f"least {needed}. Add image–prompt pairs (about {sum(MINIMUM_SPLIT.values()) * 2} or more), "
-                       "or change --val-fraction and --test-fraction.")
-
-
-def split_counts(splits) -> dict:
-    return {name: int((splits == name).sum()) for name in SPLITS}
-
-
-def split_summary(dataset, splits) -> str:
-    return f"dataset {dataset.root}: {len(dataset)} images; split {split_counts(splits)} (grouped by prompt)"
 
 
 class Run:
@@ -301,29 +271,25 @@ class Run:
         (the training prompts, for retrieval), the histories and curves. The training state
         is saved as it goes; ``resume`` continues an interrupted training (and embedding
         extraction) instead."""
-        from img2prompt.evaluation.search import Rows
+        from img2prompt.evaluation.familiarity import FAMILIARITY_FILE, Familiarity
+        from img2prompt.evaluation.search import save_prompt_bank
 
-        def start():
+        def refuse():
             if resume and self.is_finished(TRAIN):
                 raise RunError(f"{self.root}: this run finished; nothing to resume (--force trains it anew).")
-            self.folder.mark_unfinished(TRAIN)
-            self.folder.mark_unfinished(TUNE)  # so the data is the frozen encoder's features
 
         main = distributed.is_main()
-        with self._lock():
-            distributed.main_first(start)
+        with self._stage(TRAIN, refuse, also=(TUNE,)):  # TUNE unfinished: the data is the frozen encoder's features
             data = self.data(progress, log, resume=resume)
-            with self._failing(TRAIN):
-                summary, mapper = self._train_mapper(data, resume, progress, log if main else _quiet)
-                if self.config.tune == "encoder":
-                    summary["tuned"] = self._fine_tune(data, mapper, resume, progress, log if main else _quiet)
+            summary, mapper = self._train_mapper(data, resume, progress, log if main else _quiet)
+            if self.config.tune == "encoder":
+                summary["tuned"] = self._fine_tune(data, mapper, resume, progress, log if main else _quiet)
             data = self.data(progress, log)  # after fine-tuning, the tuned encoder's features (every process)
             if main:
-                prompts, first = unique_prompts(data.part("train")["prompts"])
-                save_tensors(self._path(BANK_FILE), {"target_emb": Rows(data.part("train")["target_emb"], first)},
-                             {"prompts": prompts, PROVENANCE: self.provenance("text_encoder")})  # rows read in place
-                self._save_familiarity(data)
-                self.folder.mark_finished(TRAIN)
+                save_prompt_bank(self._path(BANK_FILE), data.part("train")["prompts"], data.part("train")["target_emb"],
+                                 self.provenance("text_encoder"))
+                Familiarity.fit(data.part("train")["image_emb"], data.part("val")["image_emb"], self.config.seed).save(
+                    self._path(FAMILIARITY_FILE), self.provenance("image_encoder"))
         log(f"best epoch {summary['best_epoch']} of {summary['epochs']}: validation cosine "
             f"{summary['val_cosine']:.4f}; model in {self._path(MODEL_FILE)}")
         return summary
@@ -331,29 +297,21 @@ class Run:
     def _train_mapper(self, data, resume, progress, log) -> tuple:
         """(summary, mapper) of the mapper on frozen features, continuing a saved training
         state if ``resume``; its model, history and curve saved (the main process)."""
-        from img2prompt.models.training import train_mapper
+        from img2prompt.models.mapper import save_mapper
+        from img2prompt.models.training import mapper_summary, train_study_mapper
         from img2prompt.reports.plots import plot_history
 
-        config, train_part, val_part = self.config, data.part("train"), data.part("val")
-        head_file = self._path(FROZEN_MODEL_FILE if config.tune == "encoder" else MODEL_FILE)
+        head_file = self._path(FROZEN_MODEL_FILE if self.config.tune == "encoder" else MODEL_FILE)
         state = self._path(TRAINING_STATE_FILE)
-        if resume and config.tune == "encoder" and self.folder.owns(head_file) and head_file.is_file():
+        if resume and self.config.tune == "encoder" and self.folder.owns(head_file) and head_file.is_file():
             log("resuming: the mapper on frozen features is trained; fine-tuning")
-            return self._summary(self.history(), train_part, val_part), self._head()
-        log(f"{'resuming' if resume and state.is_file() else 'training'} the mapper ({config.depth} hidden "
-            f"layer(s) of {config.hidden_size}) on {len(train_part['ids'])} images, validating on "
-            f"{len(val_part['ids'])}")
-        model, history = train_mapper(train_part["image_emb"], train_part["target_emb"], val_part["image_emb"],
-                                      val_part["target_emb"], config, progress, state_path=state,
-                                      resume=resume and state.is_file(), device=self.device)
+            return {"run_dir": str(self.root), **mapper_summary(self.history(), data)}, self._head()
+        model, history, summary = train_study_mapper(data, self.config, self.device, progress, log, state,
+                                                     resume and state.is_file())
         if distributed.is_main():
-            self._save_mapper(model, head_file, tuned=False)
+            save_mapper(model, head_file, self.provenance("image_encoder", "text_encoder", tuned=False))
             self._save_training(history, HISTORY_FILE, plot_history(history), "loss", state)
-        return self._summary(history, train_part, val_part), model
-
-    def _save_mapper(self, model, path, tuned):
-        from img2prompt.models.mapper import save_mapper
-        save_mapper(model, path, self.provenance("image_encoder", "text_encoder", tuned=tuned))
+        return {"run_dir": str(self.root), **summary}, model
 
     def _save_training(self, history, history_file, figure, curve, state):
         """A training's history and curve; then its state goes (only once everything it led
@@ -364,17 +322,11 @@ class Run:
         if self.folder.owns(state):
             self.folder.remove(state)
 
-    def _summary(self, history, train_part, val_part) -> dict:
-        from img2prompt.models.training import best_epoch, history_best
-        best = history_best(history)
-        return {"run_dir": str(self.root), **best_epoch(history), "train_loss_at_best": float(best["train_loss"]),
-                "val_loss_at_best": float(best["val_loss"]), "seconds": float(history["seconds"].sum()),
-                "train_images": len(train_part["ids"]), "val_images": len(val_part["ids"])}
-
     def _fine_tune(self, data, mapper, resume, progress, log) -> dict:
         """Fine-tune the encoder's top blocks with the mapper on frozen features; save them and
         the tuned mapper (the run's features are the tuned encoder's from then on)."""
         from img2prompt.models.finetune import fine_tune_study, save_tuned
+        from img2prompt.models.mapper import save_mapper
         from img2prompt.reports.plots import plot_tune_history
 
         state = self._path(TUNE_STATE_FILE)
@@ -383,30 +335,19 @@ class Run:
 
         def save():
             save_tuned(model, self._path(TUNED_ENCODER_FILE))
-            self._save_mapper(model.mapper, self._path(MODEL_FILE), tuned=True)
+            save_mapper(model.mapper, self._path(MODEL_FILE), self.provenance("image_encoder", "text_encoder", tuned=True))
             self._save_training(history, TUNE_HISTORY_FILE, plot_tune_history(history, self.history()), "tune", state)
             self.folder.mark_finished(TUNE)
 
         distributed.main_first(save)  # the followers go on once the run's features are the tuned encoder's
         return summary
 
-    def _save_familiarity(self, data):
-        """How close the training images are to each other, from the validation images
-        (``evaluation.familiarity``): what tells a new image's familiarity."""
-        from img2prompt.evaluation.familiarity import FAMILIARITY_FILE, Familiarity
-        familiarity = Familiarity.fit(data.part("train")["image_emb"], data.part("val")["image_emb"], self.config.seed)
-        save_tensors(self._path(FAMILIARITY_FILE), familiarity.tensors(), {PROVENANCE: self.provenance("image_encoder")})
-
     def familiarity(self):
         """The run's Familiarity, or None for a run trained before runs recorded it."""
         from img2prompt.evaluation.familiarity import FAMILIARITY_FILE, Familiarity
         self._require(TRAIN, "train --resume --out")
-        path, fix = self._path(FAMILIARITY_FILE), "Train the run again ('img2prompt train --force')."
-        if not path.is_file():
-            return None
-        tensors, metadata = load_tensors(path, "familiarity record", fix, framework="numpy")
-        check_provenance(path, metadata, self.provenance("image_encoder"), fix)
-        return Familiarity.from_tensors(tensors)
+        path = self._path(FAMILIARITY_FILE)
+        return Familiarity.load(path, self.provenance("image_encoder")) if path.is_file() else None
 
     def mapper(self):
         from img2prompt.models.mapper import load_mapper
@@ -415,14 +356,9 @@ class Run:
 
     def prompt_bank(self):
         """(prompts, target-space embeddings) of the prompts retrieval answers with."""
+        from img2prompt.evaluation.search import load_prompt_bank
         self._require(TRAIN, "train --resume --out")
-        path, fix = self._path(BANK_FILE), "Train the run again ('img2prompt train --force')."
-        tensors, metadata = load_tensors(path, "prompt bank", fix, framework="numpy", required=("prompts",))
-        check_provenance(path, metadata, self.provenance("text_encoder"), fix)
-        prompts, bank = metadata["prompts"], tensors.get("target_emb")
-        if bank is None or not isinstance(prompts, list) or len(prompts) != len(bank):
-            raise RunError(f"{path}: not an img2prompt prompt bank (prompts and embeddings do not match). {fix}")
-        return prompts, bank
+        return load_prompt_bank(self._path(BANK_FILE), self.provenance("text_encoder"))
 
     def history(self) -> "pandas.DataFrame":
         """The mapper's training on frozen features, one row per epoch."""
@@ -457,25 +393,18 @@ class Run:
         from img2prompt.models.training import train_study_decoder
         from img2prompt.reports.plots import plot_decoder_history
 
-        def start():
+        def refuse():
             if self.is_finished(DECODER) and not (force or resume):
                 raise RunError(f"{self.root}: already holds a trained decoder. Pass --force to train it anew.")
-            self.folder.mark_unfinished(DECODER)
 
-        main = distributed.is_main()
-        with self._lock():
-            distributed.main_first(start)
-            state = self._path(DECODER_STATE_FILE)
-
-            with self._failing(DECODER):
-                decoder, summary, history = train_study_decoder(self.data(progress, log), self.config, self.device,
-                                                                progress, log if main else _quiet, state,
-                                                                resume and state.is_file())
+        main, state = distributed.is_main(), self._path(DECODER_STATE_FILE)
+        with self._stage(DECODER, refuse):
+            decoder, summary, history = train_study_decoder(self.data(progress, log), self.config, self.device, progress,
+                                                            log if main else _quiet, state, resume and state.is_file())
             if main:
                 save_decoder(decoder, self._path(DECODER_FILE), self.provenance("image_encoder", "decoder_input"))
                 self.save_summary("decoder", summary)
                 self._save_training(history, DECODER_HISTORY_FILE, plot_decoder_history(history), "decoder_loss", state)
-                self.folder.mark_finished(DECODER)
         log(f"best epoch {summary['best_epoch']} of {summary['epochs']}: validation cosine "
             f"{summary['val_cosine']:.4f} (greedy); {summary['seconds']:.0f} s; decoder in "
             f"{self._path(DECODER_FILE)}")
@@ -545,24 +474,26 @@ class Run:
         return Predictor(self, method, decode_options)
 
     def _require(self, stage, command):
-        if self.is_finished(stage):
-            return
-        writer = self.folder.writer()
-        if writer:
-            raise RunError(f"{self.root}: its {stage} stage is being run by process {writer} now. Wait "
-                           "for it to finish, then run this again.")
-        if stage in self.folder.failed:
-            raise RunError(f"{self.root}: its {stage} stage failed: {self.folder.failed[stage]}")
-        raise RunError(f"{self.root}: its {stage} stage did not finish. Run it with 'img2prompt "
-                       f"{command} {self.root}' (or start the run anew).")
+        self.folder.require(stage, f"img2prompt {command} {self.root}")
 
     @contextlib.contextmanager
-    def _failing(self, stage):
-        """A training that diverges marks its stage failed, with the message, so that a later
-        command says why instead of suggesting --resume (which would diverge again)."""
-        try:
-            yield
-        except TrainingDiverged as error:
+    def _stage(self, stage, refuse=lambda: None, also=()):
+        """Run a stage under the folder's lock: the main process calls ``refuse`` (which may
+        raise to refuse the stage) and marks the stage (and ``also``) unfinished first, and
+        finished last. A training that diverges marks it failed, with the message, so that a
+        later command says why instead of suggesting --resume (which would diverge again)."""
+        def start():
+            refuse()
+            for name in (stage, *also):
+                self.folder.mark_unfinished(name)
+
+        with self._lock():
+            distributed.main_first(start)
+            try:
+                yield
+            except TrainingDiverged as error:
+                if distributed.is_main():
+                    self.folder.mark_failed(stage, str(error))
+                raise
             if distributed.is_main():
-                self.folder.mark_failed(stage, str(error))
-            raise
+                self.folder.mark_finished(stage)

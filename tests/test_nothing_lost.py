@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import img2prompt.run as run_module
 from img2prompt.cli import main
 from img2prompt.config import StudyConfig
 from img2prompt.data.synth import SynthParams, generate_dataset
+from img2prompt.evaluation import search
 from img2prompt.models import mapper, training
 from img2prompt.predict import Predictor
 from img2prompt.reports.notebooks import run_notebooks
@@ -278,7 +278,7 @@ def test_a_kill_between_model_and_bank_leaves_a_run_that_resume_completes(small_
     def killed(*_args, **_kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(run_module, "save_tensors", killed)  # the prompt bank, saved after the model
+    monkeypatch.setattr(search, "save_tensors", killed)  # the prompt bank, saved after the model
     assert main(args) == 130  # interrupted
     assert (run / "best_model.safetensors").is_file() and not (run / "prompt_bank.safetensors").exists()
     with pytest.raises(Exception, match="did not finish"):

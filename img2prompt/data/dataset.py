@@ -496,3 +496,28 @@ def load_splits(path, dataset: ImageDataset) -> np.ndarray:
                         f"({missing} image(s) not in the split, {extra} no longer in the "
                         "dataset). Use a new run folder, or --force to start this one anew.")
     return np.array([by_id[i] for i in dataset.ids], dtype=SPLIT_DTYPE)
+
+
+# the least images a split needs: a mapper learns from 10, early stopping and the decoder's
+# epoch choice need 2 to compare, and a test score of fewer than 2 images says nothing
+MINIMUM_SPLIT = {"train": 10, "val": 2, "test": 2}
+
+
+def check_split_sizes(dataset, splits, config):
+    """DataError naming the minimum when a split of ``dataset`` is too small to study."""
+    sizes = split_counts(splits)
+    if any(sizes[name] < least for name, least in MINIMUM_SPLIT.items()):
+        needed = ", ".join(f"{least} {name}" for name, least in MINIMUM_SPLIT.items())
+        got = ", ".join(f"{sizes[name]} {name}" for name in SPLITS)
+        raise DataError(f"{dataset.root}: too few images to study: {len(dataset)} give {got} (grouped by prompt, "
+                        f"val_fraction {config.val_fraction}, test_fraction {config.test_fraction}); a run needs at "
+                        f"least {needed}. Add image–prompt pairs (about {sum(MINIMUM_SPLIT.values()) * 2} or more), "
+                        "or change --val-fraction and --test-fraction.")
+
+
+def split_counts(splits) -> dict:
+    return {name: int((splits == name).sum()) for name in SPLITS}
+
+
+def split_summary(dataset, splits) -> str:
+    return f"dataset {dataset.root}: {len(dataset)} images; split {split_counts(splits)} (grouped by prompt)"

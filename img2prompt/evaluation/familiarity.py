@@ -14,6 +14,12 @@ and its prompt is a guess: the output says so.
 import numpy as np
 
 from img2prompt.evaluation.search import nearest, unit_rows
+from img2prompt.storage.checkpoints import (
+    PROVENANCE,
+    check_provenance,
+    load_tensors,
+    save_tensors,
+)
 
 FAMILIARITY_FILE = "familiarity.safetensors"
 FLAG_BELOW = 1.0  # percentile of the validation images' closeness under which an image is unfamiliar
@@ -51,11 +57,16 @@ class Familiarity:
         closeness = self.closeness(image_emb)
         return 100.0 * np.searchsorted(self.validation, closeness, side="right") / max(1, len(self.validation))
 
-    def tensors(self) -> dict:
-        return {"reference": self.reference, "centre": self.centre[None], "validation": self.validation[None]}
+    def save(self, path, provenance: dict):
+        tensors = {"reference": self.reference, "centre": self.centre[None], "validation": self.validation[None]}
+        save_tensors(path, tensors, {PROVENANCE: provenance})
 
     @classmethod
-    def from_tensors(cls, tensors) -> "Familiarity":
+    def load(cls, path, provenance: dict) -> "Familiarity":
+        """The record at ``path``, refused (RunError) unless made from ``provenance``."""
+        fix = "Train the run again ('img2prompt train --force')."
+        tensors, metadata = load_tensors(path, "familiarity record", fix, framework="numpy")
+        check_provenance(path, metadata, provenance, fix)
         return cls(tensors["reference"], tensors["centre"][0], tensors["validation"][0])
 
 

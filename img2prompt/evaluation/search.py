@@ -13,6 +13,15 @@ study's numbers are exact) and approximately beyond.
 
 import numpy as np
 
+from img2prompt.data.dataset import unique_prompts
+from img2prompt.errors import RunError
+from img2prompt.storage.checkpoints import (
+    PROVENANCE,
+    check_provenance,
+    load_tensors,
+    save_tensors,
+)
+
 SEARCHES = ("auto", "exact", "approximate")
 SIMILARITY_BLOCK = 1 << 20  # numbers in one working block: the similarities computed at once, or
                             # a block of normalised query or bank rows (4 MB of float32)
@@ -171,3 +180,22 @@ def _unit_block(rows, centre):
     """``rows`` less ``centre``, normalised, in one new array."""
     block = _centred(rows, centre)
     return np.ascontiguousarray(block / np.maximum(np.linalg.norm(block, axis=1, keepdims=True), 1e-12))
+
+
+def save_prompt_bank(path, prompts, target_emb, provenance: dict):
+    """The prompts retrieval answers with: each distinct training prompt once, with its
+    target-space embedding (the rows are read in place, not copied)."""
+    distinct, first = unique_prompts(prompts)
+    save_tensors(path, {"target_emb": Rows(target_emb, first)}, {"prompts": distinct, PROVENANCE: provenance})
+
+
+def load_prompt_bank(path, provenance: dict) -> tuple:
+    """(prompts, target-space embeddings) saved at ``path``; RunError unless made from
+    ``provenance``."""
+    fix = "Train the run again ('img2prompt train --force')."
+    tensors, metadata = load_tensors(path, "prompt bank", fix, framework="numpy", required=("prompts",))
+    check_provenance(path, metadata, provenance, fix)
+    prompts, bank = metadata["prompts"], tensors.get("target_emb")
+    if bank is None or not isinstance(prompts, list) or len(prompts) != len(bank):
+        raise RunError(f"{path}: not an img2prompt prompt bank (prompts and embeddings do not match). {fix}")
+    return prompts, bank

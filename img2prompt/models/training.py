@@ -264,6 +264,24 @@ def train_mapper(x_train, y_train, x_val, y_val, config, progress=True, state_pa
     return model.to(CPU), history
 
 
+def train_study_mapper(data, config, device=CPU, progress=True, log=print, state_path=None, resume=False):
+    """The study's mapper of ``config`` trained on ``data`` (a StudyData: its image and
+    target embeddings): (mapper, history, summary)."""
+    train_part, val_part = data.part("train"), data.part("val")
+    log(f"{'resuming' if resume else 'training'} the mapper ({config.depth} hidden layer(s) of "
+        f"{config.hidden_size}) on {len(train_part['ids'])} images, validating on {len(val_part['ids'])}")
+    model, history = train_mapper(train_part["image_emb"], train_part["target_emb"], val_part["image_emb"],
+                                  val_part["target_emb"], config, progress, state_path, resume, device)
+    return model, history, mapper_summary(history, data)
+
+
+def mapper_summary(history, data) -> dict:
+    best = history_best(history)
+    return {**best_epoch(history), "train_loss_at_best": float(best["train_loss"]),
+            "val_loss_at_best": float(best["val_loss"]), "seconds": float(history["seconds"].sum()),
+            "train_images": int((data.splits == "train").sum()), "val_images": int((data.splits == "val").sum())}
+
+
 def mapper_cosines(model, x, y, device, batch_size=256) -> torch.Tensor:
     """The cosine of the model's prediction and the target for each row (on the CPU), a batch
     at a time."""

@@ -204,10 +204,23 @@ class OwnedFolder:
         """The id of another process writing the folder now (holding its lock), else None."""
         return lock_holder(self.root / LOCK_FILE)
 
-
     def is_finished(self, stage) -> bool:
         self.refresh()
         return stage in self.finished
+
+    def require(self, stage, command):
+        """FolderError unless ``stage`` finished: saying whether a process is running it now,
+        it failed (and why), or it did not finish (run ``command``)."""
+        if self.is_finished(stage):
+            return
+        writer = self.writer()
+        if writer:
+            raise FolderError(f"{self.root}: its {stage} stage is being run by process {writer} now. Wait "
+                              "for it to finish, then run this again.")
+        if stage in self.failed:
+            raise FolderError(f"{self.root}: its {stage} stage failed: {self.failed[stage]}")
+        raise FolderError(f"{self.root}: its {stage} stage did not finish. Run it with '{command}' (or start "
+                          "the run anew).")
 
     def lock(self, what=None):
         """Hold this folder's advisory lock (re-entrant within the process)."""
