@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from img2prompt.data.dataset import take
 from img2prompt.data.images import DEFAULT_MAX_PIXELS, open_image
 from img2prompt.devices import per_device, pin_memory, usable_cpus
 from img2prompt.errors import DataError, RunError, notice, printable
@@ -499,7 +500,7 @@ def dataset_embeddings(config, dataset, progress=True, log=print, resume=False, 
     # the prompts' cache entries hold the rows kept in the dataset's order, whatever the grouping
     in_order = np.sort(rows)
     every_row = len(in_order) == len(dataset)  # (sorted, distinct: then 0 .. n-1)
-    prompts = dataset.prompts if every_row else dataset.prompts.take(in_order)  # no copy of them all
+    prompts = dataset.prompts if every_row else take(dataset.prompts, in_order)
     text_rows = np.searchsorted(in_order, rows)
     truncated = target.count_truncated(prompts)
     if truncated:
