@@ -1,12 +1,10 @@
-"""Keep freed memory in the process heap while models run on the CPU, or hand it back.
+"""Keep freed memory in the process heap while models run on the CPU.
 
 A CNN forward pass allocates and frees activation buffers of tens of MB per batch. glibc
 hands such blocks back to the kernel at once (mmap/munmap), and the kernel must then fault
 in and zero fresh pages on the next batch: measured on this project's 2-core machine, half
 of the CPU time went to the kernel and EfficientNet-Lite0 ran about 3× slower than with
 freed blocks kept for reuse. The price is that the heap's high-water mark stays resident.
-Conversely, reading a large dataset frees many small objects and blocks that glibc keeps in
-its heap: handing them back once the data is read keeps them out of the stage's peak.
 """
 
 import ctypes
@@ -41,9 +39,3 @@ def keep_freed_memory():
     libc.mallopt(M_TRIM_THRESHOLD, ctypes.c_int(_LARGEST))
     _applied = True
 
-
-def hand_back_freed_memory():
-    """Return the heap's free pages to the kernel (glibc's malloc_trim; nothing elsewhere)."""
-    libc = _glibc()
-    if libc is not None:
-        libc.malloc_trim(0)
