@@ -37,9 +37,8 @@ def unit_rows(a):
 
 
 class Rows:
-    """Some rows of an array, read like an array of their own
-    (``len``, ``[slice]``, ``[indices]``, iteration) without a copy of them: a bank that is
-    part of a larger array."""
+    """Some rows of an array, read like an array of their own (``len``, ``[slice]``,
+    ``[indices]``, iteration) without a copy of them: a bank that is part of a larger array."""
 
     def __init__(self, array, rows):
         self.array, self.rows = array, np.asarray(rows)
