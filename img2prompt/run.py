@@ -282,6 +282,7 @@ class Run:
         with self._stage(TRAIN, refuse, also=(TUNE,)):  # TUNE unfinished: the data is the frozen encoder's features
             data = self.data(progress, log, resume=resume)
             summary, mapper = self._train_mapper(data, resume, progress, log if main else _quiet)
+            summary = {"run_dir": str(self.root), **summary}
             if self.config.tune == "encoder":
                 summary["tuned"] = self._fine_tune(data, mapper, resume, progress, log if main else _quiet)
             data = self.data(progress, log)  # after fine-tuning, the tuned encoder's features (every process)
@@ -305,13 +306,13 @@ class Run:
         state = self._path(TRAINING_STATE_FILE)
         if resume and self.config.tune == "encoder" and self.folder.owns(head_file) and head_file.is_file():
             log("resuming: the mapper on frozen features is trained; fine-tuning")
-            return {"run_dir": str(self.root), **mapper_summary(self.history(), data)}, self._head()
+            return mapper_summary(self.history(), data), self._head()
         model, history, summary = train_study_mapper(data, self.config, self.device, progress, log, state,
                                                      resume and state.is_file())
         if distributed.is_main():
             save_mapper(model, head_file, self.provenance("image_encoder", "text_encoder", tuned=False))
             self._save_training(history, HISTORY_FILE, plot_history(history), "loss", state)
-        return {"run_dir": str(self.root), **summary}, model
+        return summary, model
 
     def _save_training(self, history, history_file, figure, curve, state):
         """A training's history and curve; then its state goes (only once everything it led

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from img2prompt import distributed
+from img2prompt.data.dataset import split_counts
 from img2prompt.devices import autocast
 from img2prompt.encoders.allocator import keep_freed_memory
 from img2prompt.errors import DataError, RunError, TrainingDiverged
@@ -276,10 +277,10 @@ def train_study_mapper(data, config, device=CPU, progress=True, log=print, state
 
 
 def mapper_summary(history, data) -> dict:
-    best = history_best(history)
+    best, counts = history_best(history), split_counts(data.splits)
     return {**best_epoch(history), "train_loss_at_best": float(best["train_loss"]),
             "val_loss_at_best": float(best["val_loss"]), "seconds": float(history["seconds"].sum()),
-            "train_images": int((data.splits == "train").sum()), "val_images": int((data.splits == "val").sum())}
+            "train_images": counts["train"], "val_images": counts["val"]}
 
 
 def mapper_cosines(model, x, y, device, batch_size=256) -> torch.Tensor:
