@@ -28,6 +28,7 @@ from img2prompt.errors import DataError, RunError
 from img2prompt.models.training import (
     CPU,
     TrainingState,
+    adamw,
     fit,
     mapper_cosines,
     on_device,
@@ -96,7 +97,7 @@ def fine_tune(encoder, mapper, trunk_train, y_train, trunk_val, y_val, config, p
     for group in groups:
         for parameter in group["params"]:
             parameter.requires_grad_(True)
-    optimizer = torch.optim.AdamW(groups, weight_decay=0.01)
+    optimizer = adamw(groups, device, weight_decay=0.01)
     average = (torch.optim.swa_utils.AveragedModel(
         model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(config.ema_decay))
         if config.ema_decay > 0 else None)
