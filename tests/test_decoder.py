@@ -175,6 +175,28 @@ def test_training_is_reproducible():
     pd.testing.assert_frame_equal(*histories)
 
 
+def test_training_batches_hold_prompts_of_about_the_same_length(monkeypatch):
+    """Every prompt once per epoch, in batches that need less padding than random ones (the
+    prefix and the prompt's positions are computed up to the batch's longest prompt)."""
+    from img2prompt.models import training
+    lengths = torch.randint(5, 30, (640,), generator=torch.Generator().manual_seed(0)).tolist()
+
+    def padded(order):
+        return sum(len(batch) * max(lengths[i] for i in batch) for batch in order.split(64))
+
+    grouped = training._shuffled(640, lengths, 64, torch.Generator().manual_seed(1))
+    shuffled = training._shuffled(640, None, 64, torch.Generator().manual_seed(1))
+    assert sorted(grouped.tolist()) == list(range(640))
+    assert padded(grouped) < 0.85 * padded(shuffled)
+
+    seen = []
+    monkeypatch.setattr(training, "_shuffled", lambda rows, lengths, *rest: seen.append(lengths) or torch.arange(rows))
+    x, prompts = toy_data()
+    decoder = build_decoder("tiny", x.shape[1], prompts, 2, 32, 1, 2, 0.1)
+    train_decoder(decoder, x, prompts, x, prompts, tiny_config(decoder_epochs=1), progress=False)
+    assert seen == [[len(decoder.tokens.encode(p)) + 2 for p in prompts]]  # BOS … EOS
+
+
 def test_tiny_checkpoint_round_trip(tmp_path):
     x, prompts = toy_data()
     config = tiny_config(decoder_epochs=3)
