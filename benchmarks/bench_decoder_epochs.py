@@ -22,7 +22,8 @@ from transformers.trainer_pt_utils import get_length_grouped_indices
 
 from img2prompt.config import StudyConfig
 from img2prompt.data.synth import SynthParams, generate_dataset
-from img2prompt.models.decoder import build_decoder, next_token_loss
+from img2prompt.models.decoder import next_token_loss
+from img2prompt.models.training import study_decoder
 from img2prompt.run import Run
 
 
@@ -37,17 +38,15 @@ def main():
         run = Run.create(StudyConfig(data_dir=args.data, run_dir=run_dir))
         data, config = run.data(progress=False), run.config  # split + cached embeddings
     train = data.part("train")
-    decoder = build_decoder(config.decoder, data.decoder_emb.shape[1], train["prompts"], config.prefix_length,
-                            config.decoder_width, config.decoder_layers, config.decoder_heads, config.decoder_dropout,
-                            config.decoder_tune, config.seed, config.decoder_grid, config.decoder_colors,
-                            config.decoder_map, data.image_emb.shape[1], config.decoder_prefix_dropout)
+    decoder = study_decoder(data, config)
     x = torch.as_tensor(train["decoder_emb"], dtype=torch.float32)
     sequences, _ = decoder.encode_prompts(train["prompts"], config.max_length)
     decoder.model.fit_to_data(x)
     decoder.model.train()
     batch, shuffler = config.decoder_batch_size, torch.Generator().manual_seed(config.seed)
+    lengths = [len(s) for s in sequences]
     orders = {"random": lambda: torch.randperm(len(x), generator=shuffler).tolist(),
-              "by length": lambda: get_length_grouped_indices([len(s) for s in sequences], batch, generator=shuffler)}
+              "by length": lambda: get_length_grouped_indices(lengths, batch, generator=shuffler)}
     timed = {}
     for _ in range(args.rounds):
         for order, rows_in_order in orders.items():

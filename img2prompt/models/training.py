@@ -406,6 +406,17 @@ def decoder_loss(decoder, x, sequences, batch) -> float:
 
 
 
+def study_decoder(data, config):
+    """A new, untrained decoder of ``config`` for ``data`` (a StudyData): its input and the
+    training prompts' vocabulary."""
+    from img2prompt.models.decoder import build_decoder
+    return build_decoder(config.decoder, data.decoder_emb.shape[1], data.part("train")["prompts"],
+                         config.prefix_length, config.decoder_width, config.decoder_layers, config.decoder_heads,
+                         config.decoder_dropout, config.decoder_tune, config.seed, config.decoder_grid,
+                         config.decoder_colors, config.decoder_map, data.image_emb.shape[1],
+                         config.decoder_prefix_dropout)
+
+
 def train_study_decoder(data, config, device=CPU, progress=True, log=print, state_path=None, resume=False):
     """The study's decoder of ``config`` trained on ``data`` (a StudyData: its decoder input
     and prompts): (decoder, summary, history). The epoch kept is the one whose greedy prompts
@@ -413,13 +424,10 @@ def train_study_decoder(data, config, device=CPU, progress=True, log=print, stat
     from img2prompt.encoders.embeddings import text_embeddings
     from img2prompt.encoders.text import metric_encoder
     from img2prompt.evaluation.scores import cosine_rows
-    from img2prompt.models.decoder import build_decoder, describe_input
+    from img2prompt.models.decoder import describe_input
 
     train_part, val_part = data.part("train"), data.part("val")
-    decoder = build_decoder(config.decoder, data.decoder_emb.shape[1], train_part["prompts"], config.prefix_length,
-                            config.decoder_width, config.decoder_layers, config.decoder_heads, config.decoder_dropout,
-                            config.decoder_tune, config.seed, config.decoder_grid, config.decoder_colors,
-                            config.decoder_map, data.image_emb.shape[1], config.decoder_prefix_dropout)
+    decoder = study_decoder(data, config)
     trainable = sum(p.numel() for p in decoder.trainable_parameters())
     log(f"training the {config.decoder} decoder ({trainable:,} trainable parameters, reads "
         f"{describe_input(config.decoder_grid, config.decoder_colors, config.decoder_map)}) on "
