@@ -104,7 +104,7 @@ class StudyConfig:
     decoder_colors: int = _option(4, "the decoder also reads colour histograms of the image and of "
                                   "its grid cells, with this many levels per channel (0: none)",
                                   minimum=0, maximum=16)
-    prefix_length: int = _option(8, "vectors the image embedding becomes at the decoder's input", minimum=1)
+    prefix_length: int = _option(4, "vectors the image embedding becomes at the decoder's input", minimum=1)
     decoder_width: int = _option(256, "tiny decoder: embedding width", minimum=1)
     decoder_layers: int = _option(3, "tiny decoder: transformer layers", minimum=1)
     decoder_heads: int = _option(4, "tiny decoder: attention heads", minimum=1)
