@@ -147,7 +147,7 @@ class Run:
                                "a new folder with 'img2prompt train'.")
             if not Path(run_dir).exists():
                 raise RunError(f"{run_dir}: no run here yet. Make the default study's with ./run_all.sh (about "
-                               "14 minutes on 2 cores), or train one on your images: img2prompt train --data "
+                               "12 minutes on 2 cores), or train one on your images: img2prompt train --data "
                                f"DATASET --out {run_dir} (README: \"Your own images\").")
             raise RunError(f"{run_dir}: not a run folder. Is it a run folder made by 'img2prompt "
                            "train' (or notebook 01)?")

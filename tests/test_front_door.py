@@ -18,7 +18,7 @@ def test_before_any_run_predict_names_the_command_that_makes_one(small_dataset, 
     image = next((small_dataset / "images").iterdir())
     assert main(["predict", str(image), "--quiet"]) == 2
     err = capsys.readouterr().err
-    assert "runs/default: no run here yet" in err and "./run_all.sh (about 14 minutes" in err
+    assert "runs/default: no run here yet" in err and "./run_all.sh (about 12 minutes" in err
 
 
 def test_predict_reads_a_folder_and_writes_a_table_and_captions(trained_run, tmp_path, capsys):
