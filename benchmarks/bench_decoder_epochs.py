@@ -48,7 +48,7 @@ def main():
         decoder = decoders[prefix_length] = study_decoder(data, dataclasses.replace(config, prefix_length=prefix_length))
         decoder.model.fit_to_data(x)
         decoder.model.train()
-    sequences, _ = decoder.encode_prompts(train["prompts"], config.max_length)
+    sequences, _ = decoders[config.prefix_length].encode_prompts(train["prompts"], config.max_length)  # one vocabulary
     batch, shuffler = config.decoder_batch_size, torch.Generator().manual_seed(config.seed)
     lengths = [len(s) for s in sequences]
     orders = {"random": lambda: torch.randperm(len(x), generator=shuffler).tolist(),

@@ -193,8 +193,8 @@ class PrefixDecoder(nn.Module):
     a transformers causal LM; the prefix enters it through ``inputs_embeds``.
     """
 
-    def __init__(self, lm, image_dim, prefix_length=StudyConfig.prefix_length, prefix_hidden=512, grid=0, colors=0, pooled_dim=None,
-                 layout=False, dropout=0.0):
+    def __init__(self, lm, image_dim, prefix_length=StudyConfig.prefix_length, prefix_hidden=512, grid=0, colors=0,
+                 pooled_dim=None, layout=False, dropout=0.0):
         super().__init__()
         self.lm, self.grid = lm, grid
         width = lm.get_input_embeddings().embedding_dim

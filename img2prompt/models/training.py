@@ -405,7 +405,6 @@ def decoder_loss(decoder, x, sequences, batch) -> float:
     return total / len(x)
 
 
-
 def study_decoder(data, config):
     """A new, untrained decoder of ``config`` for ``data`` (a StudyData): its input and the
     training prompts' vocabulary."""
